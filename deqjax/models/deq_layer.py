@@ -1,0 +1,72 @@
+"""The DEQ layer: any cell ``f(z, u)`` plus solver settings, as a Flax module.
+
+The module is a thin wrapper over :func:`deqjax.deq.deq_fixed_point`: it owns the
+cell's parameters, and solves ``z* = f(z*, u)`` per example with ``jax.vmap``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deqjax.deq import DEQConfig, deq_fixed_point, jacobian_frobenius_sq
+
+
+def cell_as_function(cell: nn.Module):
+    """``f(z, (params, u))`` of ONE example from a batched Flax cell ``cell(z, u)``."""
+    cell = cell.clone(parent=None)
+
+    def f(z, args):
+        params, u = args
+        return cell.apply({"params": params}, z[None], u[None])[0]
+
+    return f
+
+
+class DEQ(nn.Module):
+    """Equilibrium layer ``z* = cell(z*, u)`` with the state shaped like ``u``.
+
+    ``cell`` is a Flax module mapping a batch ``(z, u)`` to the next ``z``.
+    Call with ``u`` of shape ``(B, ...)``; returns ``(z*, stats)`` with per-example
+    :class:`~deqjax.solvers.SolverStats`. ``backward_probe`` (shape ``(B, 2)``, zeros)
+    carries the adjoint solve's ``[relative residual, steps]`` out as its gradient.
+    """
+
+    cell: nn.Module
+    config: DEQConfig = DEQConfig()
+
+    @nn.compact
+    def __call__(self, u, *, z0=None, backward_probe=None, return_trajectory: bool = False,
+                 config: DEQConfig | None = None, jacobian_key=None, jacobian_samples: int = 1):
+        """Solve per example. With ``jacobian_key``, also sow the Hutchinson estimate of
+        ``‖J_f(z*)‖_F² / dim(z)`` (batch mean) into the ``"losses"`` collection
+        under ``"jacobian_frobenius_sq"`` (apply with ``mutable=["losses"]``)."""
+        config = config or self.config
+        z0 = jnp.zeros_like(u) if z0 is None else z0
+        if z0.shape != u.shape:
+            raise ValueError(f"z0 must have the injection's shape {u.shape}, got {z0.shape}")
+        if self.is_initializing():
+            self.cell(z0, u)  # create the cell's parameters
+        params = self.cell.variables["params"]
+        f = cell_as_function(self.cell)
+        if backward_probe is None:
+            backward_probe = jnp.zeros((u.shape[0], 2), u.dtype)
+
+        def one(z0_i, u_i, probe_i):
+            return deq_fixed_point(f, z0_i, (params, u_i), config, backward_probe=probe_i,
+                                   return_trajectory=return_trajectory)
+
+        z, stats = jax.vmap(one)(z0, u, backward_probe)
+        if jacobian_key is not None:
+            keys = jax.random.split(jacobian_key, u.shape[0])
+            est = jax.vmap(lambda z_i, u_i, k: jacobian_frobenius_sq(
+                f, jax.lax.stop_gradient(z_i), (params, u_i), k, jacobian_samples))(z, u, keys)
+            self.sow("losses", "jacobian_frobenius_sq", jnp.mean(est) / z[0].size)
+        return z, stats
+
+    def cell_function(self):
+        """The per-example cell ``f(z, (params, u))`` (for attacks on intermediate states)."""
+        return cell_as_function(self.cell)

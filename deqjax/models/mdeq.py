@@ -1,0 +1,129 @@
+"""The reference image DEQ (a small single-scale "MDEQ") and its explicit twin.
+
+Cell (the benchmark cell of deqjax; SPEC §1's residual MDEQ cell without weight
+norm and dropout):
+
+    f(z, u) = GN(ReLU(z + GN(conv_b(ReLU(GN(conv_a(z))))) + u))
+
+with 3×3 convolutions ``conv_a: width → inner`` and ``conv_b: inner → width`` and
+GroupNorm (``groups`` groups). Input injection ``u = conv3×3/stride 2(x)``; head
+``GN → global average pool → dense``. Bai, Koltun & Kolter 2020, "Multiscale Deep
+Equilibrium Models".
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deqjax.deq import DEQConfig
+from deqjax.models.deq_layer import DEQ
+from deqjax.models.layers import FastConv
+
+
+class MDEQCell(nn.Module):
+    width: int = 32
+    inner: int = 64
+    groups: int = 8
+
+    @nn.compact
+    def __call__(self, z, u):
+        h = nn.relu(nn.GroupNorm(self.groups, name="gn_a")(FastConv(self.inner, name="conv_a")(z)))
+        h = nn.GroupNorm(self.groups, name="gn_b")(FastConv(self.width, name="conv_b")(h))
+        return nn.GroupNorm(self.groups, name="gn_out")(nn.relu(z + h + u))
+
+
+class Injection(nn.Module):
+    width: int = 32
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(self.width, (3, 3), strides=(2, 2), padding="SAME", name="conv")(x)
+
+
+HEADS = ("gap", "pool_flatten")
+
+
+class Head(nn.Module):
+    """``GN → global average pool → dense`` (``"gap"``, the benchmark head) or
+    ``GN → 2×2 average pool → flatten → dense`` (``"pool_flatten"``, which keeps
+    spatial layout and trains much faster on MNIST-sized inputs)."""
+
+    num_classes: int = 10
+    groups: int = 8
+    kind: str = "gap"
+
+    @nn.compact
+    def __call__(self, z):
+        if self.kind not in HEADS:
+            raise ValueError(f"unknown head {self.kind!r}; choose one of {HEADS}")
+        z = nn.GroupNorm(self.groups, name="gn")(z)
+        if self.kind == "gap":
+            feats = jnp.mean(z, axis=(-3, -2))
+        else:
+            feats = nn.avg_pool(z, (2, 2), (2, 2), padding="SAME").reshape(z.shape[0], -1)
+        return nn.Dense(self.num_classes, name="dense")(feats)
+
+
+def check_images(x, channels: int | None = None):
+    """Trace-time shape/dtype checks on an image batch ``(B, H, W, C)``."""
+    if x.ndim != 4:
+        raise ValueError(f"expected images of shape (batch, height, width, channels), got {x.shape}; "
+                         "add a batch axis with x[None] for one image")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
+    if channels is not None and x.shape[-1] != channels:
+        raise ValueError(f"expected {channels} channel(s), got {x.shape[-1]}")
+
+
+class MDEQClassifier(nn.Module):
+    """Injection → DEQ(MDEQCell) → head. Returns ``(logits, stats)``."""
+
+    num_classes: int = 10
+    width: int = 32
+    inner: int = 64
+    groups: int = 8
+    head_kind: str = "gap"
+    deq: DEQConfig = DEQConfig()
+
+    def setup(self):
+        self.injection = Injection(self.width)
+        self.equilibrium = DEQ(MDEQCell(self.width, self.inner, self.groups), self.deq)
+        self.head = Head(self.num_classes, self.groups, self.head_kind)
+
+    def __call__(self, x, *, backward_probe=None, return_trajectory: bool = False,
+                 config: DEQConfig | None = None, jacobian_key=None):
+        check_images(x)
+        z, stats = self.equilibrium(self.injection(x), backward_probe=backward_probe,
+                                    return_trajectory=return_trajectory, config=config,
+                                    jacobian_key=jacobian_key)
+        return self.head(z), stats
+
+    def inject(self, x):
+        return self.injection(x)
+
+    def classify(self, z):
+        return self.head(z)
+
+
+class ExplicitMDEQ(nn.Module):
+    """The same cell, weight-tied and unrolled ``depth`` times from z = 0: an explicit
+    network of the same size (the DEQ's baseline). Returns ``(logits, None)``."""
+
+    num_classes: int = 10
+    width: int = 32
+    inner: int = 64
+    groups: int = 8
+    head_kind: str = "gap"
+    depth: int = 6
+
+    @nn.compact
+    def __call__(self, x, **unused):
+        check_images(x)
+        u = Injection(self.width, name="injection")(x)
+        cell = MDEQCell(self.width, self.inner, self.groups, name="cell")
+        z = jnp.zeros_like(u)
+        for _ in range(self.depth):
+            z = cell(z, u)
+        return Head(self.num_classes, self.groups, self.head_kind, name="head")(z), None

@@ -1,0 +1,287 @@
+"""Per-sample fixed-point solvers: damped iteration, Anderson acceleration, Broyden.
+
+Every solver finds ``z* = f(z*)`` for ONE example: ``f`` maps an array of any shape
+to an array of the same shape. Batching is ``jax.vmap`` over the solve; under vmap a
+``lax.while_loop`` keeps iterating while any example is unconverged, but every
+example's state is frozen from the step its own residual passed the tolerance, so a
+slow example never changes the answer of a fast one and every example reports its
+own iteration count and residual (SPEC §1).
+
+Stopping: the residual of the evaluated iterate ``z_k``,
+``abs = ‖f(z_k) − z_k‖`` and ``rel = ‖f(z_k) − z_k‖ / ‖f(z_k)‖``, is compared with
+``tol`` (``stop_mode`` picks which). ``tol=0`` never stops early: the solver runs
+exactly ``max_iter`` evaluations of ``f`` (what benchmarks need). The returned state
+is the evaluated iterate with the lowest residual (as in Bai et al.'s DEQ solvers),
+so a solver that starts to diverge still returns its best point, and the statistics
+are exact for the point returned.
+
+Solvers (one "step" is one evaluation of ``f`` and one update):
+
+* ``"fixed_point"``: ``z ← (1 − λ) z + λ f(z)`` (λ = ``damping``).
+* ``"anderson"`` (Walker & Ni 2011; the DEQ form of Bai et al. 2019): keep the last
+  ``m`` pairs ``(z_i, f(z_i))``, ``G_i = f(z_i) − z_i``; solve
+  ``min_α ‖Σ α_i G_i‖² + ridge‖α‖²`` s.t. ``Σ α_i = 1`` and set
+  ``z ← β Σ α_i f(z_i) + (1 − β) Σ α_i z_i``.
+* ``"broyden"`` (Broyden 1965, "good" update, as used by Bai et al. 2019): root of
+  ``g(z) = f(z) − z`` with an inverse-Jacobian estimate ``H = −I + U Vᵀ`` kept as
+  low-rank factors, ``z ← z − H g(z)``, Sherman–Morrison update
+  ``H ← H + (Δz − H Δg) Δzᵀ H / (Δzᵀ H Δg)``; memory of ``memory`` updates, oldest
+  overwritten.
+
+``solve(..., differentiable=True)`` runs the same steps in a ``lax.scan`` with
+per-example masking, so reverse-mode autodiff can go through every step (the
+``unroll`` backward of :mod:`deqjax.deq`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+SOLVERS = ("fixed_point", "anderson", "broyden")
+STOP_MODES = ("abs", "rel")
+_EPS = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """Settings of a forward (or adjoint) fixed-point solve. Hashable: pass it
+    as a static argument.
+
+    Attributes:
+      method: ``"fixed_point"``, ``"anderson"`` or ``"broyden"``.
+      max_iter: maximum number of evaluations of ``f``.
+      tol: stopping tolerance on the residual picked by ``stop_mode``; 0 runs
+        exactly ``max_iter`` steps.
+      stop_mode: ``"rel"`` (‖f(z)−z‖/‖f(z)‖) or ``"abs"`` (‖f(z)−z‖). The relative
+        residual is scale-free, so a solve that runs off towards ‖z‖ → ∞ can
+        make it small; use ``"abs"`` where states are not normalised.
+      damping: λ of the damped fixed-point iteration.
+      anderson_m: Anderson memory m.
+      anderson_ridge: ridge added to Anderson's Gram matrix.
+      anderson_beta: Anderson mixing β.
+      broyden_memory: number of low-rank updates Broyden keeps (0 = max_iter).
+    """
+
+    method: str = "anderson"
+    max_iter: int = 30
+    tol: float = 1e-3
+    stop_mode: str = "rel"
+    damping: float = 1.0
+    anderson_m: int = 5
+    anderson_ridge: float = 1e-4
+    anderson_beta: float = 1.0
+    broyden_memory: int = 0
+
+    def __post_init__(self):
+        if self.method not in SOLVERS:
+            raise ValueError(f"unknown solver method {self.method!r}; choose one of {SOLVERS}")
+        if self.stop_mode not in STOP_MODES:
+            raise ValueError(f"unknown stop_mode {self.stop_mode!r}; choose one of {STOP_MODES}")
+        if int(self.max_iter) < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+        if not self.tol >= 0:
+            raise ValueError(f"tol must be >= 0 (0 = run exactly max_iter steps), got {self.tol}")
+        if not 0 < self.damping <= 1:
+            raise ValueError(f"damping must be in (0, 1], got {self.damping}")
+        if int(self.anderson_m) < 1:
+            raise ValueError(f"anderson_m must be >= 1, got {self.anderson_m}")
+        if not self.anderson_ridge >= 0:
+            raise ValueError(f"anderson_ridge must be >= 0, got {self.anderson_ridge}")
+
+
+class SolverStats(NamedTuple):
+    """Per-example statistics of a solve (under vmap every field gains a batch axis).
+
+    steps: evaluations of ``f`` performed; abs_residual / rel_residual: residual of
+    the returned iterate; converged: residual below tol; trajectory: the iterates
+    ``z_1 … z_n`` after each update (``(max_iter, *z.shape)``; rows past the stop
+    repeat the returned state) or ``None`` when not requested.
+    """
+
+    steps: jax.Array
+    abs_residual: jax.Array
+    rel_residual: jax.Array
+    converged: jax.Array
+    trajectory: Any = None
+
+
+# --- per-method update rules ----------------------------------------------------
+# Each method is (init(z_flat) -> state, update(state, z, fz, k) -> (z_next, state)).
+# z, fz are flat vectors; k is the index of the current step (0-based).
+
+
+def _fixed_point_rules(cfg: SolverConfig, n: int, dtype):
+    lam = cfg.damping
+
+    def init(z):
+        return ()
+
+    def update(state, z, fz, k):
+        return (1 - lam) * z + lam * fz, state
+
+    return init, update
+
+
+def _anderson_rules(cfg: SolverConfig, n: int, dtype):
+    m, ridge, beta = int(cfg.anderson_m), cfg.anderson_ridge, cfg.anderson_beta
+
+    def init(z):
+        return (jnp.zeros((m, n), dtype), jnp.zeros((m, n), dtype))
+
+    def update(state, z, fz, k):
+        xs, fs = state
+        slot = k % m
+        xs = xs.at[slot].set(z)
+        fs = fs.at[slot].set(fz)
+        valid = (jnp.arange(m) <= k).astype(dtype)
+        g = (fs - xs) * valid[:, None]
+        gram = g @ g.T
+        # Bordered system [[0, 1ᵀ], [1, H]] [μ, α] = [1, 0], with unused slots
+        # forced to α_i = 0 (their row becomes α_i = 0, their column is zero).
+        h = gram * (valid[:, None] * valid[None, :])
+        h = h + jnp.diag(ridge * valid + (1.0 - valid))
+        a = jnp.zeros((m + 1, m + 1), dtype)
+        a = a.at[0, 1:].set(valid).at[1:, 0].set(valid).at[1:, 1:].set(h)
+        rhs = jnp.zeros((m + 1,), dtype).at[0].set(1.0)
+        alpha = jnp.linalg.solve(a, rhs)[1:]
+        z_next = beta * (alpha @ fs) + (1 - beta) * (alpha @ xs)
+        return z_next, (xs, fs)
+
+    return init, update
+
+
+def _broyden_rules(cfg: SolverConfig, n: int, dtype):
+    mem = int(cfg.broyden_memory) or int(cfg.max_iter)
+
+    def apply_h(us, vts, x):  # H x = -x + U (Vᵀ x)
+        return -x + us.T @ (vts @ x)
+
+    def apply_ht(us, vts, x):  # xᵀ H = -xᵀ + (xᵀ U) Vᵀ
+        return -x + vts.T @ (us @ x)
+
+    def init(z):
+        return (jnp.zeros((mem, n), dtype), jnp.zeros((mem, n), dtype),
+                jnp.zeros((n,), dtype), jnp.zeros((n,), dtype))
+
+    def update(state, z, fz, k):
+        us, vts, z_prev, g_prev = state
+        g = fz - z
+
+        def with_update(_):
+            dz, dg = z - z_prev, g - g_prev
+            h_dg = apply_h(us, vts, dg)
+            dz_h = apply_ht(us, vts, dz)
+            denom = dz_h @ dg
+            safe = jnp.abs(denom) > _EPS
+            denom = jnp.where(safe, denom, 1.0)
+            u_new = jnp.where(safe, (dz - h_dg) / denom, 0.0)
+            v_new = jnp.where(safe, dz_h, 0.0)
+            slot = (k - 1) % mem
+            return us.at[slot].set(u_new), vts.at[slot].set(v_new)
+
+        us, vts = lax.cond(k > 0, with_update, lambda _: (us, vts), None)
+        z_next = z - apply_h(us, vts, g)
+        return z_next, (us, vts, z, g)
+
+    return init, update
+
+
+_RULES = {"fixed_point": _fixed_point_rules, "anderson": _anderson_rules,
+          "broyden": _broyden_rules}
+
+
+class _Carry(NamedTuple):
+    k: jax.Array
+    z: jax.Array
+    best_z: jax.Array
+    best_res: jax.Array  # the residual used for stopping
+    best_abs: jax.Array
+    best_rel: jax.Array
+    method_state: Any
+    trajectory: Any
+
+
+def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConfig = SolverConfig(),
+          *, return_trajectory: bool = False, differentiable: bool = False):
+    """Find a fixed point ``z* = f(z*)`` of a single example.
+
+    Args:
+      f: function of one example's state (any shape) to the same shape.
+      z0: initial state.
+      config: a :class:`SolverConfig`.
+      return_trajectory: also return the iterates ``z_1 … z_n`` in the stats.
+      differentiable: run as a masked ``lax.scan`` of ``max_iter`` steps so that
+        reverse-mode autodiff goes through the solver (the ``unroll`` backward);
+        otherwise a ``lax.while_loop`` that stops at convergence.
+
+    Returns:
+      ``(z_star, stats)``, ``z_star`` of ``z0``'s shape, ``stats`` a :class:`SolverStats`.
+    """
+    z0 = jnp.asarray(z0)
+    if not jnp.issubdtype(z0.dtype, jnp.floating):
+        raise ValueError(f"the initial state must be a float array, got dtype {z0.dtype}")
+    shape, dtype, n = z0.shape, z0.dtype, z0.size
+    init, update = _RULES[config.method](config, n, dtype)
+    tol = jnp.asarray(config.tol, dtype)
+    use_rel = config.stop_mode == "rel"
+
+    def f_flat(zf):
+        out = f(zf.reshape(shape))
+        if out.shape != shape:
+            raise ValueError(f"f must map the state shape {shape} to itself, got {out.shape}")
+        return out.reshape(-1).astype(dtype)
+
+    def done(c: _Carry):
+        return c.best_res < tol
+
+    def step(c: _Carry) -> _Carry:
+        fz = f_flat(c.z)
+        # Residuals are statistics, never differentiated (avoids 0/0 in norm's VJP).
+        fz_s, z_s = lax.stop_gradient(fz), lax.stop_gradient(c.z)
+        diff = jnp.linalg.norm(fz_s - z_s)
+        rel = diff / (jnp.linalg.norm(fz_s) + _EPS)
+        res = rel if use_rel else diff
+        better = res < c.best_res
+        z_next, mstate = update(c.method_state, c.z, fz, c.k)
+        traj = c.trajectory
+        if return_trajectory:
+            traj = traj.at[c.k].set(z_next)
+        return _Carry(
+            k=c.k + 1, z=z_next,
+            best_z=jnp.where(better, c.z, c.best_z),
+            best_res=jnp.where(better, res, c.best_res),
+            best_abs=jnp.where(better, diff, c.best_abs),
+            best_rel=jnp.where(better, rel, c.best_rel),
+            method_state=mstate, trajectory=traj)
+
+    zf = z0.reshape(-1)
+    inf = jnp.asarray(jnp.inf, dtype)
+    traj0 = jnp.zeros((config.max_iter, n), dtype) if return_trajectory else None
+    carry = _Carry(jnp.asarray(0, jnp.int32), zf, zf, inf, inf, inf, init(zf), traj0)
+
+    if differentiable:
+        def scan_body(c, _):
+            stop = jnp.logical_or(done(c), c.k >= config.max_iter)
+            new = step(c)
+            kept = jax.tree.map(lambda a, b: jnp.where(stop, a, b), c, new)
+            return kept, None
+        carry, _ = lax.scan(scan_body, carry, None, length=config.max_iter)
+    else:
+        carry = lax.while_loop(
+            lambda c: jnp.logical_and(c.k < config.max_iter, jnp.logical_not(done(c))),
+            step, carry)
+
+    trajectory = None
+    if return_trajectory:
+        # Rows past the stop repeat the returned state, so every row is a valid state.
+        rows = jnp.arange(config.max_iter)[:, None]
+        traj = jnp.where(rows < carry.k, carry.trajectory, carry.best_z[None])
+        trajectory = traj.reshape((config.max_iter,) + shape)
+    stats = SolverStats(steps=carry.k, abs_residual=carry.best_abs, rel_residual=carry.best_rel,
+                        converged=done(carry), trajectory=trajectory)
+    return carry.best_z.reshape(shape), stats

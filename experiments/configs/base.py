@@ -1,0 +1,41 @@
+"""Defaults shared by every experiment config. A config file's ``get_config()``
+starts from :func:`base_config` and changes what it needs; every key can be
+overridden on the command line (``--config.train.epochs=3``), and an unknown key
+is an error, never silently ignored."""
+
+import ml_collections
+
+
+def deq_defaults() -> ml_collections.ConfigDict:
+    """Solver and gradient settings of a DEQ (see deqjax.deq.DEQConfig)."""
+    return ml_collections.ConfigDict(dict(
+        solver="anderson", max_iter=20, tol=1e-3, stop_mode="rel", damping=1.0,
+        anderson_m=5, anderson_ridge=1e-4, anderson_beta=1.0, broyden_memory=0,
+        backward="implicit", adjoint_solver="anderson", adjoint_max_iter=20, adjoint_tol=1e-3,
+        phantom_steps=5, phantom_damping=0.5,
+        eval_max_iter=40,  # the forward budget at evaluation
+        jac_reg=0.0, jac_reg_samples=1,  # Hutchinson Jacobian regulariser weight
+    ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.dataset = "mnist_5k"
+    c.data_dir = ""  # TFDS data directory ('' = TFDS default)
+    c.limit_train = 0  # keep only the first N training examples (0 = all)
+    c.limit_test = 0
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        name="mdeq", width=32, inner=64, groups=8, depth=6, head="pool_flatten"))
+    c.deq = deq_defaults()
+
+    c.train = ml_collections.ConfigDict(dict(
+        epochs=6, batch_size=64, optimizer="adam", learning_rate=2e-3, weight_decay=0.0,
+        schedule="cosine", warmup_steps=50, grad_clip=1.0,
+        loss="ce",  # ce (adversarial losses: see the adversarial configs)
+        checkpoint_every_steps=200, keep_checkpoints=2,
+        nonconvergence_warning=0.05,  # warn when more than this fraction did not converge
+        progress=True))
+    c.eval = ml_collections.ConfigDict(dict(batch_size=250))
+    return c
