@@ -181,10 +181,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from experiments import cli
 
-    config_flags.DEFINE_config_file("config", None, "experiment config file (.py)", lock_config=True)
-    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and reports")
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    cli.run(main)

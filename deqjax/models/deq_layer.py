@@ -12,7 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import dataclasses
+
 from deqjax.deq import DEQConfig, deq_fixed_point, jacobian_frobenius_sq
+from deqjax.deq_gradients import DEFENCES, GRADIENTS, defended_state, estimate_state, straight_through
 
 
 def cell_as_function(cell: nn.Module):
@@ -40,8 +43,18 @@ class DEQ(nn.Module):
 
     @nn.compact
     def __call__(self, u, *, z0=None, backward_probe=None, return_trajectory: bool = False,
-                 config: DEQConfig | None = None, jacobian_key=None, jacobian_samples: int = 1):
-        """Solve per example. With ``jacobian_key``, also sow the Hutchinson estimate of
+                 config: DEQConfig | None = None, jacobian_key=None, jacobian_samples: int = 1,
+                 gradient: str | None = None, state_index: int = -1, attack_steps: int = 5,
+                 attack_damping: float = 0.5, defence: str = "none", exit_state: int = -1):
+        """Solve per example.
+
+        ``gradient`` (one of :data:`deqjax.deq_gradients.GRADIENTS`) picks the
+        gradient path attacks see (value unchanged, see :mod:`deqjax.deq_gradients`):
+        ``state_index``, ``attack_steps`` (K_a) and ``attack_damping`` (λ) configure
+        the intermediate-state estimators. ``defence`` (``"early_exit"`` at
+        ``exit_state``, or ``"state_ensemble"``) changes the state that is returned.
+
+        With ``jacobian_key``, also sow the Hutchinson estimate of
         ``‖J_f(z*)‖_F² / dim(z)`` (batch mean) into the ``"losses"`` collection
         under ``"jacobian_frobenius_sq"`` (apply with ``mutable=["losses"]``)."""
         config = config or self.config
@@ -59,13 +72,44 @@ class DEQ(nn.Module):
             return deq_fixed_point(f, z0_i, (params, u_i), config, backward_probe=probe_i,
                                    return_trajectory=return_trajectory)
 
-        z, stats = jax.vmap(one)(z0, u, backward_probe)
+        if gradient is not None or defence != "none":
+            z, stats = self._attack_view(f, params, u, z0, config, gradient or config.backward,
+                                         state_index, attack_steps, attack_damping, defence, exit_state)
+        else:
+            z, stats = jax.vmap(one)(z0, u, backward_probe)
         if jacobian_key is not None:
             keys = jax.random.split(jacobian_key, u.shape[0])
             est = jax.vmap(lambda z_i, u_i, k: jacobian_frobenius_sq(
                 f, jax.lax.stop_gradient(z_i), (params, u_i), k, jacobian_samples))(z, u, keys)
             self.sow("losses", "jacobian_frobenius_sq", jnp.mean(est) / z[0].size)
         return z, stats
+
+    def _attack_view(self, f, params, u, z0, config, gradient, state_index, steps, damping,
+                     defence, exit_state):
+        if gradient not in GRADIENTS:
+            raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
+        if defence not in DEFENCES:
+            raise ValueError(f"unknown defence {defence!r}; choose one of {DEFENCES}")
+
+        def one(z0_i, u_i):
+            args = (params, u_i)
+            need_traj = defence != "none" or gradient in ("intermediate", "ensemble", "simultaneous_adjoint")
+            if gradient in ("implicit", "unroll"):
+                cfg = dataclasses.replace(config, backward=gradient)
+                z_sur, stats = deq_fixed_point(f, z0_i, args, cfg, return_trajectory=need_traj)
+                z_star = jax.lax.stop_gradient(z_sur)
+            else:
+                cfg = dataclasses.replace(config, backward="implicit")
+                z_star, stats = deq_fixed_point(f, z0_i, jax.lax.stop_gradient(args), cfg,
+                                                return_trajectory=need_traj)
+                z_sur = None
+            z_value = defended_state(z_star, stats.trajectory, defence, exit_state)
+            if z_sur is not None:
+                return straight_through(z_value, z_sur), stats
+            return estimate_state(f, z_value, z_star, stats.trajectory, args, gradient,
+                                  state_index=state_index, steps=steps, damping=damping), stats
+
+        return jax.vmap(one)(z0, u)
 
     def cell_function(self):
         """The per-example cell ``f(z, (params, u))`` (for attacks on intermediate states)."""

@@ -93,11 +93,13 @@ class MDEQClassifier(nn.Module):
         self.head = Head(self.num_classes, self.groups, self.head_kind)
 
     def __call__(self, x, *, backward_probe=None, return_trajectory: bool = False,
-                 config: DEQConfig | None = None, jacobian_key=None):
+                 config: DEQConfig | None = None, jacobian_key=None, **attack_view):
+        """``attack_view``: ``gradient``, ``state_index``, ``attack_steps``,
+        ``attack_damping``, ``defence``, ``exit_state`` of :class:`~deqjax.models.DEQ`."""
         check_images(x)
         z, stats = self.equilibrium(self.injection(x), backward_probe=backward_probe,
                                     return_trajectory=return_trajectory, config=config,
-                                    jacobian_key=jacobian_key)
+                                    jacobian_key=jacobian_key, **attack_view)
         return self.head(z), stats
 
     def inject(self, x):

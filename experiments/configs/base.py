@@ -31,7 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.deq = deq_defaults()
 
     c.train = ml_collections.ConfigDict(dict(
-        epochs=6, batch_size=64, optimizer="adam", learning_rate=2e-3, weight_decay=0.0,
+        epochs=3, batch_size=64, optimizer="adam", learning_rate=2e-3, weight_decay=0.0,
         schedule="cosine", warmup_steps=50, grad_clip=1.0,
         loss="ce",  # ce (adversarial losses: see the adversarial configs)
         checkpoint_every_steps=200, keep_checkpoints=2,

@@ -1,0 +1,59 @@
+"""Command-line entry shared by the experiment scripts: ``--config file.py`` with
+``--config.a.b=value`` overrides (ml_collections), checked so that an unknown key
+is a clear error naming the key and the keys that exist."""
+
+from __future__ import annotations
+
+import sys
+
+import ml_collections
+
+
+def unknown_override_keys(config: ml_collections.ConfigDict, argv: list[str]) -> list[tuple[str, list[str]]]:
+    """The ``--config.KEY=...`` overrides in ``argv`` whose KEY is not in ``config``,
+    each with the keys available at the level where the lookup failed."""
+    bad = []
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0]
+        node = config
+        for i, part in enumerate(path.split(".")):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                bad.append((path, known))
+                break
+            node = node[part]
+    return bad
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def run(main, extra_flags=None) -> None:
+    """Define ``--config``/``--workdir`` (plus ``extra_flags(flags)``), check overrides, run ``main``."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from experiments.common import load_config_file
+
+    path = _config_path(sys.argv)
+    if path is not None:
+        bad = unknown_override_keys(load_config_file(path), sys.argv[1:])
+        if bad:
+            for key, known in bad:
+                print(f"error: unknown config key 'config.{key}' (not in {path}); "
+                      f"keys available there: {', '.join(known)}", file=sys.stderr)
+            sys.exit(2)
+    config_flags.DEFINE_config_file("config", None, "experiment config file (.py)", lock_config=True)
+    flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and reports")
+    flags.mark_flags_as_required(["config", "workdir"])
+    if extra_flags is not None:
+        extra_flags(flags)
+    app.run(main)

@@ -1,0 +1,83 @@
+"""The training loop: loss goes down, checkpoints resume exactly, bad configs fail loudly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import train as train_lib
+from experiments.configs import deq_mnist, explicit_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(epochs=2, name="deq"):
+    c = deq_mnist.get_config() if name == "deq" else explicit_mnist.get_config()
+    c.limit_train, c.limit_test = 256, 100
+    c.model.width, c.model.inner, c.model.groups = 8, 8, 4
+    c.deq.max_iter, c.deq.adjoint_max_iter, c.deq.eval_max_iter = 6, 6, 8
+    c.train.epochs, c.train.batch_size, c.train.progress = epochs, 32, False
+    c.train.warmup_steps, c.train.checkpoint_every_steps = 2, 5
+    c.eval.batch_size = 100
+    return c
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_training_reduces_loss_and_resumes_exactly(tmp_path):
+    full = tmp_path / "full"
+    train_lib.train(tiny_config(epochs=2), str(full))
+    m = read_metrics(full)
+    assert m[1]["train_loss"] < m[0]["train_loss"]
+    assert 0 < m[0]["train_forward_steps"] <= 6 and m[0]["train_backward_steps"] > 0
+    # An interrupted run (1 epoch, then continued to 2) ends where the full run did.
+    part = tmp_path / "part"
+    train_lib.train(tiny_config(epochs=1), str(part))
+    final = train_lib.train(tiny_config(epochs=2), str(part))
+    full_final = json.load(open(full / "final.json"))
+    assert final["step"] == full_final["step"] == 16
+    assert final["test_accuracy"] == full_final["test_accuracy"]
+    for a, b in zip(read_metrics(part), m):
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-6)
+
+
+def test_explicit_baseline_trains(tmp_path):
+    final = train_lib.train(tiny_config(epochs=1, name="explicit"), str(tmp_path))
+    assert 0.0 <= final["test_accuracy"] <= 1.0
+    assert "test_forward_steps" not in final
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "experiments.train", "--config",
+                          "experiments/configs/deq_mnist.py", "--workdir", str(tmp_path),
+                          "--config.train.epoch=3"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "unknown config key 'config.train.epoch'" in out.stderr and "epochs" in out.stderr
+
+
+def test_unknown_model_and_loss_names():
+    from experiments import common
+    c = tiny_config()
+    c.model.name = "resnet9000"
+    with pytest.raises(ValueError, match="unknown model name"):
+        common.build_model(c, 10)
+    c = tiny_config()
+    c.train.loss = "hinge2"
+    with pytest.raises(ValueError, match="unknown train.loss"):
+        train_lib.make_loss_fn(common.build_model(c, 10), c)
+
+
+@pytest.mark.slow
+def test_deq_mnist_reaches_95_percent(tmp_path):
+    """The quick-start config on mnist_5k (3 epochs)."""
+    c = deq_mnist.get_config()
+    c.train.progress = False
+    final = train_lib.train(c, str(tmp_path))
+    assert final["test_accuracy"] >= 0.95, final
