@@ -27,12 +27,13 @@ def binary_problem():
     rng = np.random.default_rng(0)
     d, n = 20, 60
     W = rng.normal(size=(d, 2)).astype(np.float32)
-    v = W[:, 1] - W[:, 0]
+    W[:3] *= 5.0               # few dominant weights: ‖v‖₁/(√d‖v‖₂) ≪ 1, so an L2 attack
+    v = W[:, 1] - W[:, 0]      # stepping along sign(g) instead of g/‖g‖ falls far short
     vhat = v / np.linalg.norm(v)
     noise = rng.uniform(-0.1, 0.1, size=(n, d))
     noise -= np.outer(noise @ vhat, vhat)                       # ⟂ v
-    # |a_i| in units of the analytic threshold: half robust, none within ±20%
-    r = np.concatenate([rng.uniform(0.2, 0.8, n // 2), rng.uniform(1.2, 2.0, n - n // 2)])
+    # |a_i| in units of the analytic threshold: half robust, none within ±10%
+    r = np.concatenate([rng.uniform(0.2, 0.9, n // 2), rng.uniform(1.1, 2.0, n - n // 2)])
     sgn = rng.choice([-1.0, 1.0], n)
     return dict(W=W, v=v, vhat=vhat, noise=noise, r=r, sgn=sgn, d=d)
 
@@ -171,7 +172,7 @@ def test_apgd_step_halving_converges_to_interior_maximum(norm):
     eps = 0.1 if norm == "linf" else 0.25
     xa = _jit(A.apgd, f, x, y, KEY, eps, norm=norm, steps=60)
     dist = float(jnp.abs(xa - c).max())
-    assert dist < 2e-3 * eps
+    assert dist < 0.03 * eps                                   # ≈ 2·eps/2^(#halvings)
     x_fixed = _jit(A.pgd, f, x, y, KEY, eps, norm=norm, steps=60, step_size=2 * eps)
     assert float(jnp.abs(x_fixed - c).max()) > 10 * dist      # the contrast is real
 

@@ -37,15 +37,16 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
     m = read_metrics(full)
     assert m[1]["train_loss"] < m[0]["train_loss"]
     assert 0 < m[0]["train_forward_steps"] <= 6 and m[0]["train_backward_steps"] > 0
-    # An interrupted run (1 epoch, then continued to 2) ends where the full run did.
+    # A run interrupted mid-epoch and restarted ends where the uninterrupted run did.
     part = tmp_path / "part"
-    train_lib.train(tiny_config(epochs=1), str(part))
+    assert train_lib.train(tiny_config(epochs=2), str(part), stop_at_step=11)["interrupted"]
     final = train_lib.train(tiny_config(epochs=2), str(part))
     full_final = json.load(open(full / "final.json"))
     assert final["step"] == full_final["step"] == 16
     assert final["test_accuracy"] == full_final["test_accuracy"]
-    for a, b in zip(read_metrics(part), m):
-        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-6)
+    resumed = read_metrics(part)
+    np.testing.assert_allclose(resumed[0]["train_loss"], m[0]["train_loss"], rtol=1e-6)
+    assert resumed[1]["test_accuracy"] == m[1]["test_accuracy"]
 
 
 def test_explicit_baseline_trains(tmp_path):
@@ -63,15 +64,15 @@ def test_cli_rejects_unknown_config_key(tmp_path):
 
 
 def test_unknown_model_and_loss_names():
-    from experiments import common
+    from experiments import models
     c = tiny_config()
     c.model.name = "resnet9000"
     with pytest.raises(ValueError, match="unknown model name"):
-        common.build_model(c, 10)
+        models.build(c, 10)
     c = tiny_config()
     c.train.loss = "hinge2"
     with pytest.raises(ValueError, match="unknown train.loss"):
-        train_lib.make_loss_fn(common.build_model(c, 10), c)
+        train_lib.make_loss_fn(models.build(c, 10), c)
 
 
 @pytest.mark.slow
@@ -81,3 +82,16 @@ def test_deq_mnist_reaches_95_percent(tmp_path):
     c.train.progress = False
     final = train_lib.train(c, str(tmp_path))
     assert final["test_accuracy"] >= 0.95, final
+
+
+@pytest.mark.parametrize("loss", ["pgd_at", "trades", "mixed"])
+def test_adversarial_training_step_runs_and_learns(loss, tmp_path):
+    c = tiny_config(epochs=2)
+    c.limit_train = 128
+    c.train.loss = loss
+    c.adv.steps = 2
+    train_lib.train(c, str(tmp_path))
+    m = read_metrics(tmp_path)
+    assert m[1]["train_loss"] < m[0]["train_loss"]
+    if loss != "pgd_at":
+        assert 0.0 <= m[0]["train_adversarial_accuracy"] <= m[0]["train_accuracy"] + 0.25

@@ -33,9 +33,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         epochs=3, batch_size=64, optimizer="adam", learning_rate=2e-3, weight_decay=0.0,
         schedule="cosine", warmup_steps=50, grad_clip=1.0,
-        loss="ce",  # ce (adversarial losses: see the adversarial configs)
+        loss="ce",  # ce | hinge | pgd_at | trades | mixed (see experiments/train.py)
+        hinge_margin=0.7,
         checkpoint_every_steps=200, keep_checkpoints=2,
         nonconvergence_warning=0.05,  # warn when more than this fraction did not converge
         progress=True))
+    # The inner attack of adversarial training (train.loss = pgd_at | trades | mixed).
+    c.adv = ml_collections.ConfigDict(dict(
+        eps=0.3, step=0.05, steps=7, norm="linf", beta=6.0, mixed_weight=0.5,
+        attack_gradient="phantom"))  # DEQ gradient path of the inner attack: implicit | phantom
     c.eval = ml_collections.ConfigDict(dict(batch_size=250))
     return c
