@@ -80,7 +80,7 @@ def mnist_5k() -> Dataset:
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
     train_idx = rng.permutation(np.concatenate(train_idx))
-    test_idx = np.sort(np.concatenate(test_idx))
+    test_idx = rng.permutation(np.concatenate(test_idx))  # shuffled: limit_test / n_examples take a class mix
     return Dataset("mnist_5k", x[train_idx], y[train_idx], x[test_idx], y[test_idx], 10)
 
 

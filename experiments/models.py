@@ -27,6 +27,10 @@ class ModelSpec:
     mutable: tuple[str, ...] = ()  # collections updated by training steps
     train_kwargs: dict = dataclasses.field(default_factory=dict)
     eval_kwargs: dict = dataclasses.field(default_factory=dict)
+    # Extra report sections: hook(spec, state, x, y, eps_list, robustness_cfg) -> dict
+    report_hooks: tuple = ()
+    # Regularisers sown into the "losses" collection, with their weights in the loss.
+    regularizers: dict = dataclasses.field(default_factory=dict)
 
 
 def deq_config(c: ml_collections.ConfigDict, *, evaluation: bool = False) -> DEQConfig:
@@ -63,6 +67,8 @@ def register(name: str, builder: Callable[[Any, int], ModelSpec]) -> None:
 
 
 def build(config: ml_collections.ConfigDict, num_classes: int) -> ModelSpec:
+    import experiments.families  # noqa: F401  (registers the other model families)
+
     name = config.model.name
     if name not in _REGISTRY:
         raise ValueError(f"unknown model name {name!r}; choose one of {sorted(_REGISTRY)}")

@@ -58,8 +58,8 @@ def make_loss_fn(spec: models.ModelSpec, config):
         raise ValueError(f"unknown train.loss {kind!r}; available: {LOSSES}")
     model, deq = spec.module, spec.is_deq
     reg_weights = {"jacobian_frobenius_sq": float(config.deq.jac_reg) if deq else 0.0}
-    reg_weights.update(spec.train_kwargs.get("regularizers", {}))
-    call_kwargs = {k: v for k, v in spec.train_kwargs.items() if k != "regularizers"}
+    reg_weights.update(spec.regularizers)
+    call_kwargs = dict(spec.train_kwargs)
     mutable = ["losses", *spec.mutable]
     base = "hinge" if kind == "hinge" else "ce"
     margin = float(config.train.get("hinge_margin", 0.7))
@@ -246,6 +246,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     with open(os.path.join(workdir, "final.json"), "w") as fh:
         json.dump(final, fh, indent=2)
     print(f"test accuracy: {final['test_accuracy']:.4f}", flush=True)
+    if config.robustness.after_training:
+        from experiments.evaluate import evaluate as robustness_report
+
+        print("robustness report (experiments.evaluate):", flush=True)
+        final["robustness"] = robustness_report(workdir, quiet=not t.progress)
+        if not t.progress:
+            print(open(os.path.join(workdir, "report.md")).read(), flush=True)
     return final
 
 

@@ -315,6 +315,20 @@ def test_ensemble_worst_case(trained_mlp):
     assert cum == sorted(cum, reverse=True)
 
 
+def test_eot_averages_randomised_model(trained_mlp):
+    """EOT logits = log mean softmax over the draws (checked against a manual
+    computation), and PGD on them still breaks a logit-noise randomised model."""
+    f, x, y = trained_mlp
+    rand = lambda xx, k: f(xx) + 0.5 * jax.random.normal(k, (xx.shape[0], 10))
+    g = A.eot_logits_fn(rand, KEY, 4)
+    keys = jax.random.split(KEY, 4)
+    manual = jnp.log(jnp.mean(jnp.stack([jax.nn.softmax(rand(x, k)) for k in keys]), 0))
+    np.testing.assert_allclose(g(x), manual, rtol=1e-5, atol=1e-5)
+    x_adv, _ = _pgd10(g, x, y, 0.05)
+    _assert_feasible(x_adv, x, 0.05, "linf")
+    assert _robust_acc(f, x_adv, y) < _robust_acc(f, x, y) - 10
+
+
 # ------------------------------------------------------------------ validation
 def test_bad_inputs_raise():
     f = _linear(jnp.ones((6, 3)), jnp.zeros(3))

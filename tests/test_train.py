@@ -23,6 +23,7 @@ def tiny_config(epochs=2, name="deq"):
     c.train.epochs, c.train.batch_size, c.train.progress = epochs, 32, False
     c.train.warmup_steps, c.train.checkpoint_every_steps = 2, 5
     c.eval.batch_size = 100
+    c.robustness.after_training = False
     return c
 
 

@@ -24,8 +24,6 @@ forward passes are used, never ``jax.grad``).
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np

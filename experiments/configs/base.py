@@ -43,4 +43,12 @@ def base_config() -> ml_collections.ConfigDict:
         eps=0.3, step=0.05, steps=7, norm="linf", beta=6.0, mixed_weight=0.5,
         attack_gradient="phantom"))  # DEQ gradient path of the inner attack: implicit | phantom
     c.eval = ml_collections.ConfigDict(dict(batch_size=250))
+    # The robustness report (experiments/evaluate.py; run after training when
+    # robustness.after_training). Worst case over attacks and, for DEQs, gradient views.
+    c.robustness = ml_collections.ConfigDict(dict(
+        after_training=True, norm="linf", eps="0.05,0.1,0.2,0.3", attacks="pgd,apgd-ce,square",
+        n_examples=100, n_iter=20, n_queries=300, restarts=1, batch_size=100, seed=0,
+        gradients="implicit,phantom,intermediate,ensemble,simultaneous_adjoint",
+        state_indices="3,6",  # intermediate states attacked (one view each)
+        attack_steps=5, attack_damping=0.5))  # K_a and λ of the intermediate-state views
     return c

@@ -1,0 +1,148 @@
+"""Robustness evaluation: the per-example worst case over attacks AND gradient paths.
+
+A model is given as ``views``: a mapping from a gradient-path name to a logits
+function. Every view must compute the same logits (the model's); they differ only in
+the gradient an attack follows (for DEQs: implicit, phantom, intermediate states, …,
+see :mod:`deqjax.deq_gradients`; for an explicit network there is one view). For each
+ε, every gradient attack runs through every view, gradient-free attacks run once, and
+an example is robust only if it is classified correctly clean and under all of them
+(SPEC §3 and §7). Sanity flags (SPEC §7) come with every evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deqjax import attacks as A
+from deqjax.attacks import _common as C
+
+GRADIENT_ATTACKS = ("fgsm", "pgd", "pgd-dlr", "apgd-ce", "apgd-dlr", "apgd-t")
+GRADIENT_FREE_ATTACKS = ("square",)
+
+
+def _attack_fn(name: str, n_iter: int, n_queries: int, restarts: int, n_target_classes: int):
+    if name == "fgsm":
+        return A.fgsm
+    if name == "pgd":
+        return functools.partial(A.pgd, steps=n_iter, restarts=restarts, return_trace=True)
+    if name == "pgd-dlr":
+        return functools.partial(A.pgd, steps=n_iter, restarts=restarts, loss="dlr")
+    if name in ("apgd-ce", "apgd-dlr"):
+        return functools.partial(A.apgd, steps=n_iter, loss=name.split("-")[1], restarts=restarts)
+    if name == "apgd-t":
+        return functools.partial(A.apgd_targeted, steps=n_iter, restarts=restarts,
+                                 n_target_classes=n_target_classes)
+    if name == "square":
+        return functools.partial(A.square, n_queries=n_queries, restarts=restarts)
+    raise ValueError(f"unknown attack {name!r}; choose from {GRADIENT_ATTACKS + GRADIENT_FREE_ATTACKS}")
+
+
+def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: Sequence[float],
+                        norm: str = "linf", attacks: Sequence[str] = ("pgd", "apgd-ce", "square"),
+                        n_iter: int = 20, n_queries: int = 300, restarts: int = 1,
+                        n_target_classes: int = 9, batch_size: int = 100, progress=None) -> dict:
+    """Clean and robust accuracy per attack, per gradient view, and the worst case.
+
+    Args:
+      views: ``{gradient name: logits_fn}``; the first view scores every attack.
+      x, y: examples in [0, 1] and their labels (host arrays).
+      eps_list: radii; ``norm``: ``"linf"`` or ``"l2"``.
+      attacks: names from :data:`GRADIENT_ATTACKS` and :data:`GRADIENT_FREE_ATTACKS`.
+      progress: optional callable(str) told what runs next.
+
+    Returns a JSON-ready dict: ``clean_accuracy``, ``nonfinite_logits`` (count),
+    ``robust_accuracy[eps][attack/view]``, ``worst_case[eps]``, ``sanity`` flags and
+    explanations.
+    """
+    if not views:
+        raise ValueError("views must hold at least one logits function")
+    for a in attacks:
+        _attack_fn(a, 1, 1, 1, 1)  # validates the name
+    for e in eps_list:
+        C.check_eps(float(e))
+    C.check_norm(norm)
+    x, y = np.asarray(x), np.asarray(y)
+    names = list(views)
+    score = views[names[0]]
+    score_jit = jax.jit(score)
+
+    def batched(fn):
+        outs = [fn(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        return jax.tree.map(lambda *a: np.concatenate([np.atleast_1d(v) for v in a]), *outs)
+
+    logits = batched(lambda xb, yb: np.asarray(score_jit(xb)))
+    finite = np.all(np.isfinite(logits), axis=1)
+    correct = (np.argmax(logits, -1) == y) & finite
+    report = {"n_examples": int(len(x)), "norm": norm, "eps": [float(e) for e in eps_list],
+              "views": names, "attacks": list(attacks), "clean_accuracy": float(correct.mean()),
+              "nonfinite_logits": int((~finite).sum()), "robust_accuracy": {}, "worst_case": {}}
+
+    grad_stats = {}
+    for v in names:
+        stats_fn = jax.jit(functools.partial(A.input_gradient_stats, views[v]))
+        keep = lambda d: {"zero": np.asarray(d["zero"]), "nonfinite": np.asarray(d["nonfinite"])}
+        st = batched(lambda xb, yb: keep(stats_fn(xb, yb)))
+        grad_stats[v] = {"frac_zero": float(st["zero"].mean()), "frac_nonfinite": float(st["nonfinite"].mean())}
+
+    def compile_attack(fn, view):
+        @jax.jit
+        def run(xb, yb, eps_arr, k):
+            out = fn(view, xb, yb, k, eps=eps_arr, norm=norm)
+            x_adv, trace = out if isinstance(out, tuple) else (out, jnp.zeros((1, yb.shape[0])))
+            z = score(x_adv)
+            ok = (jnp.argmax(z, -1) == yb) & jnp.all(jnp.isfinite(z), -1)
+            return ok, trace
+        return run
+
+    # One compiled function per (attack, view), reused for every ε (ε and key are traced).
+    runs = {}
+    for a in attacks:
+        fn = _attack_fn(a, n_iter, n_queries, restarts, n_target_classes)
+        for v in (names if a in GRADIENT_ATTACKS else names[:1]):
+            runs[f"{a}/{v}" if a in GRADIENT_ATTACKS else a] = (a, compile_attack(fn, views[v]))
+
+    curve, traces = [], {}
+    for i, eps in enumerate(eps_list):
+        robust = correct.copy()
+        per = {}
+        for j, (label, (a, run)) in enumerate(runs.items()):
+            if progress:
+                progress(f"eps={eps:g} {label}")
+            k = jax.random.fold_in(jax.random.fold_in(key, i), j)
+            ok, trace = batched(lambda xb, yb: jax.tree.map(np.asarray, run(xb, yb, jnp.float32(eps), k)))
+            ok = ok & correct
+            per[label] = float(ok.mean())
+            robust &= ok
+            if a == "pgd" and i == len(eps_list) - 1:
+                traces[label] = trace
+        report["robust_accuracy"][str(float(eps))] = per
+        report["worst_case"][str(float(eps))] = float(robust.mean())
+        curve.append((float(eps), float(robust.mean())))
+
+    flags, why = {}, {}
+    for i, eps in enumerate(eps_list):
+        per = report["robust_accuracy"][str(float(eps))]
+        r = A.sanity_flags(per_attack=per)
+        for k in r.flags:
+            flags[k] = flags.get(k, False) or r.flags[k]
+            why.setdefault(k, []).append(f"eps={eps:g}: {r.explanations[k]}")
+    r = A.sanity_flags(eps_curve=curve, loss_traces=traces or None)
+    flags.update(r.flags)
+    why.update({k: [v] for k, v in r.explanations.items()})
+    for v, st in grad_stats.items():
+        r = A.sanity_flags(grad_stats=st)
+        for k in r.flags:
+            flags[k] = flags.get(k, False) or r.flags[k]
+            why.setdefault(k, []).append(f"{v}: {r.explanations[k]}")
+    flags["nonfinite_logits"] = report["nonfinite_logits"] > 0
+    why["nonfinite_logits"] = [f"{report['nonfinite_logits']} examples have non-finite logits "
+                               "(counted as errors, not averaged in)"]
+    report["sanity"] = {"flags": flags, "explanations": {k: "; ".join(v) for k, v in why.items()},
+                        "unreliable": bool(any(flags.values()))}
+    report["gradient_stats"] = grad_stats
+    return report

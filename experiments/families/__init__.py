@@ -1,0 +1,3 @@
+"""Model families beyond the MDEQ: each module registers its builders with
+:func:`experiments.models.register` on import."""
+import experiments.families.cpl  # noqa: F401,E402

@@ -1,0 +1,158 @@
+"""The ``cpl`` family in the experiment framework (Meunier et al. 2022): it trains
+through experiments.train, the robustness report carries certified accuracy next to
+the empirical attacks, no attack beats the certificate, and the trained network
+is 1-Lipschitz (exact Jacobian)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deqjax import attacks as A
+from deqjax import data as data_lib
+from deqjax.cpl import certified_radius, conv
+from experiments import evaluate as evaluate_lib
+from experiments import train as train_lib
+from experiments.configs import cpl_mnist
+from experiments.families.cpl import (CPLClassifier, conv_norm_upper_bound, layer_sigmas,
+                                      lipschitz_upper_bound)
+
+EPS = (0.05, 0.15, 0.3)
+LIP_TOL = 1 + 1e-4
+
+
+def tiny_config():
+    c = cpl_mnist.get_config()
+    c.limit_train, c.limit_test = 256, 100
+    c.model.depth, c.model.depth_linear = 1, 1
+    c.model.conv_channels, c.model.conv_inner, c.model.linear_width = 4, 4, 32
+    c.model.eval_power_iters = 300
+    c.train.epochs, c.train.batch_size, c.train.progress = 2, 32, False
+    c.train.warmup_steps, c.train.checkpoint_every_steps = 2, 100
+    c.eval.batch_size = 100
+    c.robustness.after_training = False
+    c.robustness.eps = ",".join(str(e) for e in EPS)
+    c.robustness.n_examples, c.robustness.batch_size = 60, 60
+    c.robustness.n_iter, c.robustness.n_queries = 10, 40
+    return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """Train the tiny CPL net once and write its robustness report."""
+    workdir = str(tmp_path_factory.mktemp("cpl"))
+    final = train_lib.train(tiny_config(), workdir)
+    report = evaluate_lib.evaluate(workdir, quiet=True)
+    config, spec, state, ds = evaluate_lib.load_run(workdir)
+    return dict(workdir=workdir, final=final, report=report, spec=spec, state=state, ds=ds)
+
+
+def test_trains_and_loss_decreases(run):
+    with open(os.path.join(run["workdir"], "metrics.jsonl")) as fh:
+        m = [json.loads(line) for line in fh]
+    assert len(m) == 2 and m[1]["train_loss"] < m[0]["train_loss"]
+    assert run["final"]["test_accuracy"] > 0.3  # learned something in 16 steps
+    assert set(run["state"].model_state) == {"power_iteration"}
+
+
+def test_report_has_certified_and_empirical_columns(run):
+    for name in ("report.json", "report.md", "robustness.png"):
+        assert os.path.getsize(os.path.join(run["workdir"], name)) > 0
+    with open(os.path.join(run["workdir"], "report.json")) as fh:
+        report = json.load(fh)
+    assert report["norm"] == "l2" and report["model"] == "cpl"
+    cert = report["certified_accuracy"]
+    assert set(cert) == {str(float(e)) for e in EPS} == set(report["worst_case"])
+    values = [cert[str(float(e))] for e in EPS]
+    assert values == sorted(values, reverse=True) and values[0] <= report["clean_accuracy"]
+    assert values[0] > 0  # something is certified, so the soundness check below has teeth
+    assert "| certified |" in open(os.path.join(run["workdir"], "report.md")).read()
+    assert 1.0 <= report["lipschitz_upper_bound"] < 1.1
+    assert abs(report["power_iteration"]["max_rel_sigma_change_at_2x_iters"]) < 1e-5
+
+
+def _attacked_correct(view, x, y, eps, key):
+    """Per example: still correct under PGD-CE, PGD-DLR and APGD-CE at radius eps."""
+    ok = jnp.argmax(view(x), -1) == y
+    for i, attack in enumerate((lambda *a, **k: A.pgd(*a, steps=20, **k),
+                                lambda *a, **k: A.pgd(*a, steps=20, loss="dlr", **k),
+                                lambda *a, **k: A.apgd(*a, steps=20, **k))):
+        x_adv = jax.jit(lambda x, y: attack(view, x, y, jax.random.fold_in(key, i), eps=eps,
+                                            norm="l2"))(x, y)
+        assert float(jnp.max(jnp.sqrt(jnp.sum((x_adv - x) ** 2, (1, 2, 3))))) <= eps * (1 + 1e-5)
+        ok &= jnp.argmax(view(x_adv), -1) == y
+    return np.asarray(ok)
+
+
+def test_no_attack_beats_the_certificate(run):
+    """Soundness: worst-case empirical ≥ certified for every ε, and per example every
+    example certified at ε survives the attacks at ε. Control: a certificate inflated
+    ×3 is caught by the same attacks (so they are strong enough to see a bad one)."""
+    report, spec, state = run["report"], run["spec"], run["state"]
+    for e in EPS:
+        assert report["worst_case"][str(float(e))] >= report["certified_accuracy"][str(float(e))]
+    view = evaluate_lib.gradient_views(spec, state, None)["autodiff"]
+    x, y = run["ds"].test_images[:60], jnp.asarray(run["ds"].test_labels[:60])
+    radii = np.asarray(certified_radius(view(x), y, "truncate"))
+    inflated_caught = 0
+    for j, e in enumerate(EPS):
+        robust = _attacked_correct(view, x, y, e, jax.random.key(j))
+        assert not np.any((radii > e) & ~robust), e
+        inflated_caught += int(np.sum((3 * radii > e) & ~robust))
+    assert inflated_caught > 0
+
+
+def test_trained_network_jacobian_norm_at_most_one(run):
+    spec, state = run["spec"], run["state"]
+    variables = {"params": state.params, **state.model_state}
+    n = spec.eval_kwargs["n_power_iters"]
+    x = run["ds"].test_images[:1]
+
+    def features(a):
+        return spec.module.apply(variables, a, n, method=lambda m, a, k: m.net.features(a, k))
+
+    def logits(a):
+        return spec.module.apply(variables, a, n)[0]
+
+    for f in (features, logits):
+        jac = np.asarray(jax.jacfwd(f)(x)).reshape(-1, x.size)
+        norm = np.linalg.norm(jac, 2)
+        assert 0.05 < norm <= LIP_TOL, (f.__name__, norm)
+
+
+def test_conv_norm_upper_bound_and_lipschitz_bound():
+    """The torus bound is ≥ the exact zero-padded conv norm (jacfwd + SVD) and equals
+    it for circular padding; converged σ give a Lipschitz bound near 1 and one power
+    iteration from a random start gives a larger one."""
+    kernel = jax.random.normal(jax.random.key(0), (3, 3, 2, 3))
+    x0 = jnp.zeros((1, 5, 6, 2))
+    for padding in ("SAME", "CIRCULAR"):
+        jac = np.asarray(jax.jacfwd(lambda a: conv(a, kernel, 1, padding))(x0))
+        exact = np.linalg.norm(jac.reshape(-1, x0.size), 2)
+        bound = float(conv_norm_upper_bound(kernel, 5, 6, padding))
+        assert bound >= exact * (1 - 1e-5)
+        if padding == "CIRCULAR":
+            np.testing.assert_allclose(bound, exact, rtol=1e-4)
+    module = CPLClassifier(depth=1, depth_linear=1, conv_channels=2, conv_inner=3,
+                           linear_width=8, num_classes=3, pool=2, padding="CIRCULAR")
+    v = module.init(jax.random.key(1), jnp.zeros((1, 6, 6, 1)))
+    sig = layer_sigmas(module, v, 2000)
+    assert set(sig) == {"convs_0", "denses_0"}
+    assert lipschitz_upper_bound(module, v, 2000, (6, 6, 1))["bound"] <= 1 + 1e-3
+    assert lipschitz_upper_bound(module, v, 1, (6, 6, 1))["bound"] > 1 + 1e-3
+
+
+def test_bad_model_config_is_rejected():
+    from experiments import models
+    c = tiny_config()
+    c.model.eval_power_iters = 0
+    with pytest.raises(ValueError, match="eval_power_iters"):
+        models.build(c, 10)
+    c = tiny_config()
+    c.model.last_layer = "softmax"
+    spec = models.build(c, 10)
+    with pytest.raises(ValueError, match="last_layer"):
+        spec.module.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))

@@ -1,0 +1,59 @@
+"""The robustness report: files, worst case over attacks and gradient views, flags."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import evaluate as evaluate_lib
+from experiments import train as train_lib
+from tests.test_train import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_deq(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("tiny_deq"))
+    c = tiny_config(epochs=1)
+    c.robustness.update(n_examples=24, n_iter=2, n_queries=10, batch_size=24, eps="0.05,0.2",
+                        state_indices="1", gradients="implicit,intermediate,ensemble",
+                        attacks="pgd,square")
+    train_lib.train(c, workdir)
+    return workdir
+
+
+def test_report_files_and_worst_case(trained_tiny_deq):
+    report = evaluate_lib.evaluate(trained_tiny_deq, quiet=True)
+    for name in ("report.json", "report.md", "robustness.png"):
+        assert os.path.getsize(os.path.join(trained_tiny_deq, name)) > 0
+    on_disk = json.load(open(os.path.join(trained_tiny_deq, "report.json")))
+    assert on_disk["clean_accuracy"] == report["clean_accuracy"]
+    views = set(report["views"])
+    assert views == {"implicit", "intermediate_z1", "ensemble"}
+    for eps in ("0.05", "0.2"):
+        per = report["robust_accuracy"][eps]
+        assert "square" in per and "pgd/intermediate_z1" in per
+        # the worst case is below every single attack/view and the clean accuracy
+        assert report["worst_case"][eps] <= min(per.values()) + 1e-12
+        assert report["worst_case"][eps] <= report["clean_accuracy"]
+    assert set(report["sanity"]["flags"]) >= {"gradient_free_beats_gradient", "zero_gradients",
+                                             "accuracy_rises_with_eps", "nonfinite_logits"}
+    assert 0 < report["solver"]["mean_steps"] <= 8
+    assert "worst case" in open(os.path.join(trained_tiny_deq, "report.md")).read()
+
+
+def test_report_overrides_and_bad_options(trained_tiny_deq):
+    report = evaluate_lib.evaluate(trained_tiny_deq, {"eps": "0.1", "gradients": "phantom",
+                                                      "attacks": "fgsm", "norm": "l2"}, quiet=True)
+    assert report["eps"] == [0.1] and report["views"] == ["phantom"] and report["norm"] == "l2"
+    with pytest.raises(ValueError, match="unknown robustness option"):
+        evaluate_lib.evaluate(trained_tiny_deq, {"epsilon": "0.1"}, quiet=True)
+    with pytest.raises(ValueError, match="unknown attack"):
+        evaluate_lib.evaluate(trained_tiny_deq, {"attacks": "cw"}, quiet=True)
+    with pytest.raises(ValueError, match="eps"):
+        evaluate_lib.evaluate(trained_tiny_deq, {"eps": "-0.1"}, quiet=True)
+
+
+def test_missing_workdir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="experiments.train"):
+        evaluate_lib.evaluate(str(tmp_path), quiet=True)

@@ -1,0 +1,172 @@
+"""LyaDEQ: Lyapunov function, projected dynamics, orthogonal layer, model (SPEC §2)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from deqjax.deq import DEQConfig
+from deqjax.lyapunov import (check_positive_definite, icnn_apply, icnn_init, lyapunov_value,
+                             project_dynamics, projected_dynamics, rehu, stability_check)
+from deqjax.models.lyadeq import LyaDEQClassifier, LyapunovCell, lyadeq_stability_check
+from deqjax.models.mdeq import MDEQCell
+from deqjax.orthogonal import (ORTHOGONAL_KINDS, OrthogonalDense, orthogonal_init, orthogonal_matrix,
+                               orthogonality_error)
+from deqjax.solvers import SolverConfig
+
+DIM, XDIM = 6, 3
+N_STATES = 4000
+
+
+def dynamics(weights):
+    """A random nonlinear residual dynamics F(z; x) = tanh(A z + B x + c) − z."""
+    a, b, c = weights
+    return lambda z, x: jnp.tanh(a @ z + b @ x + c) - z
+
+
+@jax.jit
+def _setup(key):
+    """Random dynamics weights, ICNN params, states (several scales) and inputs, in
+    the default float dtype (jitted: one compile instead of dozens of eager ops)."""
+    ka, kb, kc, kp, kz, kx, ks = jax.random.split(key, 7)
+    dt = jnp.zeros(()).dtype
+    weights = (2.0 * jax.random.normal(ka, (DIM, DIM), dt), jax.random.normal(kb, (DIM, XDIM), dt),
+               jax.random.normal(kc, (DIM,), dt))
+    params = icnn_init(kp, DIM, (16, 16), dt)
+    scale = 10.0 ** jax.random.uniform(ks, (N_STATES, 1), dt, -3.0, 1.5)
+    return weights, params, scale * jax.random.normal(kz, (N_STATES, DIM), dt), \
+        jax.random.normal(kx, (N_STATES, XDIM), dt)
+
+
+def setup(seed=0):
+    weights, params, zs, xs = _setup(jax.random.PRNGKey(seed))
+    return dynamics(weights), params, zs, xs
+
+
+def lyapunov_derivative(F, params, zs, xs, alpha, projected, activation="softplus"):
+    """(∇Vᵀ F̂ (or ∇Vᵀ F), V, ‖∇V‖‖F‖) at every (z, x)."""
+    def one(z, x):
+        v, gv = jax.value_and_grad(lambda s: lyapunov_value(params, s, 0.01, 1.0, activation))(z)
+        fh = projected_dynamics(F, params, z, x, alpha, 0.01, 1.0, activation) if projected else F(z, x)
+        return gv @ fh, v, jnp.linalg.norm(gv) * jnp.linalg.norm(F(z, x))
+    return jax.vmap(one)(zs, xs)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("activation", ["softplus", "rehu"])
+def test_projected_dynamics_decrease_v(dtype_name, activation, request):
+    if dtype_name == "float64":
+        request.getfixturevalue("x64")
+    dtype = jnp.dtype(dtype_name)
+    assert jnp.zeros((), dtype).dtype == dtype
+    alpha = 0.5
+    F, params, zs, xs = setup()
+    assert zs.dtype == dtype and params[0]["W"].dtype == dtype
+    dv, v, size = jax.jit(lambda zs, xs: lyapunov_derivative(F, params, zs, xs, alpha, True, activation))(zs, xs)
+    assert dv.dtype == dtype
+    eps = float(jnp.finfo(dtype).eps)
+    # rounding tolerance relative to the size of the terms that cancel: ‖∇V‖‖F‖ + αV
+    tol = 20 * eps * (size + alpha * v)
+    dv_raw, _, _ = jax.jit(lambda zs, xs: lyapunov_derivative(F, params, zs, xs, alpha, False, activation))(zs, xs)
+    assert bool(jnp.all(jnp.isfinite(dv)))
+    assert bool(jnp.all(dv <= -alpha * v + tol)), float(jnp.max(dv + alpha * v - tol))
+    # negative control: the unprojected dynamics violate the decrease somewhere
+    assert bool(jnp.any(dv_raw > -alpha * v + 1e-3))
+
+
+def test_rehu_pieces():
+    s = jnp.array([-2.0, 0.0, 0.5, 1.0, 3.0])
+    np.testing.assert_allclose(rehu(s, 1.0), [0.0, 0.0, 0.125, 0.5, 2.5])
+    np.testing.assert_allclose(rehu(jnp.array(0.3), 2.0), 0.3 ** 2 / 4)
+    # C¹: derivative continuous at d
+    g = jax.vmap(jax.grad(lambda s: rehu(s, 2.0)))(jnp.array([2.0 - 1e-4, 2.0 + 1e-4]))
+    np.testing.assert_allclose(g, [1.0, 1.0], atol=1e-3)
+    with pytest.raises(ValueError, match="d must be > 0"):
+        rehu(s, 0.0)
+
+
+def test_v_positive_definite_and_g_convex(x64):
+    _, params, zs, _ = setup(1)
+    zs = zs[:2000]
+    report = check_positive_definite(params, zs)
+    assert report["v0"] == 0.0 and report["min_v"] > 0
+    # V ≥ η‖z‖² (ReHU ≥ 0) is the positive-definiteness bound
+    assert report["min_v_over_sq_norm"] >= 0.01 * (1 - 1e-9)
+    # g convex: midpoint inequality on random pairs
+    a, b = zs[:1000], zs[1000:]
+    g = jax.jit(jax.vmap(lambda z: icnn_apply(params, z)))
+    assert bool(jnp.all(g((a + b) / 2) <= (g(a) + g(b)) / 2 + 1e-10))
+    # negative control: a concave function (−g) fails the same midpoint check
+    gn = lambda z: -g(z)
+    assert bool(jnp.any(gn((a + b) / 2) > (gn(a) + gn(b)) / 2 + 1e-10))
+
+
+def test_check_positive_definite_raises_on_bad_v():
+    _, params, _, _ = setup()
+    zs = jnp.ones((3, DIM))
+    # float32 underflow makes V(z) = 0 at a tiny non-zero z: the check must catch it
+    zero = jax.tree.map(jnp.zeros_like, params)
+    with pytest.raises(ValueError, match="not positive"):
+        check_positive_definite(zero, 1e-30 * zs, eta=1e-10)
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        lyapunov_value(params, zs[0], eta=0.0)
+
+
+def test_projection_at_origin_is_finite_with_gradients():
+    F, params, _, _ = setup()
+    x = jnp.ones(XDIM)
+    z0 = jnp.zeros(DIM)
+    out = jax.jit(projected_dynamics, static_argnums=0)(F, params, z0, x, 0.5)
+    np.testing.assert_allclose(out, F(z0, x), rtol=1e-6)  # no correction at ∇V = 0
+    jac = jax.jit(jax.jacrev(lambda z: projected_dynamics(F, params, z, x, 0.5)))(z0)
+    gp = jax.jit(jax.grad(lambda p: jnp.sum(projected_dynamics(F, p, z0, x, 0.5))))(params)
+    assert bool(jnp.all(jnp.isfinite(jac)))
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(gp))
+    # the raw projection with ∇V = 0 and V = 0 too
+    g = jax.grad(lambda gv: jnp.sum(project_dynamics(jnp.ones(3), gv, jnp.sum(gv ** 2), 1.0)))(jnp.zeros(3))
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+@pytest.mark.parametrize("kind", ORTHOGONAL_KINDS)
+@pytest.mark.parametrize("n_out,n_in", [(8, 8), (12, 5), (5, 12)])
+def test_orthogonal_layer_stays_orthogonal_under_adam(kind, n_out, n_in):
+    layer = OrthogonalDense(n_out, kind)
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, n_in))
+    y_target = jax.random.normal(jax.random.PRNGKey(1), (16, n_out))
+    params = layer.init(jax.random.PRNGKey(2), x)["params"]
+    w = lambda p: orthogonal_matrix(p["orthogonal"], n_out, n_in, kind)
+    assert float(orthogonality_error(w(params))) < 1e-5
+    opt = optax.adam(0.1)
+    state = opt.init(params)
+    loss = lambda p: jnp.mean((layer.apply({"params": p}, x) ** 3 - y_target) ** 2)
+    w0 = w(params)
+    @jax.jit
+    def step(params, state):
+        updates, state = opt.update(jax.grad(loss)(params), state)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(5):
+        params, state = step(params, state)
+    assert float(orthogonality_error(w(params))) < 1e-5
+    assert float(jnp.max(jnp.abs(w(params) - w0))) > 1e-2  # it did move
+    # the layer applies exactly that weight
+    np.testing.assert_allclose(layer.apply({"params": params}, x), x @ w(params).T + params["bias"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_orthogonal_bad_input():
+    with pytest.raises(ValueError, match="unknown orthogonal"):
+        orthogonal_init(jax.random.PRNGKey(0), 3, 3, "qr")
+    with pytest.raises(ValueError, match="must have shape"):
+        orthogonal_matrix(jnp.zeros((4, 4)), 3, 5, "expm")
+    # degenerate Householder vectors stay finite, gradients too
+    g = jax.grad(lambda v: jnp.sum(orthogonal_matrix(v, 4, 4, "householder")))(jnp.zeros((4, 4)))
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def tiny_model(alpha=0.1, dtype_cfg=None, **kw):
+    cfg = DEQConfig(forward=SolverConfig(max_iter=200, tol=1e-12, stop_mode="abs"),
+                    adjoint_max_iter=200, adjoint_tol=1e-12)
+    return LyaDEQClassifier(num_classes=3, width=4, inner=4, groups=2, icnn_widths=(8,), alpha=alpha,
+                            orth_features=6, deq=dtype_cfg or cfg, **kw)
