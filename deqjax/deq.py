@@ -135,7 +135,7 @@ _implicit.defvjp(_implicit_fwd, _implicit_bwd)
 
 def deq_fixed_point(f: Callable[[jax.Array, Any], jax.Array], z0: jax.Array, args: Any,
                     config: DEQConfig = DEQConfig(), *, backward_probe: jax.Array | None = None,
-                    return_trajectory: bool = False):
+                    return_trajectory: bool = False, num_steps=None):
     """Solve ``z* = f(z*, args)`` for one example and make it differentiable.
 
     Args:
@@ -147,6 +147,7 @@ def deq_fixed_point(f: Callable[[jax.Array, Any], jax.Array], z0: jax.Array, arg
       backward_probe: optional ``jnp.zeros(2)``; its gradient is the adjoint
         solve's ``[relative residual, steps]`` (implicit mode).
       return_trajectory: return the iterates ``z_1 … z_n`` in ``stats.trajectory``.
+      num_steps: optional traced step budget (≤ ``config.forward.max_iter``).
 
     Returns:
       ``(z, stats)``: the equilibrium (after K phantom steps in phantom mode) and
@@ -157,10 +158,10 @@ def deq_fixed_point(f: Callable[[jax.Array, Any], jax.Array], z0: jax.Array, arg
     f_nograd = lambda z: f(z, lax.stop_gradient(args))
     if config.backward == "unroll":
         z, stats = solve(lambda z: f(z, args), lax.stop_gradient(z0), config.forward,
-                         return_trajectory=return_trajectory, differentiable=True)
+                         return_trajectory=return_trajectory, differentiable=True, num_steps=num_steps)
         return z + 0.0 * jnp.sum(backward_probe), stats
     z_star, stats = solve(f_nograd, lax.stop_gradient(z0), config.forward,
-                          return_trajectory=return_trajectory)
+                          return_trajectory=return_trajectory, num_steps=num_steps)
     z_star = lax.stop_gradient(z_star)
     if config.backward == "phantom":
         z = damped_steps(f, z_star, args, config.phantom_steps, config.phantom_damping)

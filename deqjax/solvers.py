@@ -65,6 +65,10 @@ class SolverConfig:
       anderson_ridge: ridge added to Anderson's Gram matrix.
       anderson_beta: Anderson mixing β.
       broyden_memory: number of low-rank updates Broyden keeps (0 = max_iter).
+      return_state: ``"best"`` (the evaluated iterate with the lowest residual) or
+        ``"last"`` (the latest iterate ``z_n``, after the final update; its stats
+        are those of the last evaluated iterate ``z_{n-1}``). Random intermediate
+        states need ``"last"``.
     """
 
     method: str = "anderson"
@@ -76,8 +80,11 @@ class SolverConfig:
     anderson_ridge: float = 1e-4
     anderson_beta: float = 1.0
     broyden_memory: int = 0
+    return_state: str = "best"
 
     def __post_init__(self):
+        if self.return_state not in ("best", "last"):
+            raise ValueError(f"return_state must be 'best' or 'last', got {self.return_state!r}")
         if self.method not in SOLVERS:
             raise ValueError(f"unknown solver method {self.method!r}; choose one of {SOLVERS}")
         if self.stop_mode not in STOP_MODES:
@@ -202,12 +209,14 @@ class _Carry(NamedTuple):
     best_res: jax.Array  # the residual used for stopping
     best_abs: jax.Array
     best_rel: jax.Array
+    last_abs: jax.Array
+    last_rel: jax.Array
     method_state: Any
     trajectory: Any
 
 
 def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConfig = SolverConfig(),
-          *, return_trajectory: bool = False, differentiable: bool = False):
+          *, return_trajectory: bool = False, differentiable: bool = False, num_steps=None):
     """Find a fixed point ``z* = f(z*)`` of a single example.
 
     Args:
@@ -218,6 +227,8 @@ def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConf
       differentiable: run as a masked ``lax.scan`` of ``max_iter`` steps so that
         reverse-mode autodiff goes through the solver (the ``unroll`` backward);
         otherwise a ``lax.while_loop`` that stops at convergence.
+      num_steps: optional traced integer ≤ ``max_iter``: stop after this many steps
+        (random intermediate states draw it per batch).
 
     Returns:
       ``(z_star, stats)``, ``z_star`` of ``z0``'s shape, ``stats`` a :class:`SolverStats`.
@@ -235,6 +246,8 @@ def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConf
         if out.shape != shape:
             raise ValueError(f"f must map the state shape {shape} to itself, got {out.shape}")
         return out.reshape(-1).astype(dtype)
+
+    budget = config.max_iter if num_steps is None else jnp.minimum(num_steps, config.max_iter)
 
     def done(c: _Carry):
         return c.best_res < tol
@@ -257,23 +270,23 @@ def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConf
             best_res=jnp.where(better, res, c.best_res),
             best_abs=jnp.where(better, diff, c.best_abs),
             best_rel=jnp.where(better, rel, c.best_rel),
-            method_state=mstate, trajectory=traj)
+            last_abs=diff, last_rel=rel, method_state=mstate, trajectory=traj)
 
     zf = z0.reshape(-1)
     inf = jnp.asarray(jnp.inf, dtype)
     traj0 = jnp.zeros((config.max_iter, n), dtype) if return_trajectory else None
-    carry = _Carry(jnp.asarray(0, jnp.int32), zf, zf, inf, inf, inf, init(zf), traj0)
+    carry = _Carry(jnp.asarray(0, jnp.int32), zf, zf, inf, inf, inf, inf, inf, init(zf), traj0)
 
     if differentiable:
         def scan_body(c, _):
-            stop = jnp.logical_or(done(c), c.k >= config.max_iter)
+            stop = jnp.logical_or(done(c), c.k >= budget)
             new = step(c)
             kept = jax.tree.map(lambda a, b: jnp.where(stop, a, b), c, new)
             return kept, None
         carry, _ = lax.scan(scan_body, carry, None, length=config.max_iter)
     else:
         carry = lax.while_loop(
-            lambda c: jnp.logical_and(c.k < config.max_iter, jnp.logical_not(done(c))),
+            lambda c: jnp.logical_and(c.k < budget, jnp.logical_not(done(c))),
             step, carry)
 
     trajectory = None
@@ -282,6 +295,10 @@ def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConf
         rows = jnp.arange(config.max_iter)[:, None]
         traj = jnp.where(rows < carry.k, carry.trajectory, carry.best_z[None])
         trajectory = traj.reshape((config.max_iter,) + shape)
+    if config.return_state == "last":
+        stats = SolverStats(steps=carry.k, abs_residual=carry.last_abs, rel_residual=carry.last_rel,
+                            converged=done(carry), trajectory=trajectory)
+        return carry.z.reshape(shape), stats
     stats = SolverStats(steps=carry.k, abs_residual=carry.best_abs, rel_residual=carry.best_rel,
                         converged=done(carry), trajectory=trajectory)
     return carry.best_z.reshape(shape), stats

@@ -11,6 +11,7 @@ Flags override the config's ``robustness`` block.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -48,8 +49,39 @@ def load_run(workdir: str):
     return config, spec, state, ds
 
 
-def gradient_views(spec: models.ModelSpec, state, r) -> dict:
-    """``{view name: logits_fn}``: the gradient paths attacks follow (one for explicit nets)."""
+def entropy_views(spec: models.ModelSpec, state, er, undefended: dict) -> dict:
+    """Views of a DEQ defended by input entropy reduction (SPEC §5), labelled by protocol:
+    ``adaptive_bpda`` (scores every attack: defended logits, BPDA gradient),
+    ``adaptive_autodiff`` (differentiates through the whole defence) and
+    ``nonadaptive_<view>`` (the authors' protocol: attacks built on the undefended
+    model, scored on the defended one)."""
+    from deqjax.regulation import bpda_defended_logits, entropy_reduction
+
+    variables = {"params": state.params, **state.model_state}
+    module = spec.module
+    eval_cfg = spec.eval_kwargs["config"]
+    round_cfg = dataclasses.replace(eval_cfg, forward=dataclasses.replace(eval_cfg.forward,
+                                                                          max_iter=int(er.round_steps)))
+
+    def defence(x):
+        return entropy_reduction(
+            lambda xx: module.apply(variables, xx, method="inject"),
+            lambda u, z0: module.apply(variables, u, z0, round_cfg, method="solve_from")[0],
+            lambda u, z: module.apply(variables, u, z, int(er.phantom_steps), float(er.phantom_damping),
+                                      method="phantom_from"),
+            lambda z: module.apply(variables, z, method="classify"),
+            x, rounds=int(er.rounds), steps=int(er.steps), eps=float(er.eps), step_size=float(er.step_size))
+
+    plain = undefended.get("implicit") or next(iter(undefended.values()))
+    views = {"adaptive_bpda": lambda x: bpda_defended_logits(defence, plain, x),
+             "adaptive_autodiff": lambda x: defence(x)[0]}
+    views.update({f"nonadaptive_{k}": v for k, v in undefended.items()})
+    return views
+
+
+def gradient_views(spec: models.ModelSpec, state, r, entropy_cfg=None) -> dict:
+    """``{view name: logits_fn}``: the gradient paths attacks follow (one for explicit nets).
+    The first view scores every attack."""
     variables = {"params": state.params, **state.model_state}
     base = dict(spec.eval_kwargs)
 
@@ -66,6 +98,8 @@ def gradient_views(spec: models.ModelSpec, state, r) -> dict:
                                                  attack_steps=r.attack_steps, attack_damping=r.attack_damping)
         else:
             out[g] = view(gradient=g, attack_steps=r.attack_steps, attack_damping=r.attack_damping)
+    if entropy_cfg is not None and entropy_cfg.enabled:
+        return entropy_views(spec, state, entropy_cfg, out)
     return out
 
 
@@ -130,7 +164,8 @@ def evaluate(workdir: str, overrides: dict | None = None, quiet: bool = False) -
     from tqdm import tqdm
 
     bar = tqdm(total=None, disable=quiet, file=sys.stderr, desc="robustness")
-    report = evaluate_robustness(gradient_views(spec, state, r), x, y, jax.random.PRNGKey(r.seed), eps_list=eps,
+    entropy_cfg = config.get("entropy_reduction")
+    report = evaluate_robustness(gradient_views(spec, state, r, entropy_cfg), x, y, jax.random.PRNGKey(r.seed), eps_list=eps,
                                  norm=r.norm, attacks=_split(r.attacks), n_iter=r.n_iter,
                                  n_queries=r.n_queries, restarts=r.restarts, batch_size=r.batch_size,
                                  progress=lambda s: (bar.set_description(s), bar.update(1)))

@@ -50,7 +50,9 @@ def make_loss_fn(spec: models.ModelSpec, config):
     (Zhang et al. 2019, β = ``adv.beta``) or ``mixed`` (clean/adversarial weight
     ``adv.mixed_weight``). For DEQs the inner attack differentiates the model with
     ``adv.attack_gradient`` (``implicit`` or ``phantom``) while the weight update uses
-    ``deq.backward``. Sown regularisers are added with their weights
+    ``deq.backward``. With ``deq.random_states_max = n_max > 0`` every training
+    forward uses random intermediate states (one draw for the inner attack, one for
+    the weight update, per batch; SPEC §5). Sown regularisers are added with their weights
     (``deq.jac_reg`` for the Hutchinson Jacobian term, and any family-specific ones).
     """
     kind = config.train.loss
@@ -69,15 +71,21 @@ def make_loss_fn(spec: models.ModelSpec, config):
         attack_kwargs["config"] = dataclasses.replace(models.deq_config(config.deq),
                                                       backward=adv.attack_gradient)
 
-    def attack_apply(model_state):
+    n_random = int(config.deq.random_states_max) if deq else 0
+
+    def attack_apply(model_state, key):
+        extra = {"random_steps_key": key, "random_steps_max": n_random} if n_random else {}
+
         def fn(params, x):
-            return model.apply({"params": params, **model_state}, x, **attack_kwargs)[0]
+            return model.apply({"params": params, **model_state}, x, **attack_kwargs, **extra)[0]
         return fn
 
     def forward(params, model_state, x, key, probe):
         kwargs = dict(call_kwargs)
         if deq:
             kwargs["backward_probe"] = probe
+            if n_random:
+                kwargs.update(random_steps_key=jax.random.fold_in(key, 1), random_steps_max=n_random)
             if reg_weights["jacobian_frobenius_sq"] > 0:
                 kwargs["jacobian_key"] = key
         (logits, stats), new_vars = model.apply({"params": params, **model_state}, x, mutable=mutable, **kwargs)
@@ -87,15 +95,15 @@ def make_loss_fn(spec: models.ModelSpec, config):
         return logits, stats, reg, new_vars
 
     def loss_fn(params, model_state, x, y, key, probe):
-        attack_key, reg_key = jax.random.split(key)
+        attack_key, reg_key, states_key = jax.random.split(key, 3)
         aux = {}
         if kind in ("pgd_at", "mixed"):
             x_adv = adversarial.pgd_adversarial_examples(
-                attack_apply(model_state), params, x, y, attack_key, eps=adv.eps, step=adv.step,
+                attack_apply(model_state, states_key), params, x, y, attack_key, eps=adv.eps, step=adv.step,
                 steps=adv.steps, norm=adv.norm)
         elif kind == "trades":
             x_adv = adversarial.trades_adversarial_examples(
-                attack_apply(model_state), params, x, attack_key, eps=adv.eps, step=adv.step,
+                attack_apply(model_state, states_key), params, x, attack_key, eps=adv.eps, step=adv.step,
                 steps=adv.steps, norm=adv.norm)
         if kind in ("ce", "hinge"):
             logits, stats, reg, new_vars = forward(params, model_state, x, reg_key, probe)
@@ -237,7 +245,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
             fh.write(json.dumps(record) + "\n")
         print(f"epoch {epoch + 1}: train loss {record.get('train_loss', float('nan')):.4f}  "
               f"test accuracy {record['test_accuracy']:.4f}", flush=True)
-        mngr.save(step, args=common.ocp.args.StandardSave(state), force=True)
+        if mngr.latest_step() != step:  # the in-loop save may have just written this step
+            mngr.save(step, args=common.ocp.args.StandardSave(state), force=True)
     mngr.wait_until_finished()
 
     final = {"step": step}

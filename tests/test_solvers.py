@@ -118,3 +118,14 @@ def test_config_errors():
         solve(lambda z: z, jnp.zeros(3, jnp.int32))
     with pytest.raises(ValueError, match="state shape"):
         solve(lambda z: jnp.zeros(4), jnp.zeros(3))
+
+
+def test_num_steps_budget_and_last_state(x64):
+    a, b, _ = affine_problem()
+    cfg = SolverConfig(method="fixed_point", max_iter=10, tol=0.0, return_state="last")
+    z, st = jax.jit(lambda n: solve(lambda z: a @ z + b, jnp.zeros(12), cfg, num_steps=n))(3)
+    ref = jnp.zeros(12)
+    for _ in range(3):
+        ref = a @ ref + b
+    assert int(st.steps) == 3
+    np.testing.assert_allclose(z, ref, rtol=1e-12)

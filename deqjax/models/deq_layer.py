@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 import dataclasses
 
-from deqjax.deq import DEQConfig, deq_fixed_point, jacobian_frobenius_sq
+from deqjax.deq import DEQConfig, damped_steps, deq_fixed_point, jacobian_frobenius_sq
 from deqjax.deq_gradients import DEFENCES, GRADIENTS, defended_state, estimate_state, straight_through
 
 
@@ -45,7 +45,8 @@ class DEQ(nn.Module):
     def __call__(self, u, *, z0=None, backward_probe=None, return_trajectory: bool = False,
                  config: DEQConfig | None = None, jacobian_key=None, jacobian_samples: int = 1,
                  gradient: str | None = None, state_index: int = -1, attack_steps: int = 5,
-                 attack_damping: float = 0.5, defence: str = "none", exit_state: int = -1):
+                 attack_damping: float = 0.5, defence: str = "none", exit_state: int = -1,
+                 random_steps_key=None, random_steps_max: int = 0):
         """Solve per example.
 
         ``gradient`` (one of :data:`deqjax.deq_gradients.GRADIENTS`) picks the
@@ -53,6 +54,12 @@ class DEQ(nn.Module):
         ``state_index``, ``attack_steps`` (K_a) and ``attack_damping`` (λ) configure
         the intermediate-state estimators. ``defence`` (``"early_exit"`` at
         ``exit_state``, or ``"state_ensemble"``) changes the state that is returned.
+
+        ``random_steps_key`` with ``random_steps_max = n_max`` (training only): draw
+        ``n ~ U{1, …, n_max}`` once for the batch, run exactly n solver steps and
+        return ``z_n`` with the phantom gradient (K = ``config.phantom_steps``,
+        λ = ``config.phantom_damping``) — the "random intermediate states" of Yang
+        et al. 2023 (SPEC §5).
 
         With ``jacobian_key``, also sow the Hutchinson estimate of
         ``‖J_f(z*)‖_F² / dim(z)`` (batch mean) into the ``"losses"`` collection
@@ -68,9 +75,17 @@ class DEQ(nn.Module):
         if backward_probe is None:
             backward_probe = jnp.zeros((u.shape[0], 2), u.dtype)
 
+        num_steps = None
+        if random_steps_key is not None:
+            if random_steps_max < 1:
+                raise ValueError("random intermediate states need random_steps_max >= 1")
+            num_steps = jax.random.randint(random_steps_key, (), 1, random_steps_max + 1)
+            fwd = dataclasses.replace(config.forward, max_iter=random_steps_max, tol=0.0, return_state="last")
+            config = dataclasses.replace(config, forward=fwd, backward="phantom")
+
         def one(z0_i, u_i, probe_i):
             return deq_fixed_point(f, z0_i, (params, u_i), config, backward_probe=probe_i,
-                                   return_trajectory=return_trajectory)
+                                   return_trajectory=return_trajectory, num_steps=num_steps)
 
         if gradient is not None or defence != "none":
             z, stats = self._attack_view(f, params, u, z0, config, gradient or config.backward,
@@ -110,6 +125,14 @@ class DEQ(nn.Module):
                                   state_index=state_index, steps=steps, damping=damping), stats
 
         return jax.vmap(one)(z0, u)
+
+    def damped(self, u, z, steps: int, damping: float):
+        """``steps`` damped cell steps from ``stop_gradient(z)`` (a differentiable
+        phantom state; used by input entropy reduction)."""
+        params = self.cell.variables["params"]
+        f = cell_as_function(self.cell)
+        return jax.vmap(lambda z_i, u_i: damped_steps(f, jax.lax.stop_gradient(z_i), (params, u_i),
+                                                      steps, damping))(z, u)
 
     def cell_function(self):
         """The per-example cell ``f(z, (params, u))`` (for attacks on intermediate states)."""

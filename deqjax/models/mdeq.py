@@ -108,6 +108,13 @@ class MDEQClassifier(nn.Module):
     def classify(self, z):
         return self.head(z)
 
+    def solve_from(self, u, z0, config: DEQConfig | None = None):
+        """The equilibrium state for injection ``u`` started at ``z0`` (``(z, stats)``)."""
+        return self.equilibrium(u, z0=z0, config=config)
+
+    def phantom_from(self, u, z, steps: int = 5, damping: float = 0.5):
+        return self.equilibrium.damped(u, z, steps, damping)
+
 
 class ExplicitMDEQ(nn.Module):
     """The same cell, weight-tied and unrolled ``depth`` times from z = 0: an explicit

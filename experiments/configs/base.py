@@ -15,6 +15,7 @@ def deq_defaults() -> ml_collections.ConfigDict:
         phantom_steps=5, phantom_damping=0.5,
         eval_max_iter=40,  # the forward budget at evaluation
         jac_reg=0.0, jac_reg_samples=1,  # Hutchinson Jacobian regulariser weight
+        random_states_max=0,  # > 0: random intermediate states in training, n ~ U{1..this}
     ))
 
 
@@ -42,6 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.adv = ml_collections.ConfigDict(dict(
         eps=0.3, step=0.05, steps=7, norm="linf", beta=6.0, mixed_weight=0.5,
         attack_gradient="phantom"))  # DEQ gradient path of the inner attack: implicit | phantom
+    # Input entropy reduction at inference (DEQs; SPEC §5): R rounds of T_f solver steps,
+    # `steps` sign-gradient steps of size `step_size` on the input between rounds.
+    c.entropy_reduction = ml_collections.ConfigDict(dict(
+        enabled=False, rounds=3, round_steps=8, steps=5, eps=0.1, step_size=0.025,
+        phantom_steps=5, phantom_damping=0.5))
     c.eval = ml_collections.ConfigDict(dict(batch_size=250))
     # The robustness report (experiments/evaluate.py; run after training when
     # robustness.after_training). Worst case over attacks and, for DEQs, gradient views.

@@ -35,6 +35,6 @@ def get_config():
     c.robustness.attacks = "pgd,apgd-ce,square"
     c.robustness.n_examples = 200
     c.robustness.n_iter = 20
-    c.robustness.n_queries = 300
+    c.robustness.n_queries = 200
     c.robustness.gradients = "autodiff"  # explicit network: a single gradient view
     return c
