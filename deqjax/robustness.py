@@ -7,6 +7,15 @@ see :mod:`deqjax.deq_gradients`; for an explicit network there is one view). For
 ε, every gradient attack runs through every view, gradient-free attacks run once, and
 an example is robust only if it is classified correctly clean and under all of them
 (SPEC §3 and §7). Sanity flags (SPEC §7) come with every evaluation.
+
+Scale: each chunk of ``batch_size`` examples is split over the devices of a mesh
+(``NamedSharding`` on the batch axis; all devices of all processes by default) and
+the attacks run under ``jax.jit`` on the sharded chunk. A short last chunk is padded
+to a multiple of the device count with copies of its last example, then discarded.
+Chunks, and the key of each (attack, ε), do not depend on the device count, and the
+random draws of the attacks are the same for any sharding (and for the padded rows'
+neighbours: draws are prefix-stable), so the report is the same on 1 or N devices
+(up to floating-point reduction order inside the model).
 """
 
 from __future__ import annotations
@@ -45,7 +54,8 @@ def _attack_fn(name: str, n_iter: int, n_queries: int, restarts: int, n_target_c
 def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: Sequence[float],
                         norm: str = "linf", attacks: Sequence[str] = ("pgd", "apgd-ce", "square"),
                         n_iter: int = 20, n_queries: int = 300, restarts: int = 1,
-                        n_target_classes: int = 9, batch_size: int = 100, progress=None) -> dict:
+                        n_target_classes: int = 9, batch_size: int = 100, progress=None,
+                        mesh: jax.sharding.Mesh | None = None) -> dict:
     """Clean and robust accuracy per attack, per gradient view, and the worst case.
 
     Args:
@@ -54,6 +64,7 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
       eps_list: radii; ``norm``: ``"linf"`` or ``"l2"``.
       attacks: names from :data:`GRADIENT_ATTACKS` and :data:`GRADIENT_FREE_ATTACKS`.
       progress: optional callable(str) told what runs next.
+      mesh: devices to split each chunk over (its first axis); default all devices.
 
     Returns a JSON-ready dict: ``clean_accuracy``, ``nonfinite_logits`` (count),
     ``robust_accuracy[eps][attack/view]``, ``worst_case[eps]``, ``sanity`` flags and
@@ -69,13 +80,32 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
     x, y = np.asarray(x), np.asarray(y)
     names = list(views)
     score = views[names[0]]
-    score_jit = jax.jit(score)
+    if mesh is None:
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    axis = mesh.axis_names[0]
+    n_dev = int(mesh.shape[axis])
+    batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    chunk = max(1, min(int(batch_size), len(x)))
+    size = -(-chunk // n_dev) * n_dev
+    score_jit = jax.jit(score, out_shardings=rep)
+
+    def to_global(a):
+        rows = batch_sh.addressable_devices_indices_map((size,) + a.shape[1:])
+        lo = min(ix[0].start or 0 for ix in rows.values())
+        hi = max(size if ix[0].stop is None else ix[0].stop for ix in rows.values())
+        return jax.make_array_from_process_local_data(batch_sh, a[lo:hi], a.shape)
 
     def batched(fn):
-        outs = [fn(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        """``fn(x_chunk, y_chunk, n_real)`` over sharded, padded chunks; outputs concatenated."""
+        outs = []
+        for i in range(0, len(x), chunk):
+            m = len(x[i:i + chunk])
+            take = i + np.minimum(np.arange(size), m - 1)
+            outs.append(fn(to_global(x[take]), to_global(y[take]), m))
         return jax.tree.map(lambda *a: np.concatenate([np.atleast_1d(v) for v in a]), *outs)
 
-    logits = batched(lambda xb, yb: np.asarray(score_jit(xb)))
+    logits = batched(lambda xb, yb, m: np.asarray(score_jit(xb))[:m])
     finite = np.all(np.isfinite(logits), axis=1)
     correct = (np.argmax(logits, -1) == y) & finite
     report = {"n_examples": int(len(x)), "norm": norm, "eps": [float(e) for e in eps_list],
@@ -84,13 +114,13 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
 
     grad_stats = {}
     for v in names:
-        stats_fn = jax.jit(functools.partial(A.input_gradient_stats, views[v]))
-        keep = lambda d: {"zero": np.asarray(d["zero"]), "nonfinite": np.asarray(d["nonfinite"])}
-        st = batched(lambda xb, yb: keep(stats_fn(xb, yb)))
+        stats_fn = jax.jit(functools.partial(A.input_gradient_stats, views[v]), out_shardings=rep)
+        keep = lambda d, m: {"zero": np.asarray(d["zero"])[:m], "nonfinite": np.asarray(d["nonfinite"])[:m]}
+        st = batched(lambda xb, yb, m: keep(stats_fn(xb, yb), m))
         grad_stats[v] = {"frac_zero": float(st["zero"].mean()), "frac_nonfinite": float(st["nonfinite"].mean())}
 
     def compile_attack(fn, view):
-        @jax.jit
+        @functools.partial(jax.jit, out_shardings=rep)
         def run(xb, yb, eps_arr, k):
             out = fn(view, xb, yb, k, eps=eps_arr, norm=norm)
             x_adv, trace = out if isinstance(out, tuple) else (out, jnp.zeros((1, yb.shape[0])))
@@ -114,7 +144,8 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
             if progress:
                 progress(f"eps={eps:g} {label}")
             k = jax.random.fold_in(jax.random.fold_in(key, i), j)
-            ok, trace = batched(lambda xb, yb: jax.tree.map(np.asarray, run(xb, yb, jnp.float32(eps), k)))
+            unpad = lambda o, m: (np.asarray(o[0])[:m], np.asarray(o[1])[:, :m])
+            ok, trace = batched(lambda xb, yb, m: unpad(run(xb, yb, jnp.float32(eps), k), m))
             ok = ok & correct
             per[label] = float(ok.mean())
             robust &= ok

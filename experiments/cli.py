@@ -36,8 +36,32 @@ def _config_path(argv: list[str]) -> str | None:
     return None
 
 
+def define_distributed_flags(flags) -> None:
+    """``--coordinator_address``, ``--num_processes``, ``--process_id`` for
+    ``jax.distributed.initialize`` (not needed on SLURM or a TPU pod: detected)."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
+    flags.DEFINE_integer("num_processes", None, "number of processes (multi-process runs)")
+    flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
+
+
+def with_distributed(main):
+    """``main`` preceded by ``jax.distributed.initialize`` when the flags or the
+    environment (SLURM, TPU pod) ask for several processes."""
+    def wrapped(argv):
+        from absl import flags
+
+        from experiments import parallel
+
+        f = flags.FLAGS
+        parallel.maybe_initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+        return main(argv)
+    return wrapped
+
+
 def run(main, extra_flags=None) -> None:
-    """Define ``--config``/``--workdir`` (plus ``extra_flags(flags)``), check overrides, run ``main``."""
+    """Define ``--config``/``--workdir``, the distributed flags (plus
+    ``extra_flags(flags)``), check overrides, start JAX's distributed runtime when asked,
+    run ``main``."""
     from absl import app, flags
     from ml_collections import config_flags
 
@@ -54,6 +78,7 @@ def run(main, extra_flags=None) -> None:
     config_flags.DEFINE_config_file("config", None, "experiment config file (.py)", lock_config=True)
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and reports")
     flags.mark_flags_as_required(["config", "workdir"])
+    define_distributed_flags(flags)
     if extra_flags is not None:
         extra_flags(flags)
-    app.run(main)
+    app.run(with_distributed(main))

@@ -59,19 +59,65 @@ def init_state(model: nn.Module, optimizer, image_shape, seed: int) -> TrainStat
                       step=jnp.asarray(0, jnp.int32), key=jax.random.key_data(run_key))
 
 
+def _is_remote(path: str) -> bool:
+    return "://" in str(path)  # gs://… (orbax writes through tensorstore)
+
+
 def checkpoint_manager(workdir: str, keep: int = 2, every: int = 1) -> ocp.CheckpointManager:
-    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    """Orbax manager for ``workdir/checkpoints`` (a local path or ``gs://…``). Every
+    process must create it and join every save (orbax coordinates multi-process saves)."""
+    path = os.path.join(workdir, "checkpoints")
+    path = path if _is_remote(path) else os.path.abspath(path)
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                         enable_async_checkpointing=False)
     return ocp.CheckpointManager(path, options=opts)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, template: TrainState) -> TrainState | None:
+def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState, progress: dict | None = None,
+                    force: bool = False) -> None:
+    """Save ``state`` and a JSON ``progress`` item (e.g. the running sums of the epoch's
+    training metrics, so a resumed run logs what an uninterrupted one would)."""
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            progress=ocp.args.JsonSave(progress or {})), force=force)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, template: TrainState, with_progress: bool = False):
+    """The latest ``TrainState`` (arrays placed like ``template``'s, i.e. sharded when the
+    template is), or None; with ``with_progress``: ``(state, progress dict or None)``."""
     step = mngr.latest_step()
     if step is None:
-        return None
+        return (None, None) if with_progress else None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    items = set()
+    try:
+        items = set(mngr.item_metadata(step).keys())
+    except Exception:  # older/unknown layout: a single-item checkpoint
+        pass
+    if "state" not in items:  # a checkpoint written before progress items existed
+        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        return (state, None) if with_progress else state
+    args = {"state": ocp.args.StandardRestore(abstract)}
+    if with_progress:
+        args["progress"] = ocp.args.JsonRestore()
+    out = mngr.restore(step, args=ocp.args.Composite(**args))
+    return (out.state, out.get("progress")) if with_progress else out.state
+
+
+def read_text(path: str) -> str | None:
+    """A text file's content (local or ``gs://``), None if it does not exist."""
+    from etils import epath
+
+    p = epath.Path(path)
+    return p.read_text() if p.exists() else None
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a text file (local or ``gs://``; GCS has no append, so callers rewrite)."""
+    from etils import epath
+
+    p = epath.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(text)
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -12,6 +12,7 @@ Flags override the config's ``robustness`` block.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ import numpy as np
 
 from deqjax import data as data_lib
 from deqjax.robustness import evaluate_robustness
-from experiments import common, models
+from experiments import common, models, parallel
 
 REPORT_KEYS = ("norm", "eps", "attacks", "n_examples", "n_iter", "n_queries", "restarts", "gradients",
                "state_indices", "attack_steps", "attack_damping", "batch_size", "seed")
@@ -36,13 +37,14 @@ def _split(s) -> list[str]:
 def load_run(workdir: str):
     """(config, spec, state, dataset) of a training workdir."""
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    if common.read_text(path) is None:
         raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by experiments.train")
-    with open(path) as fh:
-        config = ml_collections.ConfigDict(json.load(fh))
+    config = ml_collections.ConfigDict(json.loads(common.read_text(path)))
     ds = data_lib.load_dataset(config.dataset, config.data_dir or None, config.limit_train, config.limit_test)
     spec = models.build(config, ds.num_classes)
     template = common.init_state(spec.module, common.build_optimizer(config.train, 1), ds.image_shape, config.seed)
+    mesh, shard_params = parallel.mesh_from_config(config)  # restored as training laid it out
+    template = parallel.put_state(template, parallel.state_shardings(mesh, template, shard_params))
     state = common.restore_latest(common.checkpoint_manager(workdir), template)
     if state is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first")
@@ -121,8 +123,7 @@ def write_markdown(report: dict, path: str) -> str:
     for k, v in report.get("solver", {}).items():
         lines.append(f"- solver `{k}`: {v:.4g}")
     text = "\n".join(lines) + "\n"
-    with open(path, "w") as fh:
-        fh.write(text)
+    common.write_text(path, text)
     return text
 
 
@@ -145,12 +146,21 @@ def plot(report: dict, path: str) -> None:
     ax.set_title(f"clean {report['clean_accuracy']:.3f}")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    import io
+
+    from etils import epath
+
+    buf = io.BytesIO()  # through epath: the workdir may be gs://…
+    fig.savefig(buf, dpi=120, format="png")
     plt.close(fig)
+    epath.Path(path).write_bytes(buf.getvalue())
 
 
 def evaluate(workdir: str, overrides: dict | None = None, quiet: bool = False) -> dict:
     config, spec, state, ds = load_run(workdir)
+    mesh, _ = parallel.mesh_from_config(config)
+    main = parallel.is_main_process()
+    quiet = quiet or not main
     r = ml_collections.ConfigDict(config.robustness.to_dict())
     for k, v in (overrides or {}).items():
         if k not in r:
@@ -168,20 +178,24 @@ def evaluate(workdir: str, overrides: dict | None = None, quiet: bool = False) -
     report = evaluate_robustness(gradient_views(spec, state, r, entropy_cfg), x, y, jax.random.PRNGKey(r.seed), eps_list=eps,
                                  norm=r.norm, attacks=_split(r.attacks), n_iter=r.n_iter,
                                  n_queries=r.n_queries, restarts=r.restarts, batch_size=r.batch_size,
-                                 progress=lambda s: (bar.set_description(s), bar.update(1)))
+                                 progress=lambda s: (bar.set_description(s), bar.update(1)), mesh=mesh)
     bar.close()
     report["model"] = config.model.name
     report["settings"] = {k: r[k] for k in REPORT_KEYS if k in r}
     for hook in spec.report_hooks:
         report.update(hook(spec, state, x, y, eps, r))
     if spec.is_deq:
-        _, stats = spec.module.apply({"params": state.params, **state.model_state}, x[:r.batch_size],
-                                     **spec.eval_kwargs)
-        report["solver"] = {"mean_steps": float(jnp.mean(stats.steps)),
-                            "mean_rel_residual": float(jnp.mean(stats.rel_residual)),
-                            "converged_fraction": float(jnp.mean(stats.converged))}
-    with open(os.path.join(workdir, "report.json"), "w") as fh:
-        json.dump(report, fh, indent=2)
+        @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
+        def solver_stats(variables, xb):
+            _, stats = spec.module.apply(variables, xb, **spec.eval_kwargs)
+            return [jnp.mean(stats.steps), jnp.mean(stats.rel_residual), jnp.mean(stats.converged)]
+
+        steps, res, conv = solver_stats({"params": state.params, **state.model_state}, x[:r.batch_size])
+        report["solver"] = {"mean_steps": float(steps), "mean_rel_residual": float(res),
+                            "converged_fraction": float(conv)}
+    if not main:  # process 0 writes the files
+        return report
+    common.write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
     text = write_markdown(report, os.path.join(workdir, "report.md"))
     plot(report, os.path.join(workdir, "robustness.png"))
     if not quiet:
@@ -205,4 +219,7 @@ if __name__ == "__main__":
     for key in REPORT_KEYS:
         flags.DEFINE_string(key, None, f"override robustness.{key}")
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    from experiments import cli
+
+    cli.define_distributed_flags(flags)
+    app.run(cli.with_distributed(main))

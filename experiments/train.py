@@ -11,6 +11,7 @@ orbax checkpoints under ``checkpoints/`` (resumed from automatically) and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from deqjax import adversarial
 from deqjax import data as data_lib
-from experiments import common, models
+from experiments import common, models, parallel
 
 log = logging.getLogger("deqjax.train")
 
@@ -138,7 +139,11 @@ def make_loss_fn(spec: models.ModelSpec, config):
     return loss_fn
 
 
-def make_train_step(spec: models.ModelSpec, optimizer, config):
+def make_train_step(spec: models.ModelSpec, optimizer, config, *, state_shardings=None, batch_sharding=None):
+    """The jitted step ``(state, x, y) -> (state, aux)``. With ``state_shardings`` and
+    ``batch_sharding`` (see :mod:`experiments.parallel`) the step is partitioned over
+    their mesh: the batch (and the inner attack of adversarial training) is split over
+    the data axis, and the state keeps its layout from step to step."""
     loss_fn = make_loss_fn(spec, config)
 
     def train_step(state: common.TrainState, x, y):
@@ -156,7 +161,11 @@ def make_train_step(spec: models.ModelSpec, optimizer, config):
         model_state = {**state.model_state, **new_vars}
         return common.TrainState(params, model_state, opt_state, state.step + 1, state.key), aux
 
-    return jax.jit(train_step, donate_argnums=0)
+    if state_shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    rep = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding, batch_sharding),
+                   out_shardings=(state_shardings, rep))
 
 
 def make_eval_fn(spec: models.ModelSpec):
@@ -168,16 +177,40 @@ def make_eval_fn(spec: models.ModelSpec):
     return predict
 
 
-def evaluate(predict, state, images, labels, batch_size):
-    """Accuracy and solver statistics on a split."""
+@functools.lru_cache(maxsize=None)
+def _eval_sums(predict):
+    def masked(v, mask):
+        v = jnp.asarray(v, jnp.float32)
+        return jnp.sum(v * mask) if v.ndim else v
+
+    @jax.jit
+    def sums(params, model_state, x, y, mask):
+        logits, stats = predict(params, model_state, x)
+        out = {"correct": jnp.sum((jnp.argmax(logits, -1) == y) & mask)}
+        if stats is not None:
+            out.update(steps=masked(stats.steps, mask), res=masked(stats.rel_residual, mask),
+                       nonconv=masked(1 - stats.converged, mask))
+        return out
+    return sums
+
+
+def evaluate(predict, state, images, labels, batch_size, mesh=None):
+    """Accuracy and solver statistics on a split. Batches are split over ``mesh``'s data
+    axis (default: all devices); a short last batch is padded and masked."""
+    mesh = mesh or parallel.make_mesh()
+    sharding = parallel.batch_sharding(mesh)
+    size = -(-batch_size // parallel.data_size(mesh)) * parallel.data_size(mesh)
+    sums_fn = _eval_sums(predict)
     correct, steps, res, nonconv, n = 0, 0.0, 0.0, 0.0, 0
     for x, y in data_lib.eval_batches(images, labels, batch_size):
-        logits, stats = predict(state.params, state.model_state, x)
-        correct += int(jnp.sum(jnp.argmax(logits, -1) == y))
-        if stats is not None:
-            steps += float(jnp.sum(stats.steps))
-            res += float(jnp.sum(stats.rel_residual))
-            nonconv += float(jnp.sum(1 - stats.converged))
+        (xp, yp), mask = parallel.pad_batch((x, y), size)
+        xg, yg, mg = parallel.shard_host_batch((xp, yp, mask), sharding)
+        out = sums_fn(state.params, state.model_state, xg, yg, mg)
+        correct += int(out["correct"])
+        if "steps" in out:
+            steps += float(out["steps"])
+            res += float(out["res"])
+            nonconv += float(out["nonconv"])
         n += len(y)
     out = {"accuracy": correct / n}
     if steps:
@@ -185,83 +218,134 @@ def evaluate(predict, state, images, labels, batch_size):
     return out
 
 
+def _write_metrics(path: str, records: list) -> None:
+    if parallel.is_main_process():
+        common.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _read_metrics(path: str) -> list:
+    text = common.read_text(path) if parallel.is_main_process() else None
+    return [json.loads(line) for line in (text or "").splitlines() if line.strip()]
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> dict:
     """Run (or resume) training; returns the final metrics.
 
+    Data-parallel over all devices of all processes (:mod:`experiments.parallel`).
+    A checkpoint (state + the epoch's running metric sums) is saved every
+    ``train.checkpoint_every_steps``, at every epoch end, and on SIGTERM at the next
+    step boundary (then it returns ``{"step", "interrupted": True, "preempted": True}``).
     ``stop_at_step`` saves a checkpoint and returns at that step, as an
     interrupted run would (used to test exact resumption)."""
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as fh:
-        fh.write(config.to_json(indent=2))
+    main = parallel.is_main_process()
+    if main:
+        common.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
     ds = data_lib.load_dataset(config.dataset, config.data_dir or None, config.limit_train, config.limit_test)
     data_lib.validate_images(ds.train_images[:1000], "training images")
     t = config.train
+    mesh, shard_params = parallel.mesh_from_config(config)
+    parallel.check_batch_size(t.batch_size, mesh, "train.batch_size")
     steps_per_epoch = data_lib.batches_per_epoch(len(ds.train_images), t.batch_size)
     total_steps = steps_per_epoch * t.epochs
     spec = models.build(config, ds.num_classes)
     optimizer = common.build_optimizer(t, total_steps)
     state = common.init_state(spec.module, optimizer, ds.image_shape, config.seed)
+    state_sh = parallel.state_shardings(mesh, state, shard_params)
+    batch_sh = parallel.batch_sharding(mesh)
+    state = parallel.put_state(state, state_sh)
     mngr = common.checkpoint_manager(workdir, keep=t.keep_checkpoints)
-    restored = common.restore_latest(mngr, state)
+    restored, progress = common.restore_latest(mngr, state, with_progress=True)
     if restored is not None:
         state = restored
-        log.info("resumed from step %d", int(state.step))
-    train_step = make_train_step(spec, optimizer, config)
+        if main:
+            log.info("resumed from step %d", int(state.step))
+    train_step = make_train_step(spec, optimizer, config, state_shardings=state_sh, batch_sharding=batch_sh)
     predict = make_eval_fn(spec)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    rows = parallel.process_rows(batch_sh, t.batch_size)
 
     step = int(state.step)
+    # Records past the checkpoint (written before a crash) are rewritten by this run.
+    records = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= step]
+    _write_metrics(metrics_path, records)
     start_epoch = step // steps_per_epoch
-    for epoch in range(start_epoch, t.epochs):
-        start_batch = step - epoch * steps_per_epoch
-        batches = data_lib.epoch_batches(ds.train_images, ds.train_labels, t.batch_size,
-                                         seed=config.seed, epoch=epoch, start_batch=start_batch)
-        sums, count, t0 = {}, 0, time.time()
-        bar = tqdm(batches, total=steps_per_epoch - start_batch, desc=f"epoch {epoch + 1}/{t.epochs}",
-                   disable=not t.progress, leave=False, file=sys.stderr)
-        for x, y in bar:
-            state, aux = train_step(state, x, y)
-            step += 1
-            for k, v in aux.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            if count % 10 == 0:
-                bar.set_postfix(loss=f"{float(aux['loss']):.3f}", acc=f"{float(aux['accuracy']):.3f}")
-            if step % t.checkpoint_every_steps == 0 or step == stop_at_step:
-                mngr.save(step, args=common.ocp.args.StandardSave(state), force=step == stop_at_step)
-            if step == stop_at_step:
-                mngr.wait_until_finished()
-                return {"step": step, "interrupted": True}
-        record = {"epoch": epoch + 1, "step": step, "seconds": time.time() - t0}
-        record.update({f"train_{k}": float(v) / max(count, 1) for k, v in sums.items()})
-        record.update({f"test_{k}": v for k, v in evaluate(predict, state, ds.test_images,
-                                                            ds.test_labels, config.eval.batch_size).items()})
-        frac = record.get("train_nonconverged", 0.0)
-        if frac > t.nonconvergence_warning:
-            log.warning("epoch %d: %.1f%% of training solves did not reach tol=%g in %d steps "
-                        "(mean relative residual %.3g)", epoch + 1, 100 * frac, config.deq.tol,
-                        config.deq.max_iter, record.get("train_forward_rel_residual", float("nan")))
-        with open(metrics_path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        print(f"epoch {epoch + 1}: train loss {record.get('train_loss', float('nan')):.4f}  "
-              f"test accuracy {record['test_accuracy']:.4f}", flush=True)
-        if mngr.latest_step() != step:  # the in-loop save may have just written this step
-            mngr.save(step, args=common.ocp.args.StandardSave(state), force=True)
+    guard = parallel.PreemptionGuard()
+
+    def stop(preempted):
+        mngr.wait_until_finished()
+        if main:
+            print(f"{'SIGTERM: saved' if preempted else 'stopped at'} step {step} "
+                  f"(checkpoint in {workdir}); rerun the same command to resume", flush=True)
+        return {"step": step, "interrupted": True, "preempted": preempted}
+
+    with guard:
+        for epoch in range(start_epoch, t.epochs):
+            start_batch = step - epoch * steps_per_epoch
+            sums, count = {}, 0
+            if start_batch and progress and progress.get("epoch") == epoch and progress.get("count") == start_batch:
+                sums, count = dict(progress["sums"]), int(progress["count"])  # the epoch so far
+            elif start_batch and main:
+                log.warning("no running metric sums for epoch %d in the checkpoint: its train_* "
+                            "metrics average only the batches after step %d", epoch + 1, step)
+            t0 = time.time()
+            batches = parallel.host_epoch_batches(ds.train_images, ds.train_labels, t.batch_size,
+                                                  seed=config.seed, epoch=epoch, start_batch=start_batch,
+                                                  rows=rows)
+            bar = tqdm(batches, total=steps_per_epoch - start_batch, desc=f"epoch {epoch + 1}/{t.epochs}",
+                       disable=not (t.progress and main), leave=False, file=sys.stderr)
+            for x, y in bar:
+                x, y = parallel.global_batch((x, y), batch_sh, t.batch_size)
+                state, aux = train_step(state, x, y)
+                step += 1
+                for k, v in aux.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                if count % 10 == 0 and main and t.progress:
+                    bar.set_postfix(loss=f"{float(aux['loss']):.3f}", acc=f"{float(aux['accuracy']):.3f}")
+                if step == (epoch + 1) * steps_per_epoch:
+                    break  # the epoch-end save below covers this step, after its record
+                preempted = guard.reached(step)
+                if step % t.checkpoint_every_steps == 0 or step == stop_at_step or preempted:
+                    progress_now = {"epoch": epoch, "count": count, "sums": {k: float(v) for k, v in sums.items()}}
+                    common.save_checkpoint(mngr, step, state, progress_now,
+                                           force=step == stop_at_step or preempted)
+                if step == stop_at_step or preempted:
+                    return stop(preempted)
+            record = {"epoch": epoch + 1, "step": step, "seconds": time.time() - t0}
+            record.update({f"train_{k}": float(v) / max(count, 1) for k, v in sums.items()})
+            record.update({f"test_{k}": v for k, v in evaluate(predict, state, ds.test_images, ds.test_labels,
+                                                                config.eval.batch_size, mesh).items()})
+            frac = record.get("train_nonconverged", 0.0)
+            if frac > t.nonconvergence_warning and main:
+                log.warning("epoch %d: %.1f%% of training solves did not reach tol=%g in %d steps "
+                            "(mean relative residual %.3g)", epoch + 1, 100 * frac, config.deq.tol,
+                            config.deq.max_iter, record.get("train_forward_rel_residual", float("nan")))
+            records.append(record)
+            _write_metrics(metrics_path, records)
+            if main:
+                print(f"epoch {epoch + 1}: train loss {record.get('train_loss', float('nan')):.4f}  "
+                      f"test accuracy {record['test_accuracy']:.4f}", flush=True)
+            if mngr.latest_step() != step:
+                common.save_checkpoint(mngr, step, state, {"epoch": epoch + 1, "count": 0, "sums": {}}, force=True)
+            preempted = guard.reached(step)
+            if step == stop_at_step or (preempted and epoch + 1 < t.epochs):
+                return stop(preempted)
     mngr.wait_until_finished()
 
     final = {"step": step}
     final.update({f"test_{k}": v for k, v in evaluate(predict, state, ds.test_images,
-                                                       ds.test_labels, config.eval.batch_size).items()})
-    with open(os.path.join(workdir, "final.json"), "w") as fh:
-        json.dump(final, fh, indent=2)
-    print(f"test accuracy: {final['test_accuracy']:.4f}", flush=True)
+                                                       ds.test_labels, config.eval.batch_size, mesh).items()})
+    if main:
+        common.write_text(os.path.join(workdir, "final.json"), json.dumps(final, indent=2))
+        print(f"test accuracy: {final['test_accuracy']:.4f}", flush=True)
     if config.robustness.after_training:
         from experiments.evaluate import evaluate as robustness_report
 
-        print("robustness report (experiments.evaluate):", flush=True)
-        final["robustness"] = robustness_report(workdir, quiet=not t.progress)
-        if not t.progress:
-            print(open(os.path.join(workdir, "report.md")).read(), flush=True)
+        if main:
+            print("robustness report (experiments.evaluate):", flush=True)
+        final["robustness"] = robustness_report(workdir, quiet=not (t.progress and main))
+        if not t.progress and main:
+            print(common.read_text(os.path.join(workdir, "report.md")), flush=True)
     return final
 
 
@@ -269,7 +353,8 @@ def main(argv):
     from absl import flags
 
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if parallel.is_main_process() else logging.ERROR  # logs from process 0
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     train(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

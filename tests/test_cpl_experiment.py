@@ -70,6 +70,8 @@ def test_report_has_certified_and_empirical_columns(run):
     values = [cert[str(float(e))] for e in EPS]
     assert values == sorted(values, reverse=True) and values[0] <= report["clean_accuracy"]
     assert values[0] > 0  # something is certified, so the soundness check below has teeth
+    for e in EPS:  # soundness, in aggregate: no attack beats the certificate
+        assert report["worst_case"][str(float(e))] >= cert[str(float(e))]
     assert "| certified |" in open(os.path.join(run["workdir"], "report.md")).read()
     provable = report["certified_accuracy_provable"]
     assert all(provable[k] <= cert[k] for k in cert) and provable[str(float(EPS[0]))] > 0
@@ -100,13 +102,12 @@ def _attacked_correct(view, attackers, x, y, eps, key):
     return np.asarray(ok)
 
 
+@pytest.mark.slow
 def test_no_attack_beats_the_certificate(run):
-    """Soundness: worst-case empirical ≥ certified for every ε, and per example every
-    example certified at ε survives the attacks at ε. Control: a certificate inflated
-    ×3 is caught by the same attacks (so they are strong enough to see a bad one)."""
-    report, spec, state = run["report"], run["spec"], run["state"]
-    for e in EPS:
-        assert report["worst_case"][str(float(e))] >= report["certified_accuracy"][str(float(e))]
+    """Soundness per example: every example certified at ε survives the attacks at ε.
+    Control: a certificate inflated ×3 is caught by the same attacks (so they are
+    strong enough to see a bad one)."""
+    spec, state = run["spec"], run["state"]
     view = evaluate_lib.gradient_views(spec, state, None)["autodiff"]
     x, y = run["ds"].test_images[:60], jnp.asarray(run["ds"].test_labels[:60])
     radii = np.asarray(certified_radius(view(x), y, "truncate"))

@@ -54,7 +54,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.robustness = ml_collections.ConfigDict(dict(
         after_training=True, norm="linf", eps="0.05,0.1,0.2,0.3", attacks="pgd,apgd-ce,square",
         n_examples=100, n_iter=20, n_queries=300, restarts=1, batch_size=100, seed=0,
-        gradients="implicit,phantom,intermediate,ensemble,simultaneous_adjoint",
-        state_indices="3,6",  # intermediate states attacked (one view each)
+        # DEQ gradient views (all: implicit,phantom,unroll,intermediate,ensemble,simultaneous_adjoint)
+        gradients="implicit,intermediate,simultaneous_adjoint",
+        state_indices="4",  # intermediate states attacked (one view each)
         attack_steps=5, attack_damping=0.5))  # K_a and λ of the intermediate-state views
     return c

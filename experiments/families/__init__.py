@@ -2,3 +2,4 @@
 :func:`experiments.models.register` on import."""
 import experiments.families.cpl  # noqa: F401,E402
 import experiments.families.otad  # noqa: F401,E402
+import experiments.families.lyadeq  # noqa: F401
