@@ -104,6 +104,10 @@ def mesh_from_config(config) -> tuple[Mesh, bool]:
     p = config.get("parallel") or {}
     shard = bool(p.get("shard_params", False))
     size = int(p.get("model_axis_size", 0) or 0) or (jax.local_device_count() if shard else 1)
+    if size > jax.device_count():  # e.g. evaluating a sharded run's checkpoint on fewer devices
+        log.warning("parallel.model_axis_size=%d > %d devices: using %d", size, jax.device_count(),
+                    jax.device_count())
+        size = jax.device_count()
     return make_mesh(size), shard
 
 
