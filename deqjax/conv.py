@@ -9,8 +9,8 @@ identical forward convolution with the spatially flipped, in/out-swapped kernel.
     ∂ℓ/∂x = (∂ℓ/∂y) ⋆ W̃,  W̃[i, j, o, c] = W[k−1−i, k−1−j, c, o]
 
 which is exact for stride 1 and symmetric SAME padding of an odd kernel (tested
-against ``jax.vjp`` of ``lax.conv_general_dilated``). The kernel gradient is the
-ordinary one. Other strides/paddings use ``lax.conv_general_dilated`` directly.
+against ``jax.vjp`` of ``lax.conv_general_dilated``). The kernel gradient is a
+contraction of input patches with the cotangent (see :func:`_kernel_gradient`).
 """
 
 from __future__ import annotations
@@ -43,12 +43,23 @@ def _conv2d_fwd(x, w):
     return _conv(x, w), (x, w)
 
 
+def _kernel_gradient(x, g, kernel_shape):
+    """``∂ℓ/∂W[i, j, c, o] = Σ_{n,h,w} x̃[n, h+i, w+j, c] g[n, h, w, o]`` as one
+    contraction of the input patches with the cotangent. Under ``vmap`` (per-example
+    DEQ cells) this is a batched matmul; the conv-based kernel gradient becomes a
+    convolution with per-example kernels, which XLA's SPMD partitioner gets wrong when
+    the batch is sharded (wrong gradients on several devices; repro in the tests)."""
+    kh, kw, c_in, c_out = kernel_shape
+    patches = lax.conv_general_dilated_patches(x, (kh, kw), (1, 1), "SAME", dimension_numbers=_DN)
+    # patches[..., c * kh * kw + i * kw + j] = x̃[..., h + i, w + j, c]
+    dw = jnp.einsum("nhwp,nhwo->po", patches, g)
+    return dw.reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3)
+
+
 def _conv2d_bwd(res, g):
     x, w = res
     dx = _conv(g, transpose_kernel(w))
-    _, vjp_w = jax.vjp(lambda w_: _conv(x, w_), w)
-    (dw,) = vjp_w(g)
-    return dx, dw
+    return dx, _kernel_gradient(x, g, w.shape).astype(w.dtype)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -88,12 +88,9 @@ def restore_latest(mngr: ocp.CheckpointManager, template: TrainState, with_progr
     if step is None:
         return (None, None) if with_progress else None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    items = set()
-    try:
-        items = set(mngr.item_metadata(step).keys())
-    except Exception:  # older/unknown layout: a single-item checkpoint
-        pass
-    if "state" not in items:  # a checkpoint written before progress items existed
+    from etils import epath
+
+    if not (epath.Path(mngr.directory) / str(step) / "state").exists():  # written before progress items
         state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         return (state, None) if with_progress else state
     args = {"state": ocp.args.StandardRestore(abstract)}

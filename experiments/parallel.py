@@ -40,6 +40,8 @@ log = logging.getLogger("deqjax.parallel")
 # --------------------------------------------------------------------------- start-up
 def _cluster_environment() -> str | None:
     env = os.environ
+    if env.get("DEQJAX_DISTRIBUTED") == "1":  # set by tpu_scripts/launch.sh: let JAX detect the pod
+        return "forced"
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "env"
     if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1"))) > 1:
@@ -53,7 +55,8 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
                                  process_id: int | None = None) -> bool:
     """``jax.distributed.initialize`` when asked (explicit arguments) or when the
     environment is a multi-process cluster (SLURM with >1 task, a multi-host Cloud TPU
-    slice, or ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``);
+    slice, ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, or
+    ``DEQJAX_DISTRIBUTED=1`` as ``tpu_scripts/launch.sh`` sets);
     JAX's cluster detection fills in what is not given. Returns whether it initialised.
     Call before anything touches a device."""
     if jax.distributed.is_initialized():

@@ -48,6 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.entropy_reduction = ml_collections.ConfigDict(dict(
         enabled=False, rounds=3, round_steps=8, steps=5, eps=0.1, step_size=0.025,
         phantom_steps=5, phantom_damping=0.5))
+    # Data parallelism over every device (experiments/parallel.py); shard_params splits
+    # parameters and optimiser state over a second mesh axis of model_axis_size devices.
+    c.parallel = ml_collections.ConfigDict(dict(shard_params=False, model_axis_size=0))
     c.eval = ml_collections.ConfigDict(dict(batch_size=250))
     # The robustness report (experiments/evaluate.py; run after training when
     # robustness.after_training). Worst case over attacks and, for DEQs, gradient views.
