@@ -7,11 +7,20 @@ weights, or the timing comparison is meaningless. Timings are never asserted.
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 pytest.importorskip("torchdeq")
 pytest.importorskip("torchattacks")
 
 from benchmarks.workloads import apgd, cpl, deq, memory  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """torch's OpenMP pool is very slow on an oversubscribed shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _rel(a, b):
@@ -42,9 +51,9 @@ def test_deq_input_gradient_matches_torchdeq():
 
 
 def test_deq_workloads_run_once():
-    jf, tf = deq.train_step(batch=2, iters=3)
+    jf, tf = deq.train_step(batch=2, iters=2)
     assert np.isfinite(float(jf())) and np.isfinite(tf())
-    jf, tf = deq.pgd_attack(batch=2, iters=3, restarts=2)
+    jf, tf = deq.pgd_attack(batch=2, iters=2, restarts=2)
     assert jf().shape == (2, 28, 28, 1) and np.isfinite(tf())
 
 

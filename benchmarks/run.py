@@ -1,0 +1,183 @@
+"""Run every benchmark workload in deqjax and its PyTorch peer; write JSON + Markdown.
+
+    python -m benchmarks.run [--quick] [--gpu] [--threads N] [--out benchmarks/results] [--only NAME ...]
+
+Both frameworks run in the same process with the same number of CPU threads
+(``--threads``, default 1), alternately, after warm-up (JAX's
+trace+compile+first call is reported separately as ``compile_s``); medians of
+wall-clock seconds and the ratio deqjax / torch (< 1: deqjax faster) are reported,
+with the machine (CPU, cores, load average before and after, versions). The memory
+workload runs one fresh subprocess per configuration (see
+:mod:`benchmarks.workloads.memory`). ``--gpu`` places the torch models on CUDA and
+reports the device name (JAX uses its default backend); it is never required.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+WORKLOADS = ("deq_train", "pgd", "apgd", "cpl_train", "restarts", "memory")
+
+NOTES = {
+    "deq_train": "MDEQ batch {b}: Anderson m=5, 12 fwd evals (tol 0); IFT backward, fixed-point "
+                 "adjoint 12 steps (tol 0); Adam. torchdeq re-evaluates f twice around the solve "
+                 "(new_z=f(z*), f(h) in backward); deqjax linearises f twice + 1 residual VJP.",
+    "pgd": "PGD-10 L-inf eps .3 step .03 on the DEQ, batch {b}, implicit backward. deqjax does "
+           "11 fwd+bwd (scores the final iterate for best-iterate selection), torchattacks 10.",
+    "apgd": "APGD-CE 100 iters, L-inf eps .3, small conv net, batch {b}; both 101 fwd+bwd "
+            "(labels = clean predictions so torchattacks attacks every example).",
+    "cpl_train": "CPLNet 4 conv CPL (16ch, inner 32, 28x28) + sumpool 4 + 2 dense CPL (784), "
+                 "truncate, hinge 0.7, 1 power iteration/layer, Adam; batch {b}.",
+    "restarts": "PGD-10 on the DEQ, batch {b}: deqjax vmaps R restarts; torch loops "
+                "torchattacks.PGD R times. Time per restart.",
+}
+
+
+def _devices(gpu: bool):
+    from benchmarks import common
+    return common.torch_device(gpu)
+
+
+def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmarks/results"):
+    import torch
+
+    from benchmarks import common
+    from benchmarks.workloads import apgd, cpl, deq, memory
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    dev = _devices(gpu)
+    reps = 3 if quick else 5
+    sz = dict(deq=8 if quick else 64, apgd=16 if quick else 128, cpl=16 if quick else 128,
+              restart=4 if quick else 8, mem=4 if quick else 16)
+    apgd_steps = 10 if quick else 100
+    only = set(only or WORKLOADS)
+    results = {"machine_before": common.machine(gpu), "quick": quick, "reps": reps,
+               "workloads": {}}
+    W = results["workloads"]
+    t0 = time.time()
+
+    def record(name, batch, fns, reps=reps, **extra):
+        print(f"[{time.time() - t0:6.1f}s] {name} ...", flush=True)
+        r = common.alternate(*fns, reps)
+        r.update(batch=batch, note=NOTES.get(name, "").format(b=batch), **extra)
+        W[name] = r
+        print(f"    deqjax {r['deqjax_s']:.4f}s  torch {r.get('torch_s', float('nan')):.4f}s  "
+              f"ratio {r.get('ratio', float('nan')):.2f}  (compile {r['compile_s']:.1f}s)", flush=True)
+
+    if "deq_train" in only:
+        record("deq_train", sz["deq"], deq.train_step(sz["deq"], 12, dev))
+    if "pgd" in only:
+        record("pgd", sz["deq"], deq.pgd_attack(sz["deq"], 12, 1, dev), reps=max(3, reps - 2))
+    if "apgd" in only:
+        record("apgd", sz["apgd"], apgd.workload(sz["apgd"], apgd_steps, dev),
+               reps=max(3, reps - 2), steps=apgd_steps)
+    if "cpl_train" in only:
+        record("cpl_train", sz["cpl"], cpl.workload(sz["cpl"], dev))
+    if "restarts" in only:
+        for r_ in (1, 10):
+            record(f"restarts_{r_}", sz["restart"], deq.pgd_attack(sz["restart"], 12, r_, dev),
+                   reps=3, restarts=r_)
+            W[f"restarts_{r_}"]["note"] = NOTES["restarts"].format(b=sz["restart"])
+            for k in ("deqjax_s", "torch_s"):
+                W[f"restarts_{r_}"][k.replace("_s", "_per_restart_s")] = W[f"restarts_{r_}"][k] / r_
+    if "memory" in only:
+        mem = []
+        for fw in ("deqjax", "torch"):
+            for bw in ("implicit", "unroll"):
+                for it in (10, 50):
+                    print(f"[{time.time() - t0:6.1f}s] memory {fw} {bw} {it} ...", flush=True)
+                    mem.append(memory.run_config(fw, bw, it, sz["mem"]))
+                    print("    ", mem[-1], flush=True)
+        W["memory"] = mem
+    results["total_s"] = time.time() - t0
+    results["machine_after"] = {"load_average_1_5_15": list(os.getloadavg())}
+    write(results, out)
+    return results
+
+
+def markdown(res: dict) -> str:
+    m = res["machine_before"]
+    lines = [
+        "# deqjax vs PyTorch benchmarks", "",
+        f"Machine: {m.get('cpu')} ({m['cpu_count']} cores), {m['platform']}; "
+        f"load average (1/5/15 min) before {m['load_average_1_5_15']}, after "
+        f"{res['machine_after']['load_average_1_5_15']} — the machine was shared.", "",
+        f"jax {m['jax']} ({m['jax_backend']}), flax {m['flax']}, optax {m['optax']}; "
+        f"torch {m['torch']} ({m['torch_threads']} threads), torchdeq {m['torchdeq']}, "
+        f"torchattacks {m['torchattacks']}" + (f"; GPU: {m.get('gpu')}" if "gpu" in m else "") + ".",
+        "", f"Median wall-clock seconds over {res['reps']} alternating repetitions after warm-up "
+        f"({'quick' if res['quick'] else 'full'} sizes). ratio = deqjax / torch (< 1: deqjax faster).",
+        "", "| workload | batch | deqjax (s) | torch (s) | ratio | deqjax compile (s) | what runs |",
+        "|---|---|---|---|---|---|---|"]
+    for name, r in res["workloads"].items():
+        if name == "memory":
+            continue
+        lines.append(f"| {name} | {r['batch']} | {r['deqjax_s']:.4f} | {r.get('torch_s', float('nan')):.4f} | "
+                     f"{r.get('ratio', float('nan')):.2f} | {r['compile_s']:.1f} | {r['note']} |")
+    w = res["workloads"]
+    if "restarts_1" in w and "restarts_10" in w:
+        a, b = w["restarts_1"], w["restarts_10"]
+        lines += ["", f"Restarts: per-restart time deqjax {a['deqjax_per_restart_s']:.4f} s (R=1) → "
+                  f"{b['deqjax_per_restart_s']:.4f} s (R=10, vmapped); torch {a['torch_per_restart_s']:.4f} s → "
+                  f"{b['torch_per_restart_s']:.4f} s (looped)."]
+    if "memory" in w:
+        lines += ["", "Memory of one DEQ forward+backward (fresh subprocess per row; MB above the "
+                  "pre-run RSS; XLA temp = compiled buffer plan):", "",
+                  "| framework | backward | iters | batch | peak RSS delta (MB) | XLA temp (MB) |",
+                  "|---|---|---|---|---|---|"]
+        for r in w["memory"]:
+            if "error" in r:
+                lines.append(f"| {r['framework']} | {r['backward']} | {r['iters']} | {r['batch']} | error | |")
+                continue
+            xt = r.get("xla_temp_mb")
+            lines.append(f"| {r['framework']} | {r['backward']} | {r['iters']} | {r['batch']} | "
+                         f"{r['peak_delta_mb']:.1f} | {'' if xt is None else f'{xt:.1f}'} |")
+    lines += ["", f"Total benchmark time: {res['total_s']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def write(res: dict, out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(res, f, indent=1, default=float)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown(res))
+    print(f"wrote {out}/results.json and {out}/results.md")
+
+
+def configure_threads(n: int) -> None:
+    """Give XLA:CPU and torch the same number of threads. Must run before jax is
+    imported (XLA reads ``XLA_FLAGS`` at backend start-up); inherited by the memory
+    subprocesses."""
+    if "jax" in __import__("sys").modules:
+        raise RuntimeError("configure_threads must be called before jax is imported")
+    os.environ["BENCH_THREADS"] = str(n)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n == 1:
+        flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    else:
+        flags += f" intra_op_parallelism_threads={n}"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run, ~1-2 min)")
+    p.add_argument("--gpu", action="store_true", help="torch on CUDA; report the GPU name")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--only", nargs="*", choices=WORKLOADS, help="run only these workloads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for BOTH frameworks (default 1: equal resources; on a "
+                        "shared, oversubscribed machine torch's OpenMP pool slows 10x+)")
+    a = p.parse_args(argv)
+    if not a.gpu:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    configure_threads(a.threads)
+    run(a.quick, a.gpu, a.only, a.out)
+
+
+if __name__ == "__main__":
+    main()
