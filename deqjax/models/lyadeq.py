@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from deqjax.deq import DEQConfig
 from deqjax.lyapunov import icnn_init, lyapunov_value, project_dynamics, stability_check
 from deqjax.models.deq_layer import DEQ
-from deqjax.models.mdeq import HEADS, Head, Injection, MDEQCell, check_images
+from deqjax.models.mdeq import HEADS, DEQClassifierMethods, Head, Injection, MDEQCell, check_images
 from deqjax.orthogonal import OrthogonalDense
 from deqjax.solvers import SolverConfig, solve
 
@@ -93,7 +93,7 @@ class LyaHead(nn.Module):
         return nn.Dense(self.num_classes, name="dense")(feats)
 
 
-class LyaDEQClassifier(nn.Module):
+class LyaDEQClassifier(DEQClassifierMethods, nn.Module):
     """Injection → DEQ(LyapunovCell(MDEQCell)) → LyaHead. Returns ``(logits, stats)``;
     same call signature as :class:`~deqjax.models.mdeq.MDEQClassifier` (attack views
     and defences pass through to the DEQ layer). ``orth_features=0`` keeps the pooled
@@ -120,22 +120,6 @@ class LyaDEQClassifier(nn.Module):
         self.equilibrium = DEQ(cell, self.deq)
         self.head = LyaHead(self.num_classes, self.groups, self.head_kind, self.orthogonal,
                             self.orthogonal_kind, self.orth_features)
-
-    def __call__(self, x, *, backward_probe=None, return_trajectory: bool = False,
-                 config: DEQConfig | None = None, jacobian_key=None, **attack_view):
-        """``attack_view``: ``gradient``, ``state_index``, ``attack_steps``,
-        ``attack_damping``, ``defence``, ``exit_state`` of :class:`~deqjax.models.DEQ`."""
-        check_images(x)
-        z, stats = self.equilibrium(self.injection(x), backward_probe=backward_probe,
-                                    return_trajectory=return_trajectory, config=config,
-                                    jacobian_key=jacobian_key, **attack_view)
-        return self.head(z), stats
-
-    def inject(self, x):
-        return self.injection(x)
-
-    def classify(self, z):
-        return self.head(z)
 
 
 def lyadeq_stability_check(model: nn.Module, variables, x, key, n_perturb: int = 16,

@@ -77,25 +77,15 @@ def check_images(x, channels: int | None = None):
         raise ValueError(f"expected {channels} channel(s), got {x.shape[-1]}")
 
 
-class MDEQClassifier(nn.Module):
-    """Injection → DEQ(MDEQCell) → head. Returns ``(logits, stats)``."""
-
-    num_classes: int = 10
-    width: int = 32
-    inner: int = 64
-    groups: int = 8
-    head_kind: str = "gap"
-    deq: DEQConfig = DEQConfig()
-
-    def setup(self):
-        self.injection = Injection(self.width)
-        self.equilibrium = DEQ(MDEQCell(self.width, self.inner, self.groups), self.deq)
-        self.head = Head(self.num_classes, self.groups, self.head_kind)
+class DEQClassifierMethods:
+    """The calling convention of deqjax's DEQ classifiers, shared by every model whose
+    ``setup`` defines ``injection``, ``equilibrium`` (a :class:`DEQ`) and ``head``."""
 
     def __call__(self, x, *, backward_probe=None, return_trajectory: bool = False,
                  config: DEQConfig | None = None, jacobian_key=None, **attack_view):
-        """``attack_view``: ``gradient``, ``state_index``, ``attack_steps``,
-        ``attack_damping``, ``defence``, ``exit_state`` of :class:`~deqjax.models.DEQ`."""
+        """Returns ``(logits, stats)``. ``attack_view``: ``gradient``, ``state_index``,
+        ``attack_steps``, ``attack_damping``, ``defence``, ``exit_state``,
+        ``random_steps_key``, ``random_steps_max`` of :class:`~deqjax.models.DEQ`."""
         check_images(x)
         z, stats = self.equilibrium(self.injection(x), backward_probe=backward_probe,
                                     return_trajectory=return_trajectory, config=config,
@@ -114,6 +104,22 @@ class MDEQClassifier(nn.Module):
 
     def phantom_from(self, u, z, steps: int = 5, damping: float = 0.5):
         return self.equilibrium.damped(u, z, steps, damping)
+
+
+class MDEQClassifier(DEQClassifierMethods, nn.Module):
+    """Injection → DEQ(MDEQCell) → head. Returns ``(logits, stats)``."""
+
+    num_classes: int = 10
+    width: int = 32
+    inner: int = 64
+    groups: int = 8
+    head_kind: str = "gap"
+    deq: DEQConfig = DEQConfig()
+
+    def setup(self):
+        self.injection = Injection(self.width)
+        self.equilibrium = DEQ(MDEQCell(self.width, self.inner, self.groups), self.deq)
+        self.head = Head(self.num_classes, self.groups, self.head_kind)
 
 
 class ExplicitMDEQ(nn.Module):
