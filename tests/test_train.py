@@ -81,6 +81,7 @@ def test_deq_mnist_reaches_95_percent(tmp_path):
     """The quick-start config on mnist_5k (3 epochs)."""
     c = deq_mnist.get_config()
     c.train.progress = False
+    c.robustness.after_training = False  # the report is tested in test_evaluate.py
     final = train_lib.train(c, str(tmp_path))
     assert final["test_accuracy"] >= 0.95, final
 
