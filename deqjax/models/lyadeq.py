@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from deqjax.deq import DEQConfig
 from deqjax.lyapunov import icnn_init, lyapunov_value, project_dynamics, stability_check
 from deqjax.models.deq_layer import DEQ
-from deqjax.models.mdeq import HEADS, DEQClassifierMethods, Head, Injection, MDEQCell, check_images
+from deqjax.models.mdeq import DEQClassifierMethods, Injection, MDEQCell, check_images, pool_features
 from deqjax.orthogonal import OrthogonalDense
 from deqjax.solvers import SolverConfig, solve
 
@@ -80,13 +80,7 @@ class LyaHead(nn.Module):
 
     @nn.compact
     def __call__(self, z):
-        if self.kind not in HEADS:
-            raise ValueError(f"unknown head {self.kind!r}; choose one of {HEADS}")
-        z = nn.GroupNorm(self.groups, name="gn")(z)
-        if self.kind == "gap":
-            feats = jnp.mean(z, axis=(-3, -2))
-        else:
-            feats = nn.avg_pool(z, (2, 2), (2, 2), padding="SAME").reshape(z.shape[0], -1)
+        feats = pool_features(nn.GroupNorm(self.groups, name="gn")(z), self.kind)
         if self.orthogonal:
             feats = OrthogonalDense(self.orth_features or feats.shape[-1], self.orthogonal_kind,
                                     name="orthogonal")(feats)

@@ -45,6 +45,16 @@ class Injection(nn.Module):
 HEADS = ("gap", "pool_flatten")
 
 
+def pool_features(z, kind: str):
+    """Features of a normalised state ``(B, H, W, C)``: global average (``"gap"``) or
+    2×2 average pooling then flatten (``"pool_flatten"``)."""
+    if kind not in HEADS:
+        raise ValueError(f"unknown head {kind!r}; choose one of {HEADS}")
+    if kind == "gap":
+        return jnp.mean(z, axis=(-3, -2))
+    return nn.avg_pool(z, (2, 2), (2, 2), padding="SAME").reshape(z.shape[0], -1)
+
+
 class Head(nn.Module):
     """``GN → global average pool → dense`` (``"gap"``, the benchmark head) or
     ``GN → 2×2 average pool → flatten → dense`` (``"pool_flatten"``, which keeps
@@ -56,13 +66,7 @@ class Head(nn.Module):
 
     @nn.compact
     def __call__(self, z):
-        if self.kind not in HEADS:
-            raise ValueError(f"unknown head {self.kind!r}; choose one of {HEADS}")
-        z = nn.GroupNorm(self.groups, name="gn")(z)
-        if self.kind == "gap":
-            feats = jnp.mean(z, axis=(-3, -2))
-        else:
-            feats = nn.avg_pool(z, (2, 2), (2, 2), padding="SAME").reshape(z.shape[0], -1)
+        feats = pool_features(nn.GroupNorm(self.groups, name="gn")(z), self.kind)
         return nn.Dense(self.num_classes, name="dense")(feats)
 
 
