@@ -133,9 +133,19 @@ def _implicit_bwd(f, config, res, v):
 _implicit.defvjp(_implicit_fwd, _implicit_bwd)
 
 
+def _is_fixed_point(g, z, args, forward: SolverConfig):
+    """``‖g(z) − z‖ ≤ tol`` in the forward solver's stopping mode (abs or rel)."""
+    gz = lax.stop_gradient(g(z, lax.stop_gradient(args)))
+    res = jnp.linalg.norm(gz - z)
+    if forward.stop_mode == "rel":
+        res = res / (jnp.linalg.norm(gz) + 1e-12)
+    return res <= forward.tol
+
+
 def deq_fixed_point(f: Callable[[jax.Array, Any], jax.Array], z0: jax.Array, args: Any,
                     config: DEQConfig = DEQConfig(), *, backward_probe: jax.Array | None = None,
-                    return_trajectory: bool = False, num_steps=None):
+                    return_trajectory: bool = False, num_steps=None,
+                    implicit_f: Callable[[jax.Array, Any], jax.Array] | None = None):
     """Solve ``z* = f(z*, args)`` for one example and make it differentiable.
 
     Args:
@@ -148,6 +158,12 @@ def deq_fixed_point(f: Callable[[jax.Array, Any], jax.Array], z0: jax.Array, arg
         solve's ``[relative residual, steps]`` (implicit mode).
       return_trajectory: return the iterates ``z_1 … z_n`` in ``stats.trajectory``.
       num_steps: optional traced step budget (≤ ``config.forward.max_iter``).
+      implicit_f: optional map whose fixed points include those of ``f`` that count
+        as equilibria, and whose Jacobian the implicit backward uses (default ``f``).
+        For dynamics modified only away from their equilibria — LyaDEQ's projection
+        at α = 0, not differentiable at its roots — the IFT needs the smooth original
+        map. The solve then counts as converged only if ``z*`` is also a fixed point
+        of ``implicit_f`` to the same tolerance (other roots of ``f`` are reported).
 
     Returns:
       ``(z, stats)``: the equilibrium (after K phantom steps in phantom mode) and
@@ -159,14 +175,20 @@ def deq_fixed_point(f: Callable[[jax.Array, Any], jax.Array], z0: jax.Array, arg
     if config.backward == "unroll":
         z, stats = solve(lambda z: f(z, args), lax.stop_gradient(z0), config.forward,
                          return_trajectory=return_trajectory, differentiable=True, num_steps=num_steps)
+        if implicit_f is not None:
+            stats = stats._replace(converged=stats.converged & _is_fixed_point(
+                implicit_f, lax.stop_gradient(z), args, config.forward))
         return z + 0.0 * jnp.sum(backward_probe), stats
     z_star, stats = solve(f_nograd, lax.stop_gradient(z0), config.forward,
                           return_trajectory=return_trajectory, num_steps=num_steps)
     z_star = lax.stop_gradient(z_star)
+    if implicit_f is not None:
+        stats = stats._replace(converged=stats.converged & _is_fixed_point(implicit_f, z_star, args,
+                                                                           config.forward))
     if config.backward == "phantom":
         z = damped_steps(f, z_star, args, config.phantom_steps, config.phantom_damping)
         return z + 0.0 * jnp.sum(backward_probe), stats
-    return _implicit(f, z_star, args, backward_probe, config), stats
+    return _implicit(implicit_f or f, z_star, args, backward_probe, config), stats
 
 
 def jacobian_frobenius_sq(f: Callable, z_star: jax.Array, args: Any, key: jax.Array,

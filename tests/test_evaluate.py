@@ -57,3 +57,23 @@ def test_report_overrides_and_bad_options(trained_tiny_deq):
 def test_missing_workdir(tmp_path):
     with pytest.raises(FileNotFoundError, match="experiments.train"):
         evaluate_lib.evaluate(str(tmp_path), quiet=True)
+
+
+def test_obfuscation_sweep(trained_tiny_deq):
+    from experiments.obfuscation import obfuscation_sweep
+
+    out = obfuscation_sweep(trained_tiny_deq, eps="0.2", state_indices="1,99", attack_steps="2",
+                            attack_damping="0.5", eval_max_iter="3", n_examples=12, n_iter=2,
+                            batch_size=12, quiet=True)
+    assert set(out["budgets"]) == {"3"}
+    for budget, b in out["budgets"].items():
+        acc = b["robust_accuracy"]["0.2"]
+        # whole-path views, and z_i clipped to the budget, for every K_a
+        assert {"implicit", "phantom", "unroll", "ensemble", "simultaneous_adjoint"} <= set(acc)
+        assert {"z1_K2_lam0.5", f"z{int(budget) - 1}_K2_lam0.5"} <= set(acc)
+        gap = b["gap"]["0.2"]
+        assert gap["naive"] == acc["implicit"]
+        assert gap["strongest_intermediate_accuracy"] == min(v for k, v in acc.items() if k.startswith("z"))
+        assert all(0.0 <= v <= b["clean_accuracy"] + 1e-12 for v in acc.values())
+    text = open(os.path.join(trained_tiny_deq, "obfuscation.md")).read()
+    assert "naive − strongest z_i" in text and "Evaluation solve: 3 steps" in text

@@ -1,5 +1,7 @@
 """LyaDEQ: Lyapunov function, projected dynamics, orthogonal layer, model (SPEC §2)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import optax
 import pytest
 
 from deqjax.deq import DEQConfig
+from deqjax.models import DEQ
 from deqjax.lyapunov import (check_positive_definite, icnn_apply, icnn_init, lyapunov_value,
                              project_dynamics, projected_dynamics, rehu, stability_check)
 from deqjax.models.lyadeq import LyaDEQClassifier, LyapunovCell, lyadeq_stability_check
@@ -183,7 +186,7 @@ def test_alpha_positive_projected_dynamics_have_no_root_and_say_so(x64):
     """For α > 0, ∇VᵀF̂ ≤ −αV < 0 at every z ≠ 0 and F̂(0) = f(0, u) ≠ 0, so the
     projected dynamics of SPEC §2 have no root (an open issue, see README): the solver
     must report non-convergence instead of returning a silent 'equilibrium'."""
-    cfg = DEQConfig(forward=SolverConfig("anderson", max_iter=40, tol=1e-8, stop_mode="abs"))
+    cfg = DEQConfig(forward=SolverConfig("anderson", max_iter=40, tol=1e-8, stop_mode="abs"), backward="phantom")
     model = tiny_model(0.5, cfg)
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1), jnp.float64)
     params = tiny_params(model, x)
@@ -208,3 +211,51 @@ def test_stability_check_same_equilibrium_and_negative_control():
                           SolverConfig("fixed_point", max_iter=20, tol=1e-6))
     # (the solver returns its best iterate, near the start: no convergence, large spread)
     assert float(bad.fraction_converged) == 0.0 and float(bad.max_relative) > 1e-2
+
+
+def test_lyadeq_spurious_roots_are_reported_not_converged(x64):
+    """At α = 0 the projection also stops the flow wherever F is a positive multiple of
+    ∇V (the uphill direction): such points are roots of F̂ but not equilibria of the
+    base cell, and the IFT on the base cell would be wrong there. A tanh cell started
+    from 0 lands on one; the solve must say it did not converge."""
+    import flax.linen as nn
+
+    class TanhCell(nn.Module):
+        @nn.compact
+        def __call__(self, z, u):
+            w = self.param("w", lambda k: 0.3 * jax.random.normal(k, (6, 6), jnp.float64) / jnp.sqrt(6.0))
+            return jnp.tanh(z @ w + u)
+
+    cfg = DEQConfig(forward=SolverConfig("anderson", max_iter=200, tol=1e-11, stop_mode="abs"))
+    layer = DEQ(LyapunovCell(TanhCell(), (16,), alpha=0.0), cfg)
+    u = jax.random.normal(jax.random.PRNGKey(0), (3, 6), jnp.float64)
+    variables = layer.init(jax.random.PRNGKey(1), u)
+    z, stats = layer.apply(variables, u)
+    base = TanhCell().apply({"params": variables["params"]["cell"]["base_cell"]}, z, u)
+    projected_res = stats.abs_residual
+    base_res = jnp.linalg.norm(base - z, axis=-1)
+    spurious = (projected_res < 1e-10) & (base_res > 1e-6)
+    assert bool(jnp.any(spurious)), (projected_res, base_res)
+    assert not bool(jnp.any(stats.converged & spurious))
+    # The same on the LyaDEQ classifier: the projected solve from z₀ = 0 stops ~1e-4
+    # short of the base cell's root (V may not increase, and V(0) = 0 < V(z*)).
+    model = tiny_model(0.0, dataclasses.replace(cfg, backward="phantom"))
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1), jnp.float64)
+    _, stats = model.apply({"params": tiny_params(model, x)}, x)
+    assert bool(jnp.all(stats.abs_residual < 1e-10)) and not bool(jnp.any(stats.converged))
+
+
+def test_lyadeq_alpha_positive_refuses_implicit_gradient():
+    cfg = DEQConfig(forward=SolverConfig("anderson", max_iter=5))
+    phantom = dataclasses.replace(cfg, backward="phantom")
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1))
+    params = tiny_params(tiny_model(0.5, phantom), x)
+    model = tiny_model(0.5, cfg)  # the config asks for the implicit backward
+    with pytest.raises(ValueError, match="no equilibrium to differentiate implicitly"):
+        model.init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="no equilibrium to differentiate implicitly"):
+        model.apply({"params": params}, x)
+    with pytest.raises(ValueError, match="no equilibrium to differentiate implicitly"):
+        model.apply({"params": params}, x, config=cfg, gradient="implicit")
+    g = jax.grad(lambda xx: jnp.sum(model.apply({"params": params}, xx, config=phantom)[0]))(x)
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0

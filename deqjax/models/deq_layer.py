@@ -18,15 +18,31 @@ from deqjax.deq import DEQConfig, damped_steps, deq_fixed_point, jacobian_froben
 from deqjax.deq_gradients import DEFENCES, GRADIENTS, defended_state, estimate_state, straight_through
 
 
-def cell_as_function(cell: nn.Module):
-    """``f(z, (params, u))`` of ONE example from a batched Flax cell ``cell(z, u)``."""
+def cell_as_function(cell: nn.Module, method: str | None = None):
+    """``f(z, (params, u))`` of ONE example from a batched Flax cell ``cell(z, u)``
+    (or its method ``method(z, u)``)."""
     cell = cell.clone(parent=None)
 
     def f(z, args):
         params, u = args
-        return cell.apply({"params": params}, z[None], u[None])[0]
+        return cell.apply({"params": params}, z[None], u[None], method=method)[0]
 
     return f
+
+
+def implicit_function(cell: nn.Module, implicit_gradient: bool):
+    """The map whose Jacobian the implicit backward uses and whose fixed points count
+    as equilibria: the cell's ``implicit_map`` method when it has one (same equilibria,
+    smooth there), else ``None`` (the cell itself).
+
+    A cell with ``has_equilibrium = False`` (e.g. LyaDEQ with α > 0, whose projected
+    dynamics have no root) has no implicit gradient: asking for one is an error."""
+    if implicit_gradient and not getattr(cell, "has_equilibrium", True):
+        raise ValueError(
+            f"{type(cell).__name__} has no equilibrium to differentiate implicitly (its dynamics have no "
+            "root; the model's output is the state after the solver budget): use backward='phantom' or "
+            "'unroll', and attack views other than 'implicit'")
+    return cell_as_function(cell, "implicit_map") if hasattr(cell, "implicit_map") else None
 
 
 class DEQ(nn.Module):
@@ -83,9 +99,12 @@ class DEQ(nn.Module):
             fwd = dataclasses.replace(config.forward, max_iter=random_steps_max, tol=0.0, return_state="last")
             config = dataclasses.replace(config, forward=fwd, backward="phantom")
 
+        implicit_f = implicit_function(self.cell, config.backward == "implicit")
+
         def one(z0_i, u_i, probe_i):
             return deq_fixed_point(f, z0_i, (params, u_i), config, backward_probe=probe_i,
-                                   return_trajectory=return_trajectory, num_steps=num_steps)
+                                   return_trajectory=return_trajectory, num_steps=num_steps,
+                                   implicit_f=implicit_f)
 
         if gradient is not None or defence != "none":
             z, stats = self._attack_view(f, params, u, z0, config, gradient or config.backward,
@@ -106,17 +125,20 @@ class DEQ(nn.Module):
         if defence not in DEFENCES:
             raise ValueError(f"unknown defence {defence!r}; choose one of {DEFENCES}")
 
+        implicit_f = implicit_function(self.cell, gradient == "implicit")
+
         def one(z0_i, u_i):
             args = (params, u_i)
             need_traj = defence != "none" or gradient in ("intermediate", "ensemble", "simultaneous_adjoint")
             if gradient in ("implicit", "unroll"):
                 cfg = dataclasses.replace(config, backward=gradient)
-                z_sur, stats = deq_fixed_point(f, z0_i, args, cfg, return_trajectory=need_traj)
+                z_sur, stats = deq_fixed_point(f, z0_i, args, cfg, return_trajectory=need_traj,
+                                               implicit_f=implicit_f)
                 z_star = jax.lax.stop_gradient(z_sur)
             else:
-                cfg = dataclasses.replace(config, backward="implicit")
+                cfg = dataclasses.replace(config, backward="implicit")  # forward only: args are stopped
                 z_star, stats = deq_fixed_point(f, z0_i, jax.lax.stop_gradient(args), cfg,
-                                                return_trajectory=need_traj)
+                                                return_trajectory=need_traj, implicit_f=implicit_f)
                 z_sur = None
             z_value = defended_state(z_star, stats.trajectory, defence, exit_state)
             if z_sur is not None:

@@ -15,9 +15,19 @@ ICNN's parameters are Flax params of the cell, so the implicit gradient reaches 
 The classifier adds an orthogonal fully connected layer (:mod:`deqjax.orthogonal`)
 between the pooled equilibrium and the final dense layer.
 
-Caveat (maths, not code): for α > 0 the only root of ``F̂`` is ``z = 0``
-(:mod:`deqjax.lyapunov`); the solver then returns its best iterate within its budget.
-α = 0 keeps the base cell's fixed points.
+Two regimes (maths, see :mod:`deqjax.lyapunov`):
+
+* α = 0 (default): the roots of ``F̂`` are the base cell's fixed points, now Lyapunov
+  stable. The projection changes the solver's path, not the equilibrium, so the
+  implicit backward differentiates the base cell at ``z*`` (``LyapunovCell.implicit_map``;
+  ``F̂`` itself is not differentiable at its roots). The ICNN then gets no implicit
+  gradient — correctly: V does not move the equilibrium — and is trained only through
+  phantom/unrolled gradients.
+* α > 0: ``∇Vᵀ F̂ ≤ −αV < 0`` away from 0, so ``F̂`` has no root except possibly 0 and
+  the model's output is the state the solver reaches within its budget (what the
+  authors' finite-step solver returns: the states "crowd" towards the origin). It has
+  no implicit gradient: train and attack it with ``phantom``/``unroll``/intermediate
+  gradients (the DEQ layer raises if ``implicit`` is asked for).
 """
 
 from __future__ import annotations
@@ -65,6 +75,19 @@ class LyapunovCell(nn.Module):
             return z_i + project_dynamics(fz_i - z_i, grad_v, v, self.alpha)
 
         return jax.vmap(one)(z, f_z)
+
+    @property
+    def has_equilibrium(self) -> bool:
+        """α = 0: the roots of ``F̂`` are those of ``F`` (the base cell's fixed points).
+        α > 0: ``F̂`` has no root except possibly ``z = 0`` (see the module docstring)."""
+        return float(self.alpha) == 0.0
+
+    def implicit_map(self, z, u):
+        """The base cell: at α = 0 the LyaDEQ equilibrium is a fixed point of it, and
+        its Jacobian there is the one the implicit function theorem needs. (``F̂``'s own
+        Jacobian is one-sided at a root — the ReLU sits exactly at its kink — and the
+        side where the projection is active is rank-deficient.)"""
+        return self.base_cell(z, u)
 
 
 class LyaHead(nn.Module):

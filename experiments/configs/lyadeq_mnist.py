@@ -1,6 +1,6 @@
 """LyaDEQ on mnist_5k with the same injection, cell, solver and budget as deq_mnist
 (a fair comparison). α = 0 by default: for α > 0 the projected dynamics of SPEC §2
-have no root (see README, "LyaDEQ status"); α, η, d, the ICNN widths and the
+have no root (see README, section "LyaDEQ"); α, η, d, the ICNN widths and the
 orthogonal layer are configuration."""
 
 import ml_collections
