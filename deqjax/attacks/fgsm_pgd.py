@@ -59,24 +59,30 @@ def _pgd_single(logits_fn, x, y, key, *, eps, norm, steps, step_size, schedule,
     alphas = step_sizes(step_size, steps, schedule).astype(x.dtype)
 
     x0 = C.random_start(key, x, eps, norm) if rand_init else x
-    f0, z0, g0 = lg(x0, y)
-    m0 = C.margin(z0, y)
 
-    def body(carry, alpha):
-        xk, gk, bx, bf, bm = carry
-        xn = C.project(xk + alpha * C.ascent_direction(gk, norm), x, eps, norm)
-        fn, zn, gn = lg(xn, y)
+    def keep_best(xn, fn, zn, bx, bf, bm):
         mn = C.margin(zn, y)
         # best: misclassified with lowest margin, else highest attack loss
         better = jnp.where((mn < 0) | (bm < 0), mn < bm, fn > bf)
-        bx = C.bwhere(better, xn, bx)
-        bf = jnp.where(better, fn, bf)
-        bm = jnp.where(better, mn, bm)
-        return (xn, gn, bx, bf, bm), fn
+        return C.bwhere(better, xn, bx), jnp.where(better, fn, bf), jnp.where(better, mn, bm)
 
-    (_, _, bx, _, _), trace = lax.scan(body, (x0, g0, x0, f0, m0), alphas)
+    def body(carry, alpha):
+        # the gradient at x_k moves to x_{k+1}; x_k's loss/logits update the best point
+        xk, bx, bf, bm = carry
+        fk, zk, gk = lg(xk, y)
+        bx, bf, bm = keep_best(xk, fk, zk, bx, bf, bm)
+        xn = C.project(xk + alpha * C.ascent_direction(gk, norm), x, eps, norm)
+        return (xn, bx, bf, bm), fk
+
+    init_loss = jnp.full(x.shape[:1], -jnp.inf, x.dtype)
+    (x_last, bx, bf, bm), trace = lax.scan(body, (x0, x0, init_loss, jnp.full_like(init_loss, jnp.inf)), alphas)
+    # the last iterate needs its loss and logits only: no unused final gradient
+    z_last = logits_fn(x_last)
+    f_last = loss_fn(z_last, y)
+    bx, _, _ = keep_best(x_last, f_last, z_last, bx, bf, bm)
+    trace = jnp.concatenate([trace, f_last[None]], axis=0)
     if return_trace:
-        return bx, jnp.concatenate([f0[None], trace], axis=0)
+        return bx, trace
     return bx
 
 
