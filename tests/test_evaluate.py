@@ -77,3 +77,26 @@ def test_obfuscation_sweep(trained_tiny_deq):
         assert all(0.0 <= v <= b["clean_accuracy"] + 1e-12 for v in acc.values())
     text = open(os.path.join(trained_tiny_deq, "obfuscation.md")).read()
     assert "naive − strongest z_i" in text and "Evaluation solve: 3 steps" in text
+
+
+def test_import_params_round_trip_and_mismatch(trained_tiny_deq, tmp_path):
+    """Saved params become a workdir that evaluate can load, bit for bit; params of a
+    different architecture are refused with a message naming the difference."""
+    import flax.serialization
+    import jax
+
+    from experiments import import_params as import_lib
+
+    config, _, state, _ = evaluate_lib.load_run(trained_tiny_deq)
+    path = str(tmp_path / "params.msgpack")
+    with open(path, "wb") as fh:
+        fh.write(flax.serialization.msgpack_serialize(jax.device_get(state.params)))
+    workdir = str(tmp_path / "imported")
+    import_lib.import_params(config, path, workdir)
+    _, _, imported, _ = evaluate_lib.load_run(workdir)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(imported.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    wider = tiny_config(epochs=1)
+    wider.model.width = 2 * config.model.width
+    with pytest.raises(ValueError, match="does not fit the model of this config: parameter"):
+        import_lib.import_params(wider, path, str(tmp_path / "bad"))
