@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deqjax.deq import DEQConfig
-from deqjax.models import MDEQClassifier
+from deqjax.models import FastConv, MDEQClassifier
 from deqjax.solvers import SolverConfig
 
 
@@ -50,8 +50,10 @@ class SmallConvNet(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.relu(nn.Conv(16, (3, 3), padding="SAME", name="c1")(x))
-        h = nn.relu(nn.Conv(32, (3, 3), strides=(2, 2), padding="SAME", name="c2")(h))
+        # deqjax.models.FastConv: nn.Conv's parameters and values, with the input
+        # gradient as a forward conv (2x faster inside the attack's lax.scan on XLA:CPU)
+        h = nn.relu(FastConv(16, 3, name="c1")(x))
+        h = nn.relu(FastConv(32, 3, strides=2, name="c2")(h))
         h = nn.relu(nn.Dense(100, name="d1")(h.reshape(h.shape[0], -1)))
         return nn.Dense(10, name="d2")(h)
 

@@ -1,19 +1,30 @@
 """A 2-D convolution whose input-gradient is itself a forward convolution.
 
-On XLA:CPU a convolution's input-VJP inside ``lax.while_loop`` (exactly what the
-implicit backward of a conv DEQ iterates) runs ~20× slower than the mathematically
-identical forward convolution with the spatially flipped, in/out-swapped kernel.
-:func:`conv2d` states that transpose explicitly with ``jax.custom_vjp``:
+On XLA:CPU a convolution's input-VJP inside ``lax.while_loop``/``lax.scan`` (what the
+implicit backward of a conv DEQ iterates, and what every iterative attack runs) is
+several times slower than the mathematically identical forward convolution with the
+spatially flipped, in/out-swapped kernel written out explicitly: JAX's transpose rule
+expresses the swap through dimension numbers and a ``rev``, a non-canonical kernel
+layout that XLA:CPU runs on a slow path inside loop bodies (measured: ~20× for the DEQ
+cell's stride-1 conv, 2× for a whole small conv net's input gradient in a 20-step
+attack scan; straight-line code is fast either way). :func:`conv2d` states that
+transpose explicitly with ``jax.custom_vjp``. For stride ``s`` and padding
+``(lo, hi)`` per spatial axis (input size ``n``, kernel ``k``, output size ``o``):
 
-    y = x ⋆ W            (stride 1, SAME zero padding, odd kernel, NHWC / HWIO)
-    ∂ℓ/∂x = (∂ℓ/∂y) ⋆ W̃,  W̃[i, j, o, c] = W[k−1−i, k−1−j, c, o]
+    y = x ⋆_s W
+    ∂ℓ/∂x = dilate_s(∂ℓ/∂y) ⋆_1 W̃,   W̃[i, j, o, c] = W[k−1−i, k−1−j, c, o],
+            padded by (k−1−lo, n − (o−1)s − 1 + lo)
 
-which is exact for stride 1 and symmetric SAME padding of an odd kernel (tested
-against ``jax.vjp`` of ``lax.conv_general_dilated``). The kernel gradient is a
-contraction of input patches with the cotangent (see :func:`_kernel_gradient`).
+(``dilate_s`` inserts s−1 zeros between cotangent entries: ``lhs_dilation``), exact
+for any stride, padding and kernel size (tested against ``jax.vjp`` of
+``lax.conv_general_dilated``). The kernel gradient is a contraction of the input
+patches with the cotangent (see :func:`_kernel_gradient`).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,46 +34,79 @@ _DN = ("NHWC", "HWIO", "NHWC")
 
 
 def _conv(x, w, stride=(1, 1), padding="SAME"):
-    return lax.conv_general_dilated(x, w, window_strides=stride, padding=padding,
+    return lax.conv_general_dilated(x, w, window_strides=tuple(stride), padding=padding,
                                     dimension_numbers=_DN)
 
 
 def transpose_kernel(w: jax.Array) -> jax.Array:
-    """The kernel of the adjoint of a stride-1 SAME convolution: flip H, W; swap I, O."""
+    """The kernel of the adjoint convolution: flip H, W; swap I, O."""
     return jnp.swapaxes(w[::-1, ::-1], 2, 3)
 
 
-@jax.custom_vjp
-def conv2d(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Stride-1 SAME convolution (NHWC input, HWIO kernel, odd kernel size) whose
-    input-gradient is computed as a forward convolution (see module docstring)."""
-    return _conv(x, w)
+def _pads(in_hw, k_hw, stride, padding):
+    if isinstance(padding, str):
+        return [tuple(p) for p in lax.padtype_to_pads(in_hw, k_hw, stride, padding)]
+    return [tuple(int(v) for v in p) for p in padding]
 
 
-def _conv2d_fwd(x, w):
-    return _conv(x, w), (x, w)
+def _input_gradient_pads(in_hw, k_hw, out_hw, stride, pads):
+    """Padding of the dilated cotangent for the input gradient (module docstring)."""
+    return [(k - 1 - lo, n - (o - 1) * s - 1 + lo)
+            for n, k, o, s, (lo, _) in zip(in_hw, k_hw, out_hw, stride, pads)]
 
 
-def _kernel_gradient(x, g, kernel_shape):
-    """``∂ℓ/∂W[i, j, c, o] = Σ_{n,h,w} x̃[n, h+i, w+j, c] g[n, h, w, o]`` as one
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d(x, w, stride, padding):
+    return _conv(x, w, stride, padding)
+
+
+def _conv2d_fwd(x, w, stride, padding):
+    return _conv(x, w, stride, padding), (x, w)
+
+
+def _kernel_gradient(x, g, kernel_shape, stride=(1, 1), padding="SAME"):
+    """``∂ℓ/∂W[i, j, c, o] = Σ_{n,h,w} x̃[n, s·h+i, s·w+j, c] g[n, h, w, o]`` as one
     contraction of the input patches with the cotangent. Under ``vmap`` (per-example
     DEQ cells) this is a batched matmul; the conv-based kernel gradient becomes a
     convolution with per-example kernels, which XLA's SPMD partitioner gets wrong when
     the batch is sharded (wrong gradients on several devices; repro in the tests)."""
     kh, kw, c_in, c_out = kernel_shape
-    patches = lax.conv_general_dilated_patches(x, (kh, kw), (1, 1), "SAME", dimension_numbers=_DN)
-    # patches[..., c * kh * kw + i * kw + j] = x̃[..., h + i, w + j, c]
+    patches = lax.conv_general_dilated_patches(x, (kh, kw), tuple(stride), padding, dimension_numbers=_DN)
+    # patches[..., c * kh * kw + i * kw + j] = x̃[..., s·h + i, s·w + j, c]
     dw = jnp.einsum("nhwp,nhwo->po", patches, g)
     return dw.reshape(c_in, kh, kw, c_out).transpose(1, 2, 0, 3)
 
 
-def _conv2d_bwd(res, g):
+def _conv2d_bwd(stride, padding, res, g):
     x, w = res
-    dx = _conv(g, transpose_kernel(w))
-    return dx, _kernel_gradient(x, g, w.shape).astype(w.dtype)
+    pads = _pads(x.shape[1:3], w.shape[:2], stride, padding)
+    gpads = _input_gradient_pads(x.shape[1:3], w.shape[:2], g.shape[1:3], stride, pads)
+    dx = lax.conv_general_dilated(g, transpose_kernel(w), (1, 1), gpads, lhs_dilation=tuple(stride),
+                                  dimension_numbers=_DN)
+    return dx, _kernel_gradient(x, g, w.shape, stride, pads).astype(w.dtype)
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv2d(x: jax.Array, w: jax.Array, stride: int | Sequence[int] = 1,
+           padding: str | Sequence[tuple[int, int]] = "SAME") -> jax.Array:
+    """2-D convolution (cross-correlation; NHWC input, HWIO kernel) with ``stride``
+    (an int or a pair) and ``padding`` (``"SAME"``, ``"VALID"`` or ``((lo, hi), (lo,
+    hi))``), equal to ``lax.conv_general_dilated`` in value and gradient, whose
+    input-gradient is computed as a forward convolution (see module docstring)."""
+    stride = (int(stride),) * 2 if isinstance(stride, int) else tuple(int(s) for s in stride)
+    if len(stride) != 2 or min(stride) < 1:
+        raise ValueError(f"stride must be a positive int or a pair of them, got {stride}")
+    if isinstance(padding, str):
+        if padding not in ("SAME", "VALID"):
+            raise ValueError(f"padding must be 'SAME', 'VALID' or ((lo, hi), (lo, hi)), got {padding!r}")
+    else:
+        padding = tuple(tuple(int(v) for v in p) for p in padding)
+        if len(padding) != 2 or any(len(p) != 2 for p in padding):
+            raise ValueError(f"explicit padding must be ((lo, hi), (lo, hi)), got {padding}")
+    check_conv_args(x, w)
+    return _conv2d(x, w, stride, padding)
 
 
 def check_conv_args(x: jax.Array, w: jax.Array) -> None:
@@ -74,5 +118,3 @@ def check_conv_args(x: jax.Array, w: jax.Array) -> None:
         raise ValueError(f"conv2d expects an HWIO kernel of rank 4, got shape {w.shape}")
     if x.shape[-1] != w.shape[2]:
         raise ValueError(f"input has {x.shape[-1]} channels but the kernel expects {w.shape[2]}")
-    if w.shape[0] % 2 == 0 or w.shape[1] % 2 == 0:
-        raise ValueError(f"conv2d needs an odd kernel size for SAME padding, got {w.shape[:2]}")

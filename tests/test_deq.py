@@ -132,15 +132,45 @@ def test_hutchinson_jacobian_estimate(x64):
     np.testing.assert_allclose(g, 2 * a, atol=0.1)
 
 
-def test_fast_conv_vjp_equals_lax_vjp():
+@pytest.mark.parametrize("stride,padding,k", [(1, "SAME", 3), (2, "SAME", 3), (2, "VALID", 3), (3, "SAME", 2),
+                                               (2, ((2, 0), (1, 1)), 3), (1, "VALID", 4)])
+def test_fast_conv_value_and_vjp_equal_lax(stride, padding, k):
+    """Exact for any stride, padding and kernel size (odd and even input sizes: the
+    transpose must also recover the rows a strided conv skips)."""
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(k1, (2, 7, 5, 3))
-    w = jax.random.normal(k2, (3, 3, 3, 4))
-    g = jax.random.normal(k3, (2, 7, 5, 4))
-    ref = jax.vjp(_conv, x, w)[1](g)
-    ours = jax.vjp(conv2d, x, w)[1](g)
-    for r, o in zip(ref, ours):
-        np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-5)
+    x = jax.random.normal(k1, (2, 7, 6, 3))
+    w = jax.random.normal(k2, (k, k, 3, 4))
+    ref_fn = lambda x, w: _conv(x, w, (stride, stride), padding)
+    y, vjp_ref = jax.vjp(ref_fn, x, w)
+    ours, vjp_ours = jax.vjp(lambda x, w: conv2d(x, w, stride, padding), x, w)
+    np.testing.assert_allclose(ours, y, rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(k3, y.shape)
+    for r, o in zip(vjp_ref(g), vjp_ours(g)):
+        assert o.shape == r.shape
+        np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_conv_layer_is_a_drop_in_for_nn_conv():
+    """Same parameter tree and initial values as ``nn.Conv`` (so checkpoints load),
+    same outputs; bad arguments are clear errors."""
+    import flax.linen as nn
+
+    from deqjax.models import FastConv
+
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 9, 9, 3))
+    ref = nn.Conv(5, (3, 3), strides=(2, 2), padding="SAME")
+    ours = FastConv(5, 3, strides=2)
+    v_ref, v_ours = ref.init(jax.random.PRNGKey(1), x), ours.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(v_ref) == jax.tree.structure(v_ours)
+    for a, b in zip(jax.tree.leaves(v_ref), jax.tree.leaves(v_ours)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(ours.apply(v_ref, x), ref.apply(v_ref, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="channels"):
+        conv2d(x, jnp.zeros((3, 3, 4, 5)))
+    with pytest.raises(ValueError, match="stride"):
+        conv2d(x, jnp.zeros((3, 3, 3, 5)), 0)
+    with pytest.raises(ValueError, match="padding"):
+        conv2d(x, jnp.zeros((3, 3, 3, 5)), 1, "FULL")
 
 
 def test_config_errors():
