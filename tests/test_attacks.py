@@ -291,6 +291,15 @@ def test_sanity_flags_host_logic():
                          per_attack={"apgd-ce": np.array([True, False]), "square": 0.5},
                          loss_traces={"pgd": np.array([[1.0, 2.0], [1.5, 2.5]])})
     assert not rep.unreliable and set(rep.explanations) == set(rep.flags)
+    # a defence scored both ways: the adaptive attack must not be weaker than transfer
+    measured = {"pgd/adaptive_bpda": 0.55, "pgd/adaptive_autodiff": 0.56,
+                "pgd/nonadaptive_simultaneous_adjoint": 0.51, "square": 0.52}  # the README's ε = 0.1 row
+    rep = A.sanity_flags(per_attack=measured)
+    assert rep.flags["adaptive_weaker_than_transfer"] and "adaptive_bpda 0.5500" in \
+        rep.explanations["adaptive_weaker_than_transfer"]
+    rep = A.sanity_flags(per_attack={**measured, "pgd/adaptive_bpda": 0.50})
+    assert not rep.flags["adaptive_weaker_than_transfer"]
+    assert "adaptive_weaker_than_transfer" not in A.sanity_flags(per_attack={"pgd/implicit": 0.5}).flags
 
 
 def test_ensemble_worst_case(trained_mlp):

@@ -14,6 +14,13 @@ of Croce & Hein 2020. Each flag is True when the evaluation looks *unreliable*:
 * ``accuracy_rises_with_eps``: robust accuracy increases with the radius.
 * ``loss_not_increasing``: for too many examples the attack loss at the end of
   the attack is not above its value at the start.
+* ``adaptive_weaker_than_transfer``: for a defended model evaluated both ways
+  (labels containing ``adaptive_`` and ``nonadaptive_``, as the input-entropy
+  defence's report writes them), the strongest adaptive attack leaves a higher robust
+  accuracy than the strongest transfer attack built on the undefended model. An
+  adaptive attack that knows the defence should never be weaker (Tramèr et al. 2020,
+  "On adaptive attacks to adversarial example defenses"): its gradient through the
+  defence is poor.
 
 :func:`sanity_flags` is a host-side function of already computed results; the
 statistics helper :func:`input_gradient_stats` is pure and jit-able.
@@ -88,6 +95,15 @@ def sanity_flags(*, per_attack=None, gradient_free=GRADIENT_FREE, grad_stats=Non
                 f"gradient-free robust acc {best_gf:.4f} vs best gradient attack {best_gb:.4f}"
                 + ("; gradients are likely masked/obfuscated" if best_gf < best_gb - tol
                    else "; ok"))
+        adaptive = {k: _acc(v) for k, v in per_attack.items() if "/adaptive_" in k or k.startswith("adaptive_")}
+        transfer = {k: _acc(v) for k, v in per_attack.items() if "nonadaptive_" in k}
+        if adaptive and transfer:
+            (ka, va), (kt, vt) = min(adaptive.items(), key=lambda kv: kv[1]), min(transfer.items(), key=lambda kv: kv[1])
+            flags["adaptive_weaker_than_transfer"] = va > vt + tol
+            why["adaptive_weaker_than_transfer"] = (
+                f"strongest adaptive {ka} {va:.4f} vs strongest transfer {kt} {vt:.4f}"
+                + ("; the adaptive attack's gradient through the defence is poor: strengthen it "
+                   "(more steps, BPDA variants, EOT)" if va > vt + tol else "; ok"))
     if grad_stats is not None:
         fz, fn = float(grad_stats["frac_zero"]), float(grad_stats["frac_nonfinite"])
         flags["zero_gradients"] = fz > max_zero_frac
