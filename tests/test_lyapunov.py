@@ -237,12 +237,12 @@ def test_lyadeq_spurious_roots_are_reported_not_converged(x64):
     spurious = (projected_res < 1e-10) & (base_res > 1e-6)
     assert bool(jnp.any(spurious)), (projected_res, base_res)
     assert not bool(jnp.any(stats.converged & spurious))
-    # The same on the LyaDEQ classifier: the projected solve from z₀ = 0 stops ~1e-4
-    # short of the base cell's root (V may not increase, and V(0) = 0 < V(z*)).
+    # The same on the LyaDEQ classifier: the projected solve from z₀ = 0 stalls on a
+    # root of F̂ short of the base cell's root (V may not increase, and V(0) = 0 < V(z*)).
     model = tiny_model(0.0, dataclasses.replace(cfg, backward="phantom"))
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1), jnp.float64)
     _, stats = model.apply({"params": tiny_params(model, x)}, x)
-    assert bool(jnp.all(stats.abs_residual < 1e-10)) and not bool(jnp.any(stats.converged))
+    assert bool(jnp.all(stats.abs_residual < 1e-8)) and not bool(jnp.any(stats.converged))
 
 
 def test_lyadeq_alpha_positive_refuses_implicit_gradient():

@@ -129,7 +129,10 @@ def test_dual_matches_scipy_epigraph(x64, form, l):
     v0 = np.r_[W.mean(0), float(cip_objective(W.mean(0), x, xs, zs, u, l, 2.0, form)) + 1]
     ref = minimize(lambda v: v[-1], v0, constraints=cons, method="SLSQP",
                    options={"ftol": 1e-14, "maxiter": 1000})
-    assert ref.success
+    # status 8 ("positive directional derivative for linesearch"): SLSQP stopped because
+    # it could not improve on its iterate at ftol 1e-14 — accepted; the comparisons below
+    # still fail if that iterate is not the optimum.
+    assert ref.success or ref.status == 8, ref.message
     np.testing.assert_allclose(g, ref.x[:-1], atol=1e-5)
     np.testing.assert_allclose(value, ref.fun, rtol=1e-8, atol=1e-8)
     np.testing.assert_allclose(cip_objective(g, x, xs, zs, u, l, 2.0, form), value, atol=1e-10)
