@@ -24,11 +24,14 @@ WORKLOADS = ("deq_train", "pgd", "apgd", "cpl_train", "restarts", "memory")
 NOTES = {
     "deq_train": "MDEQ batch {b}: Anderson m=5, 12 fwd evals (tol 0); IFT backward, fixed-point "
                  "adjoint 12 steps (tol 0); Adam. torchdeq re-evaluates f twice around the solve "
-                 "(new_z=f(z*), f(h) in backward); deqjax linearises f twice + 1 residual VJP.",
+                 "(new_z=f(z*), f(h) in backward); deqjax linearises f twice (the adjoint residual "
+                 "comes from the solver's own statistics).",
     "pgd": "PGD-10 L-inf eps .3 step .03 on the DEQ, batch {b}, implicit backward. deqjax does "
-           "11 fwd+bwd (scores the final iterate for best-iterate selection), torchattacks 10.",
+           "10 fwd+bwd and 1 forward (scores the final iterate for best-iterate selection), "
+           "torchattacks 10 fwd+bwd.",
     "apgd": "APGD-CE 100 iters, L-inf eps .3, small conv net, batch {b}; both 101 fwd+bwd "
-            "(labels = clean predictions so torchattacks attacks every example).",
+            "(labels = clean predictions so torchattacks attacks every example). The Flax net "
+            "uses deqjax.models.FastConv (nn.Conv's parameters, forward-conv input gradient).",
     "cpl_train": "CPLNet 4 conv CPL (16ch, inner 32, 28x28) + sumpool 4 + 2 dense CPL (784), "
                  "truncate, hinge 0.7, 1 power iteration/layer, Adam; batch {b}.",
     "restarts": "PGD-10 on the DEQ, batch {b}: deqjax vmaps R restarts; torch loops "
