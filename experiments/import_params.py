@@ -44,7 +44,8 @@ def import_params(config: ml_collections.ConfigDict, params_path: str, workdir: 
     """Write ``workdir/config.json`` and a checkpoint holding the parameters of ``params_path``."""
     ds = data_lib.load_dataset(config.dataset, config.data_dir or None, config.limit_train, config.limit_test)
     spec = models.build(config, ds.num_classes)
-    state = common.init_state(spec.module, common.build_optimizer(config.train, 1), ds.image_shape, config.seed)
+    optimizer = common.build_optimizer(config.train, 1)
+    state = common.init_state(spec.module, optimizer, ds.image_shape, config.seed)
     with open(params_path, "rb") as fh:
         loaded = flax.serialization.msgpack_restore(fh.read())
     problem = _tree_mismatch(state.params, loaded)
@@ -53,7 +54,7 @@ def import_params(config: ml_collections.ConfigDict, params_path: str, workdir: 
                          "Use the config the parameters were trained with (or one with the same architecture).")
     params = jax.tree.map(lambda ref, v: jnp.asarray(v, ref.dtype), state.params,
                           flax.serialization.from_state_dict(state.params, loaded))
-    state = dataclasses.replace(state, params=params, opt_state=common.build_optimizer(config.train, 1).init(params))
+    state = dataclasses.replace(state, params=params, opt_state=optimizer.init(params))
     os.makedirs(workdir, exist_ok=True)
     common.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
     mngr = common.checkpoint_manager(workdir)
