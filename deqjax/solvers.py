@@ -212,7 +212,8 @@ _RULES = {"fixed_point": _fixed_point_rules, "anderson": _anderson_rules,
 
 
 class _Carry(NamedTuple):
-    k: jax.Array
+    t: jax.Array  # steps taken by the loop (shared by a batch: never vmapped)
+    k: jax.Array  # steps taken by this example (frozen once it stops)
     z: jax.Array
     best_z: jax.Array
     best_res: jax.Array  # the residual used for stopping
@@ -222,6 +223,27 @@ class _Carry(NamedTuple):
     last_rel: jax.Array
     method_state: Any
     trajectory: Any
+
+
+@jax.custom_batching.custom_vmap
+def any_in_batch(active: jax.Array) -> jax.Array:
+    """``active`` for one example; under ``vmap``, whether ANY example of the batch
+    is active, as an unbatched scalar (nested vmaps reduce over every batch axis).
+
+    The solver loop's predicate. Under vmap, a ``lax.while_loop`` whose predicate
+    differs between examples runs while any is true and wraps every step in a
+    per-example ``select`` over the WHOLE carry, Anderson's and Broyden's ``m × n``
+    histories included (measured: 3 ms per step at batch 64, n = 6272 on one
+    CPU core, 13× the cost of the update itself). With this predicate the loop is
+    unbatched and the step freezes the small per-example state itself.
+    """
+    return active
+
+
+@any_in_batch.def_vmap
+def _any_in_batch_vmap(axis_size, in_batched, active):
+    (batched,) = in_batched
+    return any_in_batch(jnp.any(active, axis=0) if batched else active), False
 
 
 def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConfig = SolverConfig(),
@@ -241,6 +263,10 @@ def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConf
 
     Returns:
       ``(z_star, stats)``, ``z_star`` of ``z0``'s shape, ``stats`` a :class:`SolverStats`.
+
+    Under ``vmap`` the loop runs until every example has stopped; an example that has
+    stopped keeps its state, step count and residuals (the per-method history of a
+    stopped example may change, but it no longer feeds its state).
     """
     z0 = jnp.asarray(z0)
     if not jnp.issubdtype(z0.dtype, jnp.floating):
@@ -261,41 +287,45 @@ def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConf
     def done(c: _Carry):
         return c.best_res < tol
 
+    def active(c: _Carry):
+        return jnp.logical_and(c.k < budget, jnp.logical_not(done(c)))
+
     def step(c: _Carry) -> _Carry:
+        go = active(c)
+        keep = lambda new, old: jnp.where(go, new, old)
         fz = f_flat(c.z)
         # Residuals are statistics, never differentiated (avoids 0/0 in norm's VJP).
         fz_s, z_s = lax.stop_gradient(fz), lax.stop_gradient(c.z)
         diff = jnp.linalg.norm(fz_s - z_s)
         rel = diff / (jnp.linalg.norm(fz_s) + _EPS)
         res = rel if use_rel else diff
-        better = res < c.best_res
-        z_next, mstate = update(c.method_state, c.z, fz, c.k)
+        better = jnp.logical_and(go, res < c.best_res)
+        # the shared counter t equals k for every example still running, so history
+        # slots are indexed by an unbatched scalar (an in-place update, not a scatter)
+        z_next, mstate = update(c.method_state, c.z, fz, c.t)
         traj = c.trajectory
-        if return_trajectory:
-            traj = traj.at[c.k].set(z_next)
+        if return_trajectory:  # rows at or past an example's stop are overwritten below
+            traj = lax.dynamic_update_index_in_dim(traj, z_next, c.t, 0)
         return _Carry(
-            k=c.k + 1, z=z_next,
+            t=c.t + 1, k=c.k + go.astype(c.k.dtype), z=keep(z_next, c.z),
             best_z=jnp.where(better, c.z, c.best_z),
             best_res=jnp.where(better, res, c.best_res),
             best_abs=jnp.where(better, diff, c.best_abs),
             best_rel=jnp.where(better, rel, c.best_rel),
-            last_abs=diff, last_rel=rel, method_state=mstate, trajectory=traj)
+            last_abs=keep(diff, c.last_abs), last_rel=keep(rel, c.last_rel),
+            method_state=mstate, trajectory=traj)
 
     zf = z0.reshape(-1)
     inf = jnp.asarray(jnp.inf, dtype)
     traj0 = jnp.zeros((config.max_iter, n), dtype) if return_trajectory else None
-    carry = _Carry(jnp.asarray(0, jnp.int32), zf, zf, inf, inf, inf, inf, inf, init(zf), traj0)
+    zero = jnp.asarray(0, jnp.int32)
+    carry = _Carry(zero, zero, zf, zf, inf, inf, inf, inf, inf, init(zf), traj0)
 
     if differentiable:
-        def scan_body(c, _):
-            stop = jnp.logical_or(done(c), c.k >= budget)
-            new = step(c)
-            kept = jax.tree.map(lambda a, b: jnp.where(stop, a, b), c, new)
-            return kept, None
-        carry, _ = lax.scan(scan_body, carry, None, length=config.max_iter)
+        carry, _ = lax.scan(lambda c, _: (step(c), None), carry, None, length=config.max_iter)
     else:
         carry = lax.while_loop(
-            lambda c: jnp.logical_and(c.k < budget, jnp.logical_not(done(c))),
+            lambda c: jnp.logical_and(c.t < config.max_iter, any_in_batch(active(c))),
             step, carry)
 
     trajectory = None

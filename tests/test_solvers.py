@@ -79,6 +79,31 @@ def test_per_example_stopping_under_vmap(method, x64):
 
 
 @pytest.mark.parametrize("method", SOLVERS)
+@pytest.mark.parametrize("return_state", ["best", "last"])
+def test_nested_vmap_matches_single_solves(method, return_state, x64):
+    """Under two vmaps (restarts × batch, the loop runs until the slowest of all 6
+    stops) every example's state, steps, residuals and trajectory equal its own solve;
+    a per-example traced step budget freezes that example early."""
+    a, b, _ = affine_problem(norm=0.9)
+    scales = jnp.array([[0.05, 1.0, 0.5], [0.9, 0.2, 0.7]])
+    budgets = jnp.array([[40, 300, 3], [300, 7, 300]])
+    cfg = SolverConfig(method=method, max_iter=300, tol=1e-9, stop_mode="abs",
+                       return_state=return_state)
+    f = lambda s: (lambda z: jnp.tanh(s * (a @ z) + b))
+    one = lambda s, n: solve(f(s), jnp.zeros(12), cfg, num_steps=n, return_trajectory=True)
+    zs, st = jax.jit(jax.vmap(jax.vmap(one)))(scales, budgets)
+    for i in range(2):
+        for j in range(3):
+            z1, s1 = one(scales[i, j], budgets[i, j])
+            assert int(st.steps[i, j]) == int(s1.steps) <= int(budgets[i, j])
+            np.testing.assert_allclose(zs[i, j], z1, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(st.abs_residual[i, j], s1.abs_residual, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(st.trajectory[i, j], s1.trajectory, rtol=1e-12, atol=1e-14)
+            assert bool(st.converged[i, j]) == bool(s1.converged)
+    assert int(st.steps[0, 2]) == 3 and int(st.steps[1, 1]) == 7  # the budgets bit
+
+
+@pytest.mark.parametrize("method", SOLVERS)
 def test_map_without_fixed_point_reports_not_converged(method, x64):
     # f(z) - z = 1 + 0.1 sin(z) > 0: no fixed point exists, no solver may claim one.
     # (Absolute residual: a solver that runs off to |z| -> inf makes the relative one small.)
