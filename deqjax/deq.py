@@ -100,7 +100,11 @@ def adjoint_solve(f: Callable, z_star: jax.Array, args: Any, v: jax.Array, confi
     measured after the solve, whatever the solver.
     """
     _, vjp_z = jax.vjp(lambda z: f(z, args), z_star)
-    jt = lambda u: vjp_z(u)[0]
+    return _solve_adjoint(lambda u: vjp_z(u)[0], v, config)
+
+
+def _solve_adjoint(jt: Callable, v: jax.Array, config: DEQConfig):
+    """:func:`adjoint_solve` given the map ``u ↦ Jᵀu``."""
     if config.adjoint_solver in _jaxopt.KRYLOV_SOLVERS:
         matvec = lambda u: u - jt(u)
         u = _jaxopt.krylov_solve(config.adjoint_solver, matvec, v,
@@ -126,9 +130,11 @@ def _implicit_fwd(f, z_star, args, probe, config):
 
 def _implicit_bwd(f, config, res, v):
     z_star, args = res
-    u, rel, steps = adjoint_solve(f, z_star, args, v, config)
-    _, vjp_args = jax.vjp(lambda a: f(z_star, a), args)
-    (g_args,) = vjp_args(u)
+    # one linearisation serves the adjoint iterations (their unused args-cotangent is
+    # dead code XLA removes from the loop body) and the final args-VJP
+    _, vjp_both = jax.vjp(f, z_star, args)
+    u, rel, steps = _solve_adjoint(lambda u: vjp_both(u)[0], v, config)
+    g_args = vjp_both(u)[1]
     probe_ct = jnp.stack([rel, steps.astype(rel.dtype)])
     return jnp.zeros_like(z_star), g_args, probe_ct
 
