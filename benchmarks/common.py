@@ -103,6 +103,29 @@ def alternate(jax_fn: Callable, torch_fn: Callable | None, reps: int) -> dict:
     return res
 
 
+def steady_state_malloc(mmap_threshold_mb: int = 32) -> bool:
+    """Fix glibc malloc's mmap/trim thresholds (32 / 64 MiB) for the whole run.
+
+    By default glibc serves every allocation above a *dynamic* threshold (initially
+    128 KiB) with fresh ``mmap`` pages, which are page-faulted and zeroed on each call;
+    the threshold only rises after the process first frees such a block. So the same
+    op's speed depended on allocation history: torch's conv_a forward (3 MB output)
+    took 8.5 ms right after start-up and 6 ms once any large array had been freed
+    (measured, same process, same inputs). Fixing the thresholds puts both frameworks
+    in the steady state a long training run reaches anyway. Returns whether it was
+    applied (glibc only)."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        mb = 1 << 20
+        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold_mb * mb)
+                    and libc.mallopt(m_trim_threshold, 2 * mmap_threshold_mb * mb))
+    except (OSError, AttributeError):
+        return False
+
+
 def machine(gpu: bool = False) -> dict:
     """Describe the machine (CPU, cores, load average, library versions, device)."""
     import torch

@@ -19,13 +19,14 @@ import json
 import os
 import time
 
-WORKLOADS = ("deq_train", "pgd", "apgd", "cpl_train", "restarts", "memory")
+WORKLOADS = ("deq_train", "pgd", "apgd", "cpl_train", "restarts", "conv", "memory")
 
 NOTES = {
     "deq_train": "MDEQ batch {b}: Anderson m=5, 12 fwd evals (tol 0); IFT backward, fixed-point "
                  "adjoint 12 steps (tol 0); Adam. torchdeq re-evaluates f twice around the solve "
-                 "(new_z=f(z*), f(h) in backward); deqjax linearises f twice (the adjoint residual "
-                 "comes from the solver's own statistics).",
+                 "(new_z=f(z*), f(h) in backward); deqjax linearises f once at z* for the adjoint "
+                 "iterations and the parameter VJP (the adjoint residual comes from the solver's "
+                 "own statistics).",
     "pgd": "PGD-10 L-inf eps .3 step .03 on the DEQ, batch {b}, implicit backward. deqjax does "
            "10 fwd+bwd and 1 forward (scores the final iterate for best-iterate selection), "
            "torchattacks 10 fwd+bwd.",
@@ -34,6 +35,8 @@ NOTES = {
             "uses deqjax.models.FastConv (nn.Conv's parameters, forward-conv input gradient).",
     "cpl_train": "CPLNet 4 conv CPL (16ch, inner 32, 28x28) + sumpool 4 + 2 dense CPL (784), "
                  "truncate, hinge 0.7, 1 power iteration/layer, Adam; batch {b}.",
+    "conv": "The DEQ cell's conv_a alone: 3x3 stride 1 SAME, 32->64 channels, {b}x14x14, "
+            "forward (XLA:CPU conv vs torch/oneDNN); {gflops}.",
     "restarts": "PGD-10 on the DEQ, batch {b}: deqjax vmaps R restarts; torch loops "
                 "torchattacks.PGD R times. Time per restart.",
 }
@@ -48,9 +51,10 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
     import torch
 
     from benchmarks import common
-    from benchmarks.workloads import apgd, cpl, deq, memory
+    from benchmarks.workloads import apgd, cpl, deq, kernels, memory
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    malloc_fixed = common.steady_state_malloc()
     dev = _devices(gpu)
     reps = 3 if quick else 5
     sz = dict(deq=8 if quick else 64, apgd=16 if quick else 128, cpl=16 if quick else 128,
@@ -58,14 +62,14 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
     apgd_steps = 10 if quick else 100
     only = set(only or WORKLOADS)
     results = {"machine_before": common.machine(gpu), "quick": quick, "reps": reps,
-               "workloads": {}}
+               "malloc_thresholds_fixed": malloc_fixed, "workloads": {}}
     W = results["workloads"]
     t0 = time.time()
 
     def record(name, batch, fns, reps=reps, **extra):
         print(f"[{time.time() - t0:6.1f}s] {name} ...", flush=True)
         r = common.alternate(*fns, reps)
-        r.update(batch=batch, note=NOTES.get(name, "").format(b=batch), **extra)
+        r.update(batch=batch, note=NOTES.get(name, "").format(b=batch, gflops="{gflops}"), **extra)
         W[name] = r
         print(f"    deqjax {r['deqjax_s']:.4f}s  torch {r.get('torch_s', float('nan')):.4f}s  "
               f"ratio {r.get('ratio', float('nan')):.2f}  (compile {r['compile_s']:.1f}s)", flush=True)
@@ -86,6 +90,17 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
             W[f"restarts_{r_}"]["note"] = NOTES["restarts"].format(b=sz["restart"])
             for k in ("deqjax_s", "torch_s"):
                 W[f"restarts_{r_}"][k.replace("_s", "_per_restart_s")] = W[f"restarts_{r_}"][k] / r_
+    if "conv" in only:
+        flops = kernels.conv_flops(sz["deq"])
+        record("conv", sz["deq"], kernels.conv(sz["deq"], dev), reps=50)  # ms-scale calls: many reps
+        gemm = common.alternate(kernels.gemm(sz["deq"]), None, 50)
+        r = W["conv"]
+        r["gflops"] = {"deqjax": flops / r["deqjax_s"] / 1e9, "torch": flops / r["torch_s"] / 1e9,
+                       "jax_gemm_same_flops": flops / gemm["deqjax_s"] / 1e9}
+        g = r["gflops"]
+        r["note"] = NOTES["conv"].format(
+            b=sz["deq"], gflops=f"GFLOP/s deqjax {g['deqjax']:.0f}, torch {g['torch']:.0f}; "
+                                f"a JAX matmul of the same FLOPs runs at {g['jax_gemm_same_flops']:.0f}")
     if "memory" in only:
         mem = []
         for fw in ("deqjax", "torch"):
@@ -107,7 +122,8 @@ def markdown(res: dict) -> str:
         "# deqjax vs PyTorch benchmarks", "",
         f"Machine: {m.get('cpu')} ({m['cpu_count']} cores), {m['platform']}; "
         f"load average (1/5/15 min) before {m['load_average_1_5_15']}, after "
-        f"{res['machine_after']['load_average_1_5_15']} — the machine was shared.", "",
+        f"{res['machine_after']['load_average_1_5_15']}; glibc malloc thresholds fixed: "
+        f"{'yes' if res.get('malloc_thresholds_fixed') else 'no'} (see benchmarks.common.steady_state_malloc).", "",
         f"jax {m['jax']} ({m['jax_backend']}), flax {m['flax']}, optax {m['optax']}; "
         f"torch {m['torch']} ({m['torch_threads']} threads), torchdeq {m['torchdeq']}, "
         f"torchattacks {m['torchattacks']}" + (f"; GPU: {m.get('gpu')}" if "gpu" in m else "") + ".",

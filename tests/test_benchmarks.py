@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torchdeq")
 pytest.importorskip("torchattacks")
 
-from benchmarks.workloads import apgd, cpl, deq, memory  # noqa: E402
+from benchmarks.workloads import apgd, cpl, deq, kernels, memory  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +55,13 @@ def test_deq_workloads_run_once():
     assert np.isfinite(float(jf())) and np.isfinite(tf())
     jf, tf = deq.pgd_attack(batch=2, iters=2, restarts=2)
     assert jf().shape == (2, 28, 28, 1) and np.isfinite(tf())
+
+
+def test_conv_kernel_workload_is_the_same_convolution():
+    jf, tf = kernels.conv(batch=2)
+    ours, theirs = np.asarray(jf()), tf().numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert kernels.gemm(batch=2)().shape == (2 * 14 * 14, 64)
 
 
 def test_apgd_peer_same_network_and_valid_attacks():
