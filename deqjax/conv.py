@@ -88,12 +88,18 @@ def _kernel_gradient(x, g, kernel_shape, stride=(1, 1), padding="SAME"):
     return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
 
 
+def _transpose(y, w, in_hw, stride, padding):
+    """The adjoint convolution (module docstring), stride and padding normalised."""
+    pads = _pads(in_hw, w.shape[:2], stride, padding)
+    gpads = _input_gradient_pads(in_hw, w.shape[:2], y.shape[1:3], stride, pads)
+    return lax.conv_general_dilated(y, transpose_kernel(w), (1, 1), gpads, lhs_dilation=tuple(stride),
+                                    dimension_numbers=_DN)
+
+
 def _conv2d_bwd(stride, padding, res, g):
     x, w = res
     pads = _pads(x.shape[1:3], w.shape[:2], stride, padding)
-    gpads = _input_gradient_pads(x.shape[1:3], w.shape[:2], g.shape[1:3], stride, pads)
-    dx = lax.conv_general_dilated(g, transpose_kernel(w), (1, 1), gpads, lhs_dilation=tuple(stride),
-                                  dimension_numbers=_DN)
+    dx = _transpose(g, w, x.shape[1:3], stride, padding)
     return dx, _kernel_gradient(x, g, w.shape, stride, pads).astype(w.dtype)
 
 
@@ -106,6 +112,30 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int | Sequence[int] = 1,
     (an int or a pair) and ``padding`` (``"SAME"``, ``"VALID"`` or ``((lo, hi), (lo,
     hi))``), equal to ``lax.conv_general_dilated`` in value and gradient, whose
     input-gradient is computed as a forward convolution (see module docstring)."""
+    stride, padding = _normalise(stride, padding)
+    check_conv_args(x, w)
+    return _conv2d(x, w, stride, padding)
+
+
+def conv2d_transpose(y: jax.Array, w: jax.Array, input_shape: Sequence[int],
+                     stride: int | Sequence[int] = 1,
+                     padding: str | Sequence[tuple[int, int]] = "SAME") -> jax.Array:
+    """The exact adjoint of :func:`conv2d` with kernel ``w`` at NHWC ``input_shape``:
+    ``⟨conv2d(x, w), y⟩ = ⟨x, conv2d_transpose(y, w, x.shape)⟩``, written as the
+    forward convolution of the module docstring (the input gradient of
+    :func:`conv2d`). ``input_shape`` fixes the rows a strided conv skips."""
+    stride, padding = _normalise(stride, padding)
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 4 or y.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"need an NHWC input_shape (rank 4, got {input_shape}), an NHWC y (got {y.shape}) "
+                         f"and an HWIO kernel (got {w.shape})")
+    out = jax.eval_shape(lambda x: _conv(x, w, stride, padding), jax.ShapeDtypeStruct(input_shape, y.dtype))
+    if y.shape != out.shape:
+        raise ValueError(f"y has shape {y.shape} but conv2d at input shape {input_shape} gives {out.shape}")
+    return _transpose(y, w.astype(y.dtype), input_shape[1:3], stride, padding)
+
+
+def _normalise(stride, padding):
     stride = (int(stride),) * 2 if isinstance(stride, int) else tuple(int(s) for s in stride)
     if len(stride) != 2 or min(stride) < 1:
         raise ValueError(f"stride must be a positive int or a pair of them, got {stride}")
@@ -116,8 +146,7 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int | Sequence[int] = 1,
         padding = tuple(tuple(int(v) for v in p) for p in padding)
         if len(padding) != 2 or any(len(p) != 2 for p in padding):
             raise ValueError(f"explicit padding must be ((lo, hi), (lo, hi)), got {padding}")
-    check_conv_args(x, w)
-    return _conv2d(x, w, stride, padding)
+    return stride, padding
 
 
 def check_conv_args(x: jax.Array, w: jax.Array) -> None:

@@ -63,7 +63,8 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
       x, y: examples in [0, 1] and their labels (host arrays).
       eps_list: radii; ``norm``: ``"linf"`` or ``"l2"``.
       attacks: names from :data:`GRADIENT_ATTACKS` and :data:`GRADIENT_FREE_ATTACKS`.
-      progress: optional callable(str) told what runs next.
+      progress: optional callable ``progress(description, done, total)`` told what
+        runs next (``done`` of ``total`` attack runs finished).
       mesh: devices to split each chunk over (its first axis); default all devices.
 
     Returns a JSON-ready dict: ``clean_accuracy``, ``nonfinite_logits`` (count),
@@ -137,12 +138,13 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
             runs[f"{a}/{v}" if a in GRADIENT_ATTACKS else a] = (a, compile_attack(fn, views[v]))
 
     curve, traces = [], {}
+    total = len(eps_list) * len(runs)
     for i, eps in enumerate(eps_list):
         robust = correct.copy()
         per = {}
         for j, (label, (a, run)) in enumerate(runs.items()):
             if progress:
-                progress(f"eps={eps:g} {label}")
+                progress(f"eps={eps:g} {label}", i * len(runs) + j, total)
             k = jax.random.fold_in(jax.random.fold_in(key, i), j)
             unpad = lambda o, m: (np.asarray(o[0])[:m], np.asarray(o[1])[:, :m])
             ok, trace = batched(lambda xb, yb, m: unpad(run(xb, yb, jnp.float32(eps), k), m))

@@ -173,12 +173,20 @@ def evaluate(workdir: str, overrides: dict | None = None, quiet: bool = False) -
     eps = [float(e) for e in _split(r.eps)]
     from tqdm import tqdm
 
-    bar = tqdm(total=None, disable=quiet, file=sys.stderr, desc="robustness")
+    bar = tqdm(total=None, disable=quiet, file=sys.stderr, desc="robustness", unit="attack run")
+
+    def progress(description, done, total):
+        bar.total = total
+        bar.set_description(description)
+        bar.n = done
+        bar.refresh()
+
     entropy_cfg = config.get("entropy_reduction")
     report = evaluate_robustness(gradient_views(spec, state, r, entropy_cfg), x, y, jax.random.PRNGKey(r.seed), eps_list=eps,
                                  norm=r.norm, attacks=_split(r.attacks), n_iter=r.n_iter,
                                  n_queries=r.n_queries, restarts=r.restarts, batch_size=r.batch_size,
-                                 progress=lambda s: (bar.set_description(s), bar.update(1)), mesh=mesh)
+                                 progress=progress, mesh=mesh)
+    bar.n = bar.total or 0
     bar.close()
     report["model"] = config.model.name
     report["settings"] = {k: r[k] for k in REPORT_KEYS if k in r}

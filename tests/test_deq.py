@@ -7,7 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 from deqjax import _jaxopt
-from deqjax.conv import _conv, conv2d
+from deqjax.conv import _conv, conv2d, conv2d_transpose
 from deqjax.deq import ADJOINT_SOLVERS, DEQConfig, damped_steps, deq_fixed_point, jacobian_frobenius_sq
 from deqjax.solvers import SolverConfig
 
@@ -148,6 +148,22 @@ def test_fast_conv_value_and_vjp_equal_lax(stride, padding, k):
     for r, o in zip(vjp_ref(g), vjp_ours(g)):
         assert o.shape == r.shape
         np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride,padding,k", [(1, "SAME", 3), (2, "SAME", 3), (2, "VALID", 3), (3, "SAME", 2),
+                                               (2, ((2, 0), (1, 1)), 3)])
+def test_conv2d_transpose_is_the_exact_adjoint(stride, padding, k, x64):
+    """<conv2d(x, w), y> = <x, conv2d_transpose(y, w, x.shape)>, odd and even sizes."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
+    for hw in ((7, 6), (8, 9)):
+        x = jax.random.normal(k1, (2,) + hw + (3,))
+        w = jax.random.normal(k2, (k, k, 3, 4))
+        y = jax.random.normal(k3, conv2d(x, w, stride, padding).shape)
+        lhs = jnp.vdot(conv2d(x, w, stride, padding), y)
+        rhs = jnp.vdot(x, conv2d_transpose(y, w, x.shape, stride, padding))
+        np.testing.assert_allclose(lhs, rhs, rtol=1e-12)
+    with pytest.raises(ValueError, match="gives"):
+        conv2d_transpose(y[:, :-1], w, x.shape, stride, padding)
 
 
 def test_fast_conv_layer_is_a_drop_in_for_nn_conv():

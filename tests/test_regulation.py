@@ -79,8 +79,11 @@ def test_adaptive_attack_at_least_as_strong_as_non_adaptive(trained):
     views = evaluate_lib.gradient_views(spec, state, r, config.entropy_reduction)
     assert list(views)[:2] == ["adaptive_bpda", "adaptive_autodiff"] and "nonadaptive_implicit" in views
     views = {k: views[k] for k in ("adaptive_bpda", "nonadaptive_implicit")}
+    told = []
     rep = evaluate_robustness(views, ds.test_images[:48], ds.test_labels[:48], jax.random.PRNGKey(0),
-                              eps_list=[0.15], attacks=["pgd"], n_iter=10, batch_size=48)
+                              eps_list=[0.15], attacks=["pgd"], n_iter=10, batch_size=48,
+                              progress=lambda *a: told.append(a))
+    assert told == [("eps=0.15 pgd/adaptive_bpda", 0, 2), ("eps=0.15 pgd/nonadaptive_implicit", 1, 2)]
     per = rep["robust_accuracy"]["0.15"]
     assert per["pgd/adaptive_bpda"] <= per["pgd/nonadaptive_implicit"]
     assert rep["worst_case"]["0.15"] <= min(per.values())

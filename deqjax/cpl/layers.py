@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deqjax.conv import conv2d_transpose
+
 EPS_STEP = 1e-4  # the 1e-4 of 2 / (‖W‖₂² + 1e-4)
 PADDINGS = ("SAME", "VALID", "CIRCULAR")
 _DN = ("NHWC", "HWIO", "NHWC")
@@ -83,11 +85,12 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, input_shape: Sequence[int],
                    stride: int = 1, padding: str = "SAME") -> jax.Array:
     """The exact adjoint ``Wᵀ y`` of :func:`conv` at input shape ``input_shape``.
 
-    ``<W u, v> = <u, Wᵀ v>`` holds exactly (up to rounding). For stride 1, odd
-    kernel and SAME/CIRCULAR padding this is the forward convolution with the
-    flipped, in/out-swapped kernel ``kernel[::-1, ::-1].swapaxes(2, 3)`` (much
-    faster on XLA:CPU than a conv VJP); otherwise ``jax.linear_transpose`` of
-    :func:`conv`.
+    ``<W u, v> = <u, Wᵀ v>`` holds exactly (up to rounding). It is always a forward
+    convolution (much faster on XLA:CPU than a conv VJP inside loops): with SAME or
+    VALID padding :func:`deqjax.conv.conv2d_transpose` (any stride and kernel size);
+    with CIRCULAR padding, stride 1 and an odd kernel, the circular convolution with
+    the flipped, in/out-swapped kernel. Other CIRCULAR cases use
+    ``jax.linear_transpose`` of :func:`conv`.
     """
     padding, stride = _check_padding(padding), _check_stride(stride)
     input_shape = tuple(input_shape)
@@ -95,11 +98,10 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, input_shape: Sequence[int],
         raise ValueError(
             f"need an HWIO kernel (rank 4, got {kernel.shape}) and an NHWC "
             f"input_shape (rank 4, got {input_shape}).")
+    if padding != "CIRCULAR":
+        return conv2d_transpose(y, kernel, input_shape, stride, padding)
     kh, kw = kernel.shape[:2]
-    fast = (stride == 1 and kh % 2 == 1 and kw % 2 == 1
-            and padding in ("SAME", "CIRCULAR")
-            and y.shape == input_shape[:3] + (kernel.shape[3],))
-    if fast:
+    if stride == 1 and kh % 2 == 1 and kw % 2 == 1 and y.shape == input_shape[:3] + (kernel.shape[3],):
         return conv(y, kernel[::-1, ::-1].swapaxes(2, 3), 1, padding)
     x0 = jax.ShapeDtypeStruct(input_shape, y.dtype)
     (out,) = jax.linear_transpose(
