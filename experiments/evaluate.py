@@ -120,8 +120,9 @@ def write_markdown(report: dict, path: str) -> str:
     lines += ["", "Sanity flags (True = evaluation looks unreliable):", ""]
     for k, v in report["sanity"]["flags"].items():
         lines.append(f"- `{k}`: {v} — {report['sanity']['explanations'].get(k, '')}")
+    scope = f" ({report['solver_scope']})" if "solver_scope" in report else ""
     for k, v in report.get("solver", {}).items():
-        lines.append(f"- solver `{k}`: {v:.4g}")
+        lines.append(f"- solver{scope} `{k}`: {v:.4g}")
     text = "\n".join(lines) + "\n"
     common.write_text(path, text)
     return text
@@ -201,6 +202,9 @@ def evaluate(workdir: str, overrides: dict | None = None, quiet: bool = False) -
         steps, res, conv = solver_stats({"params": state.params, **state.model_state}, x[:r.batch_size])
         report["solver"] = {"mean_steps": float(steps), "mean_rel_residual": float(res),
                             "converged_fraction": float(conv)}
+        if entropy_cfg is not None and entropy_cfg.enabled:  # the defence's solves are not these
+            report["solver_scope"] = (f"undefended forward; the entropy defence re-solves in "
+                                      f"{int(entropy_cfg.rounds)} rounds of {int(entropy_cfg.round_steps)} steps")
     if not main:  # process 0 writes the files
         return report
     common.write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))

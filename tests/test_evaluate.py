@@ -100,3 +100,15 @@ def test_import_params_round_trip_and_mismatch(trained_tiny_deq, tmp_path):
     wider.model.width = 2 * config.model.width
     with pytest.raises(ValueError, match="does not fit the model of this config: parameter"):
         import_lib.import_params(wider, path, str(tmp_path / "bad"))
+
+
+def test_markdown_says_whose_solver_statistics_these_are(tmp_path):
+    """On an entropy-defended model the reported solver statistics are the undefended
+    forward's, and the report says so."""
+    report = {"clean_accuracy": 0.9, "n_examples": 10, "norm": "linf", "eps": [0.1],
+              "robust_accuracy": {"0.1": {"pgd/adaptive_bpda": 0.5}}, "worst_case": {"0.1": 0.5},
+              "sanity": {"flags": {}, "explanations": {}}, "solver": {"mean_steps": 12.0}}
+    assert "- solver `mean_steps`: 12" in evaluate_lib.write_markdown(report, str(tmp_path / "a.md"))
+    report["solver_scope"] = "undefended forward; the entropy defence re-solves in 3 rounds of 8 steps"
+    text = evaluate_lib.write_markdown(report, str(tmp_path / "b.md"))
+    assert "- solver (undefended forward; the entropy defence re-solves in 3 rounds of 8 steps) `mean_steps`: 12" in text
