@@ -303,6 +303,11 @@ def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConf
         # the shared counter t equals k for every example still running, so history
         # slots are indexed by an unbatched scalar (an in-place update, not a scatter)
         z_next, mstate = update(c.method_state, c.z, fz, c.t)
+        if differentiable:
+            # frozen history too: a stopped example's repeated (z, f(z)) pairs can make
+            # Anderson's system singular (ridge 0); its unused NaN step would still
+            # poison the unrolled gradient (0 · NaN). The while loop needs no such copy.
+            mstate = jax.tree.map(keep, mstate, c.method_state)
         traj = c.trajectory
         if return_trajectory:  # rows at or past an example's stop are overwritten below
             traj = lax.dynamic_update_index_in_dim(traj, z_next, c.t, 0)
