@@ -1,6 +1,6 @@
 """A small MDEQ on mnist_5k (the quick start): implicit gradient, Anderson solver.
 
-The robustness report after training is a quick one (~7 min on 2 CPU cores): ε ∈ {0.1,
+The robustness report after training is a quick one (~6 min on 2 CPU cores): ε ∈ {0.1,
 0.2}, PGD and APGD-CE with 10 steps through the implicit and simultaneous-adjoint
 gradient views, Square with 100 queries. The full report of base_config (4 radii,
 20 steps, the intermediate-state view, Square 300; ~45 min here) is one command away:
