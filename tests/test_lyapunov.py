@@ -245,6 +245,20 @@ def test_lyadeq_spurious_roots_are_reported_not_converged(x64):
     assert bool(jnp.all(stats.abs_residual < 1e-8)) and not bool(jnp.any(stats.converged))
 
 
+def test_implicit_gradient_never_reaches_the_lyapunov_function(x64):
+    """α = 0 with the implicit backward: at a root of the base cell the projection is
+    inactive, so z* does not depend on V and the ICNN's gradient is exactly zero (README,
+    "LyaDEQ": the Lyapunov function is not trained this way), while the base cell's is not."""
+    cfg = DEQConfig(forward=SolverConfig("anderson", max_iter=60, tol=1e-10, stop_mode="abs"))
+    model = tiny_model(0.0, cfg)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1), jnp.float64)
+    params = tiny_params(model, x)
+    g = jax.grad(lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, x)[0])))(params)
+    cell = g["equilibrium"]["cell"]
+    assert all(float(jnp.max(jnp.abs(l))) == 0.0 for l in jax.tree.leaves(cell["icnn"]))
+    assert sum(float(jnp.sum(jnp.abs(l))) for l in jax.tree.leaves(cell["base_cell"])) > 1e-3
+
+
 def test_lyadeq_alpha_positive_refuses_implicit_gradient():
     cfg = DEQConfig(forward=SolverConfig("anderson", max_iter=5))
     phantom = dataclasses.replace(cfg, backward="phantom")
