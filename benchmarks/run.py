@@ -36,7 +36,7 @@ NOTES = {
     "cpl_train": "CPLNet 4 conv CPL (16ch, inner 32, 28x28) + sumpool 4 + 2 dense CPL (784), "
                  "truncate, hinge 0.7, 1 power iteration/layer, Adam; batch {b}.",
     "conv": "The DEQ cell's conv_a alone: 3x3 stride 1 SAME, 32->64 channels, {b}x14x14, "
-            "forward (XLA:CPU conv vs torch/oneDNN); {gflops}.",
+            "forward (XLA:CPU conv vs torch/oneDNN)",
     "restarts": "PGD-10 on the DEQ, batch {b}: deqjax vmaps R restarts; torch loops "
                 "torchattacks.PGD R times. Time per restart.",
 }
@@ -69,7 +69,7 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
     def record(name, batch, fns, reps=reps, **extra):
         print(f"[{time.time() - t0:6.1f}s] {name} ...", flush=True)
         r = common.alternate(*fns, reps)
-        r.update(batch=batch, note=NOTES.get(name, "").format(b=batch, gflops="{gflops}"), **extra)
+        r.update(batch=batch, note=NOTES.get(name, "").format(b=batch), **extra)
         W[name] = r
         print(f"    deqjax {r['deqjax_s']:.4f}s  torch {r.get('torch_s', float('nan')):.4f}s  "
               f"ratio {r.get('ratio', float('nan')):.2f}  (compile {r['compile_s']:.1f}s)", flush=True)
@@ -98,9 +98,8 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
         r["gflops"] = {"deqjax": flops / r["deqjax_s"] / 1e9, "torch": flops / r["torch_s"] / 1e9,
                        "jax_gemm_same_flops": flops / gemm["deqjax_s"] / 1e9}
         g = r["gflops"]
-        r["note"] = NOTES["conv"].format(
-            b=sz["deq"], gflops=f"GFLOP/s deqjax {g['deqjax']:.0f}, torch {g['torch']:.0f}; "
-                                f"a JAX matmul of the same FLOPs runs at {g['jax_gemm_same_flops']:.0f}")
+        r["note"] += (f"; GFLOP/s deqjax {g['deqjax']:.0f}, torch {g['torch']:.0f}; "
+                      f"a JAX matmul of the same FLOPs runs at {g['jax_gemm_same_flops']:.0f}.")
     if "memory" in only:
         mem = []
         for fw in ("deqjax", "torch"):

@@ -64,7 +64,7 @@ def _conv2d_fwd(x, w, stride, padding):
     return _conv(x, w, stride, padding), (x, w)
 
 
-def _kernel_gradient(x, g, kernel_shape, stride=(1, 1), padding="SAME"):
+def _kernel_gradient(x, g, kernel_shape, stride, pads):
     """``∂ℓ/∂W[i, j, c, o] = Σ_{n,h,w} x̃[n, s·h+i, s·w+j, c] g[n, h, w, o]``, one
     contraction per kernel tap of the (strided) shifted padded input with the
     cotangent. Under ``vmap`` (per-example DEQ cells) these are batched matmuls; the
@@ -75,7 +75,7 @@ def _kernel_gradient(x, g, kernel_shape, stride=(1, 1), padding="SAME"):
     one-hot kernel of k²·C outputs) cost 3–6× more (measured per-example under vmap,
     batch 64, 14×14: 24 → 8 ms for 32→64 channels, 63 → 22 ms for 64→32)."""
     kh, kw, c_in, c_out = kernel_shape
-    (lo0, hi0), (lo1, hi1) = padding
+    (lo0, hi0), (lo1, hi1) = pads
     xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (lo0, hi0, 0), (lo1, hi1, 0), (0, 0, 0)))
     n, oh, ow = g.shape[0], g.shape[1], g.shape[2]
     s0, s1 = stride
@@ -88,9 +88,9 @@ def _kernel_gradient(x, g, kernel_shape, stride=(1, 1), padding="SAME"):
     return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
 
 
-def _transpose(y, w, in_hw, stride, padding):
-    """The adjoint convolution (module docstring), stride and padding normalised."""
-    pads = _pads(in_hw, w.shape[:2], stride, padding)
+def _transpose(y, w, in_hw, stride, pads):
+    """The adjoint convolution (module docstring); ``pads`` are the forward conv's
+    explicit ``((lo, hi), (lo, hi))``."""
     gpads = _input_gradient_pads(in_hw, w.shape[:2], y.shape[1:3], stride, pads)
     return lax.conv_general_dilated(y, transpose_kernel(w), (1, 1), gpads, lhs_dilation=tuple(stride),
                                     dimension_numbers=_DN)
@@ -99,7 +99,7 @@ def _transpose(y, w, in_hw, stride, padding):
 def _conv2d_bwd(stride, padding, res, g):
     x, w = res
     pads = _pads(x.shape[1:3], w.shape[:2], stride, padding)
-    dx = _transpose(g, w, x.shape[1:3], stride, padding)
+    dx = _transpose(g, w, x.shape[1:3], stride, pads)
     return dx, _kernel_gradient(x, g, w.shape, stride, pads).astype(w.dtype)
 
 
@@ -125,14 +125,13 @@ def conv2d_transpose(y: jax.Array, w: jax.Array, input_shape: Sequence[int],
     forward convolution of the module docstring (the input gradient of
     :func:`conv2d`). ``input_shape`` fixes the rows a strided conv skips."""
     stride, padding = _normalise(stride, padding)
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 4 or y.ndim != 4 or w.ndim != 4:
-        raise ValueError(f"need an NHWC input_shape (rank 4, got {input_shape}), an NHWC y (got {y.shape}) "
-                         f"and an HWIO kernel (got {w.shape})")
-    out = jax.eval_shape(lambda x: _conv(x, w, stride, padding), jax.ShapeDtypeStruct(input_shape, y.dtype))
+    x = jax.ShapeDtypeStruct(tuple(input_shape), y.dtype)
+    check_conv_args(x, w)
+    out = jax.eval_shape(lambda x: _conv(x, w, stride, padding), x)
     if y.shape != out.shape:
-        raise ValueError(f"y has shape {y.shape} but conv2d at input shape {input_shape} gives {out.shape}")
-    return _transpose(y, w.astype(y.dtype), input_shape[1:3], stride, padding)
+        raise ValueError(f"y has shape {y.shape} but conv2d at input shape {x.shape} gives {out.shape}")
+    pads = _pads(x.shape[1:3], w.shape[:2], stride, padding)
+    return _transpose(y, w.astype(y.dtype), x.shape[1:3], stride, pads)
 
 
 def _normalise(stride, padding):

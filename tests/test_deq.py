@@ -164,6 +164,8 @@ def test_conv2d_transpose_is_the_exact_adjoint(stride, padding, k, x64):
         np.testing.assert_allclose(lhs, rhs, rtol=1e-12)
     with pytest.raises(ValueError, match="gives"):
         conv2d_transpose(y[:, :-1], w, x.shape, stride, padding)
+    with pytest.raises(ValueError, match="channels"):
+        conv2d_transpose(y, w, x.shape[:3] + (5,), stride, padding)
 
 
 def test_fast_conv_layer_is_a_drop_in_for_nn_conv():
