@@ -13,7 +13,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -28,17 +28,31 @@ from deqjax.solvers import SolverConfig
 def deq_config(iters: int = 12, backward: str = "implicit") -> DEQConfig:
     """The benchmark DEQ: Anderson m=5, exactly ``iters`` forward evaluations (tol 0),
     fixed-point adjoint of exactly ``iters`` steps (tol 0)."""
-    return DEQConfig(forward=SolverConfig(method="anderson", max_iter=iters, tol=0.0,
-                                          anderson_m=5, stop_mode="rel"),
-                     backward=backward, adjoint_solver="fixed_point",
-                     adjoint_max_iter=iters, adjoint_tol=0.0)
+    return DEQConfig(
+        forward=SolverConfig(
+            method="anderson", max_iter=iters, tol=0.0, anderson_m=5, stop_mode="rel"
+        ),
+        backward=backward,
+        adjoint_solver="fixed_point",
+        adjoint_max_iter=iters,
+        adjoint_tol=0.0,
+    )
 
 
 def torchdeq_kwargs(iters: int = 12) -> dict:
     """torchdeq settings matching :func:`deq_config`."""
-    return dict(core="indexing", ift=True, f_solver="anderson", f_max_iter=iters, f_tol=0.0,
-                f_stop_mode="rel", b_solver="fixed_point_iter", b_max_iter=iters, b_tol=0.0,
-                b_stop_mode="rel")
+    return dict(
+        core="indexing",
+        ift=True,
+        f_solver="anderson",
+        f_max_iter=iters,
+        f_tol=0.0,
+        f_stop_mode="rel",
+        b_solver="fixed_point_iter",
+        b_max_iter=iters,
+        b_tol=0.0,
+        b_stop_mode="rel",
+    )
 
 
 def mdeq(iters: int = 12, backward: str = "implicit") -> MDEQClassifier:
@@ -69,6 +83,7 @@ def mnist_like(batch: int, seed: int = 0):
 
 def to_nchw(x):
     import torch
+
     return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(x), (0, 3, 1, 2))))
 
 
@@ -116,12 +131,15 @@ def steady_state_malloc(mmap_threshold_mb: int = 32) -> bool:
     applied (glibc only)."""
     import ctypes
     import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
         mb = 1 << 20
-        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold_mb * mb)
-                    and libc.mallopt(m_trim_threshold, 2 * mmap_threshold_mb * mb))
+        return bool(
+            libc.mallopt(m_mmap_threshold, mmap_threshold_mb * mb)
+            and libc.mallopt(m_trim_threshold, 2 * mmap_threshold_mb * mb)
+        )
     except (OSError, AttributeError):
         return False
 
@@ -129,12 +147,19 @@ def steady_state_malloc(mmap_threshold_mb: int = 32) -> bool:
 def machine(gpu: bool = False) -> dict:
     """Describe the machine (CPU, cores, load average, library versions, device)."""
     import torch
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "load_average_1_5_15": list(os.getloadavg()),
-            "jax": jax.__version__, "jax_backend": jax.default_backend(),
-            "jax_devices": [str(d) for d in jax.devices()], "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15": list(os.getloadavg()),
+        "jax": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
@@ -144,6 +169,7 @@ def machine(gpu: bool = False) -> dict:
     for mod in ("torchdeq", "torchattacks", "flax", "optax"):
         try:
             from importlib.metadata import version
+
             info[mod] = version(mod)
         except Exception:  # noqa: BLE001 - optional, version only
             info[mod] = None
@@ -154,6 +180,7 @@ def machine(gpu: bool = False) -> dict:
 
 def torch_device(gpu: bool):
     import torch
+
     return torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
 
 

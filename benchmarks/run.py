@@ -1,6 +1,7 @@
 """Run every benchmark workload in deqjax and its PyTorch peer; write JSON + Markdown.
 
-    python -m benchmarks.run [--quick] [--gpu] [--threads N] [--out benchmarks/results] [--only NAME ...]
+    python -m benchmarks.run [--quick] [--gpu] [--threads N] [--out benchmarks/results] \
+        [--only NAME ...]
 
 Both frameworks run in the same process with the same number of CPU threads
 (``--threads``, default 1), alternately, after warm-up (JAX's
@@ -23,27 +24,28 @@ WORKLOADS = ("deq_train", "pgd", "apgd", "cpl_train", "restarts", "conv", "memor
 
 NOTES = {
     "deq_train": "MDEQ batch {b}: Anderson m=5, 12 fwd evals (tol 0); IFT backward, fixed-point "
-                 "adjoint 12 steps (tol 0); Adam. torchdeq re-evaluates f twice around the solve "
-                 "(new_z=f(z*), f(h) in backward); deqjax linearises f once at z* for the adjoint "
-                 "iterations and the parameter VJP (the adjoint residual comes from the solver's "
-                 "own statistics).",
+    "adjoint 12 steps (tol 0); Adam. torchdeq re-evaluates f twice around the solve "
+    "(new_z=f(z*), f(h) in backward); deqjax linearises f once at z* for the adjoint "
+    "iterations and the parameter VJP (the adjoint residual comes from the solver's "
+    "own statistics).",
     "pgd": "PGD-10 L-inf eps .3 step .03 on the DEQ, batch {b}, implicit backward. deqjax does "
-           "10 fwd+bwd and 1 forward (scores the final iterate for best-iterate selection), "
-           "torchattacks 10 fwd+bwd.",
+    "10 fwd+bwd and 1 forward (scores the final iterate for best-iterate selection), "
+    "torchattacks 10 fwd+bwd.",
     "apgd": "APGD-CE 100 iters, L-inf eps .3, small conv net, batch {b}; both 101 fwd+bwd "
-            "(labels = clean predictions so torchattacks attacks every example). The Flax net "
-            "uses deqjax.models.FastConv (nn.Conv's parameters, forward-conv input gradient).",
+    "(labels = clean predictions so torchattacks attacks every example). The Flax net "
+    "uses deqjax.models.FastConv (nn.Conv's parameters, forward-conv input gradient).",
     "cpl_train": "CPLNet 4 conv CPL (16ch, inner 32, 28x28) + sumpool 4 + 2 dense CPL (784), "
-                 "truncate, hinge 0.7, 1 power iteration/layer, Adam; batch {b}.",
+    "truncate, hinge 0.7, 1 power iteration/layer, Adam; batch {b}.",
     "conv": "The DEQ cell's conv_a alone: 3x3 stride 1 SAME, 32->64 channels, {b}x14x14, "
-            "forward (XLA:CPU conv vs torch/oneDNN)",
+    "forward (XLA:CPU conv vs torch/oneDNN)",
     "restarts": "PGD-10 on the DEQ, batch {b}: deqjax vmaps R restarts; torch loops "
-                "torchattacks.PGD R times. Time per restart.",
+    "torchattacks.PGD R times. Time per restart.",
 }
 
 
 def _devices(gpu: bool):
     from benchmarks import common
+
     return common.torch_device(gpu)
 
 
@@ -57,12 +59,22 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
     malloc_fixed = common.steady_state_malloc()
     dev = _devices(gpu)
     reps = 3 if quick else 5
-    sz = dict(deq=8 if quick else 64, apgd=16 if quick else 128, cpl=16 if quick else 128,
-              restart=4 if quick else 8, mem=4 if quick else 16)
+    sz = dict(
+        deq=8 if quick else 64,
+        apgd=16 if quick else 128,
+        cpl=16 if quick else 128,
+        restart=4 if quick else 8,
+        mem=4 if quick else 16,
+    )
     apgd_steps = 10 if quick else 100
     only = set(only or WORKLOADS)
-    results = {"machine_before": common.machine(gpu), "quick": quick, "reps": reps,
-               "malloc_thresholds_fixed": malloc_fixed, "workloads": {}}
+    results = {
+        "machine_before": common.machine(gpu),
+        "quick": quick,
+        "reps": reps,
+        "malloc_thresholds_fixed": malloc_fixed,
+        "workloads": {},
+    }
     W = results["workloads"]
     t0 = time.time()
 
@@ -71,35 +83,55 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
         r = common.alternate(*fns, reps)
         r.update(batch=batch, note=NOTES.get(name, "").format(b=batch), **extra)
         W[name] = r
-        print(f"    deqjax {r['deqjax_s']:.4f}s  torch {r.get('torch_s', float('nan')):.4f}s  "
-              f"ratio {r.get('ratio', float('nan')):.2f}  (compile {r['compile_s']:.1f}s)", flush=True)
+        print(
+            f"    deqjax {r['deqjax_s']:.4f}s  torch {r.get('torch_s', float('nan')):.4f}s  "
+            f"ratio {r.get('ratio', float('nan')):.2f}  (compile {r['compile_s']:.1f}s)",
+            flush=True,
+        )
 
     if "deq_train" in only:
         record("deq_train", sz["deq"], deq.train_step(sz["deq"], 12, dev))
     if "pgd" in only:
         record("pgd", sz["deq"], deq.pgd_attack(sz["deq"], 12, 1, dev), reps=max(3, reps - 2))
     if "apgd" in only:
-        record("apgd", sz["apgd"], apgd.workload(sz["apgd"], apgd_steps, dev),
-               reps=max(3, reps - 2), steps=apgd_steps)
+        record(
+            "apgd",
+            sz["apgd"],
+            apgd.workload(sz["apgd"], apgd_steps, dev),
+            reps=max(3, reps - 2),
+            steps=apgd_steps,
+        )
     if "cpl_train" in only:
         record("cpl_train", sz["cpl"], cpl.workload(sz["cpl"], dev))
     if "restarts" in only:
         for r_ in (1, 10):
-            record(f"restarts_{r_}", sz["restart"], deq.pgd_attack(sz["restart"], 12, r_, dev),
-                   reps=3, restarts=r_)
+            record(
+                f"restarts_{r_}",
+                sz["restart"],
+                deq.pgd_attack(sz["restart"], 12, r_, dev),
+                reps=3,
+                restarts=r_,
+            )
             W[f"restarts_{r_}"]["note"] = NOTES["restarts"].format(b=sz["restart"])
             for k in ("deqjax_s", "torch_s"):
                 W[f"restarts_{r_}"][k.replace("_s", "_per_restart_s")] = W[f"restarts_{r_}"][k] / r_
     if "conv" in only:
         flops = kernels.conv_flops(sz["deq"])
-        record("conv", sz["deq"], kernels.conv(sz["deq"], dev), reps=50)  # ms-scale calls: many reps
+        record(
+            "conv", sz["deq"], kernels.conv(sz["deq"], dev), reps=50
+        )  # ms-scale calls: many reps
         gemm = common.alternate(kernels.gemm(sz["deq"]), None, 50)
         r = W["conv"]
-        r["gflops"] = {"deqjax": flops / r["deqjax_s"] / 1e9, "torch": flops / r["torch_s"] / 1e9,
-                       "jax_gemm_same_flops": flops / gemm["deqjax_s"] / 1e9}
+        r["gflops"] = {
+            "deqjax": flops / r["deqjax_s"] / 1e9,
+            "torch": flops / r["torch_s"] / 1e9,
+            "jax_gemm_same_flops": flops / gemm["deqjax_s"] / 1e9,
+        }
         g = r["gflops"]
-        r["note"] += (f"; GFLOP/s deqjax {g['deqjax']:.0f}, torch {g['torch']:.0f}; "
-                      f"a JAX matmul of the same FLOPs runs at {g['jax_gemm_same_flops']:.0f}.")
+        r["note"] += (
+            f"; GFLOP/s deqjax {g['deqjax']:.0f}, torch {g['torch']:.0f}; "
+            f"a JAX matmul of the same FLOPs runs at {g['jax_gemm_same_flops']:.0f}."
+        )
     if "memory" in only:
         mem = []
         for fw in ("deqjax", "torch"):
@@ -118,41 +150,66 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
 def markdown(res: dict) -> str:
     m = res["machine_before"]
     lines = [
-        "# deqjax vs PyTorch benchmarks", "",
+        "# deqjax vs PyTorch benchmarks",
+        "",
         f"Machine: {m.get('cpu')} ({m['cpu_count']} cores), {m['platform']}; "
         f"load average (1/5/15 min) before {m['load_average_1_5_15']}, after "
         f"{res['machine_after']['load_average_1_5_15']}; glibc malloc thresholds fixed: "
-        f"{'yes' if res.get('malloc_thresholds_fixed') else 'no'} (see benchmarks.common.steady_state_malloc).", "",
+        f"{'yes' if res.get('malloc_thresholds_fixed') else 'no'} "
+        "(see benchmarks.common.steady_state_malloc).",
+        "",
         f"jax {m['jax']} ({m['jax_backend']}), flax {m['flax']}, optax {m['optax']}; "
         f"torch {m['torch']} ({m['torch_threads']} threads), torchdeq {m['torchdeq']}, "
-        f"torchattacks {m['torchattacks']}" + (f"; GPU: {m.get('gpu')}" if "gpu" in m else "") + ".",
-        "", f"Median wall-clock seconds over {res['reps']} alternating repetitions after warm-up "
-        f"({'quick' if res['quick'] else 'full'} sizes). ratio = deqjax / torch (< 1: deqjax faster).",
-        "", "| workload | batch | deqjax (s) | torch (s) | ratio | deqjax compile (s) | what runs |",
-        "|---|---|---|---|---|---|---|"]
+        f"torchattacks {m['torchattacks']}"
+        + (f"; GPU: {m.get('gpu')}" if "gpu" in m else "")
+        + ".",
+        "",
+        f"Median wall-clock seconds over {res['reps']} alternating repetitions after warm-up "
+        f"({'quick' if res['quick'] else 'full'} sizes). "
+        "ratio = deqjax / torch (< 1: deqjax faster).",
+        "",
+        "| workload | batch | deqjax (s) | torch (s) | ratio | deqjax compile (s) | what runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in res["workloads"].items():
         if name == "memory":
             continue
-        lines.append(f"| {name} | {r['batch']} | {r['deqjax_s']:.4f} | {r.get('torch_s', float('nan')):.4f} | "
-                     f"{r.get('ratio', float('nan')):.2f} | {r['compile_s']:.1f} | {r['note']} |")
+        lines.append(
+            f"| {name} | {r['batch']} | {r['deqjax_s']:.4f} "
+            f"| {r.get('torch_s', float('nan')):.4f} | "
+            f"{r.get('ratio', float('nan')):.2f} | {r['compile_s']:.1f} | {r['note']} |"
+        )
     w = res["workloads"]
     if "restarts_1" in w and "restarts_10" in w:
         a, b = w["restarts_1"], w["restarts_10"]
-        lines += ["", f"Restarts: per-restart time deqjax {a['deqjax_per_restart_s']:.4f} s (R=1) → "
-                  f"{b['deqjax_per_restart_s']:.4f} s (R=10, vmapped); torch {a['torch_per_restart_s']:.4f} s → "
-                  f"{b['torch_per_restart_s']:.4f} s (looped)."]
+        lines += [
+            "",
+            f"Restarts: per-restart time deqjax {a['deqjax_per_restart_s']:.4f} s (R=1) → "
+            f"{b['deqjax_per_restart_s']:.4f} s (R=10, vmapped); "
+            f"torch {a['torch_per_restart_s']:.4f} s → "
+            f"{b['torch_per_restart_s']:.4f} s (looped).",
+        ]
     if "memory" in w:
-        lines += ["", "Memory of one DEQ forward+backward (fresh subprocess per row; MB above the "
-                  "pre-run RSS; XLA temp = compiled buffer plan):", "",
-                  "| framework | backward | iters | batch | peak RSS delta (MB) | XLA temp (MB) |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Memory of one DEQ forward+backward (fresh subprocess per row; MB above the "
+            "pre-run RSS; XLA temp = compiled buffer plan):",
+            "",
+            "| framework | backward | iters | batch | peak RSS delta (MB) | XLA temp (MB) |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in w["memory"]:
             if "error" in r:
-                lines.append(f"| {r['framework']} | {r['backward']} | {r['iters']} | {r['batch']} | error | |")
+                lines.append(
+                    f"| {r['framework']} | {r['backward']} | "
+                    f"{r['iters']} | {r['batch']} | error | |"
+                )
                 continue
             xt = r.get("xla_temp_mb")
-            lines.append(f"| {r['framework']} | {r['backward']} | {r['iters']} | {r['batch']} | "
-                         f"{r['peak_delta_mb']:.1f} | {'' if xt is None else f'{xt:.1f}'} |")
+            lines.append(
+                f"| {r['framework']} | {r['backward']} | {r['iters']} | {r['batch']} | "
+                f"{r['peak_delta_mb']:.1f} | {'' if xt is None else f'{xt:.1f}'} |"
+            )
     lines += ["", f"Total benchmark time: {res['total_s']:.0f} s.", ""]
     return "\n".join(lines)
 
@@ -187,9 +244,13 @@ def main(argv=None):
     p.add_argument("--gpu", action="store_true", help="torch on CUDA; report the GPU name")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--only", nargs="*", choices=WORKLOADS, help="run only these workloads")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for BOTH frameworks (default 1: equal resources; on a "
-                        "shared, oversubscribed machine torch's OpenMP pool slows 10x+)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for BOTH frameworks (default 1: equal resources; on a "
+        "shared, oversubscribed machine torch's OpenMP pool slows 10x+)",
+    )
     a = p.parse_args(argv)
     if not a.gpu:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")

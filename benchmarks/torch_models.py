@@ -87,8 +87,16 @@ class TorchMDEQ(nn.Module):
     autograd differentiates through (:func:`anderson_unrolled`, the memory
     workload's "unroll" backward)."""
 
-    def __init__(self, width=32, inner=64, groups=8, num_classes=10, deq_kwargs=None,
-                 anderson_m=5, unroll_iters=0):
+    def __init__(
+        self,
+        width=32,
+        inner=64,
+        groups=8,
+        num_classes=10,
+        deq_kwargs=None,
+        anderson_m=5,
+        unroll_iters=0,
+    ):
         super().__init__()
         self.inj = nn.Conv2d(1, width, 3, stride=2, padding=0)
         self.cell = TorchMDEQCell(width, inner, groups)
@@ -98,6 +106,7 @@ class TorchMDEQ(nn.Module):
         self.deq = None
         if not unroll_iters:
             from torchdeq import get_deq
+
             self.deq = get_deq(**(deq_kwargs or {}))
 
     def load_flax(self, params):
@@ -116,11 +125,9 @@ class TorchMDEQ(nn.Module):
         u = self.inj(same_pad(x, 3, 2))
         z0 = torch.zeros_like(u)
         if self.unroll_iters:
-            z = anderson_unrolled(lambda z: self.cell(z, u), z0, self.unroll_iters,
-                                  self.anderson_m)
+            z = anderson_unrolled(lambda z: self.cell(z, u), z0, self.unroll_iters, self.anderson_m)
         else:
-            zs, _ = self.deq(lambda z: self.cell(z, u), z0,
-                             solver_kwargs={"m": self.anderson_m})
+            zs, _ = self.deq(lambda z: self.cell(z, u), z0, solver_kwargs={"m": self.anderson_m})
             z = zs[-1]
         return self.dense(self.head_gn(z).mean(dim=(2, 3)))
 
@@ -132,7 +139,7 @@ def anderson_unrolled(f, z0, iters: int, m: int = 5, lam: float = 1e-4):
     bsz = z0.shape[0]
     xs, fs = [z0.reshape(bsz, -1)], [f(z0).reshape(bsz, -1)]
     z = fs[0]
-    for k in range(1, iters):
+    for _ in range(1, iters):
         xs.append(z)
         fs.append(f(z.view_as(z0)).reshape(bsz, -1))
         xs, fs = xs[-m:], fs[-m:]
@@ -191,11 +198,12 @@ class ConvexPotentialLayerConv(nn.Module):
         res = F.conv_transpose2d(res, self.kernel, padding=self.pad)
         with torch.no_grad():  # one power-iteration step, persistent vector
             u = self.u / self.u.norm()
-            u = F.conv_transpose2d(F.conv2d(u, self.kernel, padding=self.pad), self.kernel,
-                                   padding=self.pad)
+            u = F.conv_transpose2d(
+                F.conv2d(u, self.kernel, padding=self.pad), self.kernel, padding=self.pad
+            )
             self.u.copy_(u / u.norm().clamp_min(1e-12))
         sigma = F.conv2d(self.u, self.kernel, padding=self.pad).norm()
-        return x - 2.0 / (sigma ** 2 + self.eps) * res
+        return x - 2.0 / (sigma**2 + self.eps) * res
 
 
 class ConvexPotentialLayerLinear(nn.Module):
@@ -213,24 +221,35 @@ class ConvexPotentialLayerLinear(nn.Module):
             u = self.weight.t() @ (self.weight @ u)
             self.u.copy_(u / u.norm().clamp_min(1e-12))
         sigma = (self.weight @ self.u).norm()
-        return x - 2.0 / (sigma ** 2 + self.eps) * res
+        return x - 2.0 / (sigma**2 + self.eps) * res
 
 
 class TorchCPLNet(nn.Module):
     """Pad channels → conv CPLs → sum-pool/k → flatten (NHWC order) → dense CPLs →
     truncate to the first ``num_classes`` coordinates."""
 
-    def __init__(self, size=28, depth=4, depth_linear=2, channels=16, inner=32,
-                 linear_width=784, num_classes=10, pool=4):
+    def __init__(
+        self,
+        size=28,
+        depth=4,
+        depth_linear=2,
+        channels=16,
+        inner=32,
+        linear_width=784,
+        num_classes=10,
+        pool=4,
+    ):
         super().__init__()
         self.channels, self.pool, self.num_classes = channels, pool, num_classes
-        self.convs = nn.ModuleList(ConvexPotentialLayerConv(size, channels, inner)
-                                   for _ in range(depth))
+        self.convs = nn.ModuleList(
+            ConvexPotentialLayerConv(size, channels, inner) for _ in range(depth)
+        )
         flat = (size // pool) ** 2 * channels
         self.linear_width = linear_width
         d = max(flat, linear_width)
-        self.denses = nn.ModuleList(ConvexPotentialLayerLinear(d, linear_width)
-                                    for _ in range(depth_linear))
+        self.denses = nn.ModuleList(
+            ConvexPotentialLayerLinear(d, linear_width) for _ in range(depth_linear)
+        )
 
     def load_flax(self, variables):
         p, s = variables["params"], variables["power_iteration"]
@@ -254,4 +273,4 @@ class TorchCPLNet(nn.Module):
             x = F.pad(x, (0, self.linear_width - x.shape[1]))
         for layer in self.denses:
             x = layer(x)
-        return x[:, :self.num_classes]
+        return x[:, : self.num_classes]

@@ -5,13 +5,28 @@ The core is pure functions on arrays and pytrees (usable inside your own
 """
 
 from deqjax.conv import conv2d, conv2d_transpose
-from deqjax.deq import (ADJOINT_SOLVERS, BACKWARD_MODES, DEQConfig, adjoint_solve, damped_steps,
-                        deq_fixed_point, jacobian_frobenius_sq)
-from deqjax.solvers import SOLVERS, SolverConfig, SolverStats, solve
-
-from deqjax.lyapunov import (StabilityReport, check_positive_definite, icnn_apply, icnn_init,
-                             lyapunov_value, project_dynamics, projected_dynamics, rehu, stability_check)
+from deqjax.deq import (
+    ADJOINT_SOLVERS,
+    BACKWARD_MODES,
+    DEQConfig,
+    adjoint_solve,
+    damped_steps,
+    deq_fixed_point,
+    jacobian_frobenius_sq,
+)
+from deqjax.lyapunov import (
+    StabilityReport,
+    check_positive_definite,
+    icnn_apply,
+    icnn_init,
+    lyapunov_value,
+    project_dynamics,
+    projected_dynamics,
+    rehu,
+    stability_check,
+)
 from deqjax.orthogonal import ORTHOGONAL_KINDS, OrthogonalDense, orthogonal_init, orthogonal_matrix
 from deqjax.regulation import bpda_defended_logits, entropy_reduction, prediction_entropy
+from deqjax.solvers import SOLVERS, SolverConfig, SolverStats, solve
 
 __version__ = "0.1.0"

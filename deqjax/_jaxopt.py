@@ -15,11 +15,11 @@ What deqjax takes from jaxopt:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*JAXopt is no longer maintained.*")
-    import jaxopt  # noqa: E402
     from jaxopt import implicit_diff as _implicit_diff  # noqa: E402
     from jaxopt import linear_solve as _linear_solve  # noqa: E402
 
@@ -42,18 +42,19 @@ def krylov_solve(name: str, matvec: Matvec, b, *, tol: float, maxiter: int):
         return _linear_solve.solve_bicgstab(matvec, b, tol=tol, maxiter=maxiter)
     if name == "normal_cg":
         return _linear_solve.solve_normal_cg(matvec, b, tol=tol, maxiter=maxiter)
-    raise ValueError(
-        f"unknown Krylov solver {name!r}; choose one of {KRYLOV_SOLVERS}")
+    raise ValueError(f"unknown Krylov solver {name!r}; choose one of {KRYLOV_SOLVERS}")
 
 
-def custom_root_reference(optimality_fun: Callable, solver: Callable, *,
-                          solve: Callable | None = None) -> Callable:
+def custom_root_reference(
+    optimality_fun: Callable, solver: Callable, *, solve: Callable | None = None
+) -> Callable:
     """Wrap ``solver`` with jaxopt's ``custom_root`` (implicit differentiation).
 
     Used as an independent check of deqjax's own IFT backward in the tests.
     """
-    solve = solve or (lambda matvec, b: _linear_solve.solve_gmres(
-        matvec, b, tol=1e-12, maxiter=500))
+    solve = solve or (
+        lambda matvec, b: _linear_solve.solve_gmres(matvec, b, tol=1e-12, maxiter=500)
+    )
     return _implicit_diff.custom_root(optimality_fun, solve=solve)(solver)
 
 
@@ -64,4 +65,5 @@ def projection_simplex_reference(v):
     """jaxopt's Euclidean projection onto the probability simplex; an independent
     reference for deqjax.otad.qp.projection_simplex in the tests."""
     from jaxopt.projection import projection_simplex
+
     return projection_simplex(v)

@@ -34,35 +34,81 @@ def _attack_logits(apply_fn, attack_apply_fn, params):
     return lambda xx: fn(frozen, xx)
 
 
-def pgd_adversarial_examples(apply_fn, params, x, y, key, *, eps, step, steps,
-                             norm="linf", attack_apply_fn=None, rand_init=True):
+def pgd_adversarial_examples(
+    apply_fn,
+    params,
+    x,
+    y,
+    key,
+    *,
+    eps,
+    step,
+    steps,
+    norm="linf",
+    attack_apply_fn=None,
+    rand_init=True,
+):
     """PGD adversarial inputs for training (no gradient flows to params or x)."""
     logits_fn = _attack_logits(apply_fn, attack_apply_fn, params)
-    x_adv = pgd(logits_fn, x, y, key, eps=eps, norm=norm, steps=steps, step_size=step,
-                rand_init=rand_init)
+    x_adv = pgd(
+        logits_fn, x, y, key, eps=eps, norm=norm, steps=steps, step_size=step, rand_init=rand_init
+    )
     return lax.stop_gradient(x_adv)
 
 
-def pgd_at_loss(apply_fn, params, x, y, key, *, eps, step, steps, norm="linf",
-                attack_apply_fn=None, rand_init=True):
+def pgd_at_loss(
+    apply_fn,
+    params,
+    x,
+    y,
+    key,
+    *,
+    eps,
+    step,
+    steps,
+    norm="linf",
+    attack_apply_fn=None,
+    rand_init=True,
+):
     """PGD adversarial-training loss mean_i CE(f_θ(x_adv_i), y_i) (Madry et al. 2018).
 
     Reference setting (CIFAR-10, DEQ robustness papers): eps=8/255, step=2/255,
     steps=10, L∞, uniform random start.
     """
-    x_adv = pgd_adversarial_examples(apply_fn, params, x, y, key, eps=eps, step=step,
-                                     steps=steps, norm=norm,
-                                     attack_apply_fn=attack_apply_fn, rand_init=rand_init)
+    x_adv = pgd_adversarial_examples(
+        apply_fn,
+        params,
+        x,
+        y,
+        key,
+        eps=eps,
+        step=step,
+        steps=steps,
+        norm=norm,
+        attack_apply_fn=attack_apply_fn,
+        rand_init=rand_init,
+    )
     return jnp.mean(C.ce_loss(apply_fn(params, x_adv), y))
 
 
-def mixed_adversarial_loss(apply_fn, params, x, y, key, *, eps, step, steps,
-                           norm="linf", weight=0.5, attack_apply_fn=None):
+def mixed_adversarial_loss(
+    apply_fn, params, x, y, key, *, eps, step, steps, norm="linf", weight=0.5, attack_apply_fn=None
+):
     """(1 − weight)·CE(clean) + weight·CE(PGD adversarial); weight ∈ [0, 1]."""
     if not isinstance(weight, jax.Array) and not (0.0 <= float(weight) <= 1.0):
         raise ValueError(f"weight must be in [0, 1], got {weight}.")
-    x_adv = pgd_adversarial_examples(apply_fn, params, x, y, key, eps=eps, step=step,
-                                     steps=steps, norm=norm, attack_apply_fn=attack_apply_fn)
+    x_adv = pgd_adversarial_examples(
+        apply_fn,
+        params,
+        x,
+        y,
+        key,
+        eps=eps,
+        step=step,
+        steps=steps,
+        norm=norm,
+        attack_apply_fn=attack_apply_fn,
+    )
     clean = jnp.mean(C.ce_loss(apply_fn(params, x), y))
     adv = jnp.mean(C.ce_loss(apply_fn(params, x_adv), y))
     return (1.0 - weight) * clean + weight * adv
@@ -75,13 +121,14 @@ def _kl(logits_p, logits_q):
     return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
 
 
-def trades_adversarial_examples(apply_fn, params, x, key, *, eps, step=None, steps=10,
-                                norm="linf", attack_apply_fn=None):
+def trades_adversarial_examples(
+    apply_fn, params, x, key, *, eps, step=None, steps=10, norm="linf", attack_apply_fn=None
+):
     """TRADES inner maximisation of KL(p(x) ‖ p(x')) over x' ∈ B_eps(x) ∩ [0, 1]."""
     C.check_norm(norm)
     C.check_eps(eps)
     steps = C.check_positive_int("steps", steps)
-    step = eps / 4.0 if step is None else step      # TRADES CIFAR: 0.007 for eps 0.031
+    step = eps / 4.0 if step is None else step  # TRADES CIFAR: 0.007 for eps 0.031
     logits_fn = _attack_logits(apply_fn, attack_apply_fn, params)
     p_nat = lax.stop_gradient(logits_fn(x))
     kl_sum = lambda xa: jnp.sum(_kl(p_nat, logits_fn(xa)))
@@ -94,14 +141,34 @@ def trades_adversarial_examples(apply_fn, params, x, key, *, eps, step=None, ste
     return lax.stop_gradient(lax.fori_loop(0, steps, body, x0))
 
 
-def trades_loss(apply_fn, params, x, y, key, *, eps, step=None, steps=10, beta=6.0,
-                norm="linf", attack_apply_fn=None):
+def trades_loss(
+    apply_fn,
+    params,
+    x,
+    y,
+    key,
+    *,
+    eps,
+    step=None,
+    steps=10,
+    beta=6.0,
+    norm="linf",
+    attack_apply_fn=None,
+):
     """TRADES loss mean_i [CE(f_θ(x_i), y_i) + β·KL(p_θ(x_i) ‖ p_θ(x_adv_i))]
     (Zhang et al. 2019; β = 6, eps = 0.031, step = 0.007, 10 steps on CIFAR-10)."""
     x, y = jnp.asarray(x), jnp.asarray(y)
     C.check_inputs(lambda xx: apply_fn(params, xx), x, y)
-    x_adv = trades_adversarial_examples(apply_fn, params, x, key, eps=eps, step=step,
-                                        steps=steps, norm=norm,
-                                        attack_apply_fn=attack_apply_fn)
+    x_adv = trades_adversarial_examples(
+        apply_fn,
+        params,
+        x,
+        key,
+        eps=eps,
+        step=step,
+        steps=steps,
+        norm=norm,
+        attack_apply_fn=attack_apply_fn,
+    )
     logits = apply_fn(params, x)
     return jnp.mean(C.ce_loss(logits, y) + beta * _kl(logits, apply_fn(params, x_adv)))

@@ -24,7 +24,7 @@ input with the cotangent, one per kernel tap (see :func:`_kernel_gradient`).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,9 @@ _DN = ("NHWC", "HWIO", "NHWC")
 
 
 def _conv(x, w, stride=(1, 1), padding="SAME"):
-    return lax.conv_general_dilated(x, w, window_strides=tuple(stride), padding=padding,
-                                    dimension_numbers=_DN)
+    return lax.conv_general_dilated(
+        x, w, window_strides=tuple(stride), padding=padding, dimension_numbers=_DN
+    )
 
 
 def transpose_kernel(w: jax.Array) -> jax.Array:
@@ -51,8 +52,10 @@ def _pads(in_hw, k_hw, stride, padding):
 
 def _input_gradient_pads(in_hw, k_hw, out_hw, stride, pads):
     """Padding of the dilated cotangent for the input gradient (module docstring)."""
-    return [(k - 1 - lo, n - (o - 1) * s - 1 + lo)
-            for n, k, o, s, (lo, _) in zip(in_hw, k_hw, out_hw, stride, pads)]
+    return [
+        (k - 1 - lo, n - (o - 1) * s - 1 + lo)
+        for n, k, o, s, (lo, _) in zip(in_hw, k_hw, out_hw, stride, pads)
+    ]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -82,8 +85,12 @@ def _kernel_gradient(x, g, kernel_shape, stride, pads):
     taps = []
     for i in range(kh):
         for j in range(kw):
-            xs = lax.slice(xp, (0, i, j, 0), (n, i + (oh - 1) * s0 + 1, j + (ow - 1) * s1 + 1, c_in),
-                           (1, s0, s1, 1))
+            xs = lax.slice(
+                xp,
+                (0, i, j, 0),
+                (n, i + (oh - 1) * s0 + 1, j + (ow - 1) * s1 + 1, c_in),
+                (1, s0, s1, 1),
+            )
             taps.append(jnp.einsum("nhwc,nhwo->co", xs, g))
     return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
 
@@ -92,8 +99,9 @@ def _transpose(y, w, in_hw, stride, pads):
     """The adjoint convolution (module docstring); ``pads`` are the forward conv's
     explicit ``((lo, hi), (lo, hi))``."""
     gpads = _input_gradient_pads(in_hw, w.shape[:2], y.shape[1:3], stride, pads)
-    return lax.conv_general_dilated(y, transpose_kernel(w), (1, 1), gpads, lhs_dilation=tuple(stride),
-                                    dimension_numbers=_DN)
+    return lax.conv_general_dilated(
+        y, transpose_kernel(w), (1, 1), gpads, lhs_dilation=tuple(stride), dimension_numbers=_DN
+    )
 
 
 def _conv2d_bwd(stride, padding, res, g):
@@ -106,8 +114,12 @@ def _conv2d_bwd(stride, padding, res, g):
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def conv2d(x: jax.Array, w: jax.Array, stride: int | Sequence[int] = 1,
-           padding: str | Sequence[tuple[int, int]] = "SAME") -> jax.Array:
+def conv2d(
+    x: jax.Array,
+    w: jax.Array,
+    stride: int | Sequence[int] = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+) -> jax.Array:
     """2-D convolution (cross-correlation; NHWC input, HWIO kernel) with ``stride``
     (an int or a pair) and ``padding`` (``"SAME"``, ``"VALID"`` or ``((lo, hi), (lo,
     hi))``), equal to ``lax.conv_general_dilated`` in value and gradient, whose
@@ -117,9 +129,13 @@ def conv2d(x: jax.Array, w: jax.Array, stride: int | Sequence[int] = 1,
     return _conv2d(x, w, stride, padding)
 
 
-def conv2d_transpose(y: jax.Array, w: jax.Array, input_shape: Sequence[int],
-                     stride: int | Sequence[int] = 1,
-                     padding: str | Sequence[tuple[int, int]] = "SAME") -> jax.Array:
+def conv2d_transpose(
+    y: jax.Array,
+    w: jax.Array,
+    input_shape: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+) -> jax.Array:
     """The exact adjoint of :func:`conv2d` with kernel ``w`` at NHWC ``input_shape``:
     ``⟨conv2d(x, w), y⟩ = ⟨x, conv2d_transpose(y, w, x.shape)⟩``, written as the
     forward convolution of the module docstring (the input gradient of
@@ -129,7 +145,9 @@ def conv2d_transpose(y: jax.Array, w: jax.Array, input_shape: Sequence[int],
     check_conv_args(x, w)
     out = jax.eval_shape(lambda x: _conv(x, w, stride, padding), x)
     if y.shape != out.shape:
-        raise ValueError(f"y has shape {y.shape} but conv2d at input shape {x.shape} gives {out.shape}")
+        raise ValueError(
+            f"y has shape {y.shape} but conv2d at input shape {x.shape} gives {out.shape}"
+        )
     pads = _pads(x.shape[1:3], w.shape[:2], stride, padding)
     return _transpose(y, w.astype(y.dtype), x.shape[1:3], stride, pads)
 
@@ -140,7 +158,9 @@ def _normalise(stride, padding):
         raise ValueError(f"stride must be a positive int or a pair of them, got {stride}")
     if isinstance(padding, str):
         if padding not in ("SAME", "VALID"):
-            raise ValueError(f"padding must be 'SAME', 'VALID' or ((lo, hi), (lo, hi)), got {padding!r}")
+            raise ValueError(
+                f"padding must be 'SAME', 'VALID' or ((lo, hi), (lo, hi)), got {padding!r}"
+            )
     else:
         padding = tuple(tuple(int(v) for v in p) for p in padding)
         if len(padding) != 2 or any(len(p) != 2 for p in padding):
@@ -151,8 +171,10 @@ def _normalise(stride, padding):
 def check_conv_args(x: jax.Array, w: jax.Array) -> None:
     """Trace-time checks with messages that say what to fix."""
     if x.ndim != 4:
-        raise ValueError(f"conv2d expects an NHWC input of rank 4, got shape {x.shape}; "
-                         "add a batch axis with x[None] for a single example")
+        raise ValueError(
+            f"conv2d expects an NHWC input of rank 4, got shape {x.shape}; "
+            "add a batch axis with x[None] for a single example"
+        )
     if w.ndim != 4:
         raise ValueError(f"conv2d expects an HWIO kernel of rank 4, got shape {w.shape}")
     if x.shape[-1] != w.shape[2]:

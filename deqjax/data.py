@@ -17,7 +17,7 @@ restart (what preemption-safe training needs).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -47,14 +47,20 @@ def validate_images(x, name: str = "images") -> None:
     if x.ndim != 4:
         raise ValueError(f"{name} must have shape (batch, height, width, channels), got {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{name} must be float in [0, 1], got dtype {x.dtype}; divide uint8 by 255")
+        raise ValueError(
+            f"{name} must be float in [0, 1], got dtype {x.dtype}; divide uint8 by 255"
+        )
     if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contain {int(np.sum(~np.isfinite(x)))} non-finite values (NaN/inf); "
-                         "clean the data before training or attacking")
+        raise ValueError(
+            f"{name} contain {int(np.sum(~np.isfinite(x)))} non-finite values (NaN/inf); "
+            "clean the data before training or attacking"
+        )
     lo, hi = float(x.min()), float(x.max())
     if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
-                         "rescale (e.g. x / 255) — attacks and certificates assume [0, 1] inputs")
+        raise ValueError(
+            f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; "
+            "rescale (e.g. x / 255) — attacks and certificates assume [0, 1] inputs"
+        )
 
 
 def validate_labels(y, num_classes: int, name: str = "labels") -> None:
@@ -62,7 +68,9 @@ def validate_labels(y, num_classes: int, name: str = "labels") -> None:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{name} must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"{name} must lie in [0, {num_classes}), got values in [{y.min()}, {y.max()}]")
+        raise ValueError(
+            f"{name} must lie in [0, {num_classes}), got values in [{y.min()}, {y.max()}]"
+        )
 
 
 def mnist_5k() -> Dataset:
@@ -80,7 +88,9 @@ def mnist_5k() -> Dataset:
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
     train_idx = rng.permutation(np.concatenate(train_idx))
-    test_idx = rng.permutation(np.concatenate(test_idx))  # shuffled: limit_test / n_examples take a class mix
+    test_idx = rng.permutation(
+        np.concatenate(test_idx)
+    )  # shuffled: limit_test / n_examples take a class mix
     return Dataset("mnist_5k", x[train_idx], y[train_idx], x[test_idx], y[test_idx], 10)
 
 
@@ -94,8 +104,10 @@ def _tfds_split(name: str, split: str, data_dir: str | None):
             f"TFDS dataset {name!r} (split {split!r}) is not prepared in "
             f"{data_dir or '~/tensorflow_datasets'}: {err}. deqjax never downloads at run time: "
             f"run `tfds build {name} --file_format=array_record` on a machine with network access "
-            f"and copy the data directory here (or pass --config.data_dir=PATH), or use the embedded "
-            f"'mnist_5k' dataset.") from err
+            "and copy the data directory here (or pass "
+            "--config.data_dir=PATH), or use the embedded "
+            f"'mnist_5k' dataset."
+        ) from err
     n = len(source)
     records = [source[i] for i in range(n)]
     images = np.stack([np.asarray(r["image"]) for r in records])
@@ -106,29 +118,36 @@ def _tfds_split(name: str, split: str, data_dir: str | None):
     return images.astype(np.float32) / 255.0, labels, num_classes
 
 
-def load_tfds(name: str, data_dir: str | None = None, train_split: str = "train",
-              test_split: str = "test") -> Dataset:
+def load_tfds(
+    name: str, data_dir: str | None = None, train_split: str = "train", test_split: str = "test"
+) -> Dataset:
     """A prepared TFDS image dataset as in-memory arrays (see module docstring)."""
     xtr, ytr, num_classes = _tfds_split(name, train_split, data_dir)
     xte, yte, _ = _tfds_split(name, test_split, data_dir)
     return Dataset(name, xtr, ytr, xte, yte, num_classes)
 
 
-def load_dataset(name: str, data_dir: str | None = None, limit_train: int = 0,
-                 limit_test: int = 0) -> Dataset:
+def load_dataset(
+    name: str, data_dir: str | None = None, limit_train: int = 0, limit_test: int = 0
+) -> Dataset:
     """``mnist_5k`` or a TFDS dataset name; ``limit_*`` keep the first N examples (0 = all)."""
     if name == "mnist_5k":
         ds = mnist_5k()
     elif name in TFDS_DATASETS or name.split(":")[0] in TFDS_DATASETS:
         ds = load_tfds(name, data_dir)
     else:
-        raise ValueError(f"unknown dataset {name!r}; choose 'mnist_5k' (embedded) or a TFDS image "
-                         f"dataset such as {TFDS_DATASETS}")
+        raise ValueError(
+            f"unknown dataset {name!r}; choose 'mnist_5k' (embedded) or a TFDS image "
+            f"dataset such as {TFDS_DATASETS}"
+        )
     if limit_train or limit_test:
         ds = dataclasses.replace(
             ds,
-            train_images=ds.train_images[:limit_train or None], train_labels=ds.train_labels[:limit_train or None],
-            test_images=ds.test_images[:limit_test or None], test_labels=ds.test_labels[:limit_test or None])
+            train_images=ds.train_images[: limit_train or None],
+            train_labels=ds.train_labels[: limit_train or None],
+            test_images=ds.test_images[: limit_test or None],
+            test_labels=ds.test_labels[: limit_test or None],
+        )
     return ds
 
 
@@ -137,9 +156,16 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
-                  epoch: int, start_batch: int = 0, drop_last: bool = True
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def epoch_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+    drop_last: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Shuffled batches of one epoch, resumable at ``start_batch``."""
     n = len(images)
     if batch_size > n:
@@ -149,7 +175,7 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, se
     for b, i in enumerate(range(0, stop, batch_size)):
         if b < start_batch:
             continue
-        idx = perm[i:i + batch_size]
+        idx = perm[i : i + batch_size]
         yield images[idx], labels[idx]
 
 
@@ -160,4 +186,4 @@ def batches_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int):
     """Batches in order, the last one possibly smaller."""
     for i in range(0, len(images), batch_size):
-        yield images[i:i + batch_size], labels[i:i + batch_size]
+        yield images[i : i + batch_size], labels[i : i + batch_size]

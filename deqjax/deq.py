@@ -33,14 +33,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from deqjax import _jaxopt
-from deqjax.solvers import SolverConfig, SolverStats, solve
+from deqjax.solvers import SolverConfig, solve
 
 BACKWARD_MODES = ("implicit", "phantom", "unroll")
 ADJOINT_SOLVERS = ("fixed_point", "anderson", "broyden") + _jaxopt.KRYLOV_SOLVERS
@@ -71,19 +72,33 @@ class DEQConfig:
 
     def __post_init__(self):
         if self.backward not in BACKWARD_MODES:
-            raise ValueError(f"unknown backward mode {self.backward!r}; choose one of {BACKWARD_MODES}")
+            raise ValueError(
+                f"unknown backward mode {self.backward!r}; choose one of {BACKWARD_MODES}"
+            )
         if self.adjoint_solver not in ADJOINT_SOLVERS:
-            raise ValueError(f"unknown adjoint_solver {self.adjoint_solver!r}; choose one of {ADJOINT_SOLVERS}")
+            raise ValueError(
+                f"unknown adjoint_solver {self.adjoint_solver!r}; choose one of {ADJOINT_SOLVERS}"
+            )
         if int(self.phantom_steps) < 1:
             raise ValueError(f"phantom_steps must be >= 1, got {self.phantom_steps}")
         if not 0 < self.phantom_damping <= 1:
             raise ValueError(f"phantom_damping must be in (0, 1], got {self.phantom_damping}")
 
     def adjoint_config(self) -> SolverConfig:
-        method = self.adjoint_solver if self.adjoint_solver in ("fixed_point", "anderson", "broyden") else "fixed_point"
-        return dataclasses.replace(self.forward, method=method, max_iter=self.adjoint_max_iter,
-                                   tol=self.adjoint_tol, stop_mode="rel", damping=1.0,
-                                   return_state="best")  # its residual is the returned iterate's
+        method = (
+            self.adjoint_solver
+            if self.adjoint_solver in ("fixed_point", "anderson", "broyden")
+            else "fixed_point"
+        )
+        return dataclasses.replace(
+            self.forward,
+            method=method,
+            max_iter=self.adjoint_max_iter,
+            tol=self.adjoint_tol,
+            stop_mode="rel",
+            damping=1.0,
+            return_state="best",
+        )  # its residual is the returned iterate's
 
 
 def damped_steps(f: Callable, z: jax.Array, args: Any, steps: int, damping: float) -> jax.Array:
@@ -107,8 +122,13 @@ def _solve_adjoint(jt: Callable, v: jax.Array, config: DEQConfig):
     """:func:`adjoint_solve` given the map ``u ↦ Jᵀu``."""
     if config.adjoint_solver in _jaxopt.KRYLOV_SOLVERS:
         matvec = lambda u: u - jt(u)
-        u = _jaxopt.krylov_solve(config.adjoint_solver, matvec, v,
-                                 tol=config.adjoint_tol, maxiter=config.adjoint_max_iter)
+        u = _jaxopt.krylov_solve(
+            config.adjoint_solver,
+            matvec,
+            v,
+            tol=config.adjoint_tol,
+            maxiter=config.adjoint_max_iter,
+        )
         steps = jnp.asarray(config.adjoint_max_iter, jnp.int32)
         res = jnp.linalg.norm(u - v - jt(u))
     else:
@@ -151,10 +171,17 @@ def _is_fixed_point(g, z, args, forward: SolverConfig):
     return res <= forward.tol
 
 
-def deq_fixed_point(f: Callable[[jax.Array, Any], jax.Array], z0: jax.Array, args: Any,
-                    config: DEQConfig = DEQConfig(), *, backward_probe: jax.Array | None = None,
-                    return_trajectory: bool = False, num_steps=None,
-                    implicit_f: Callable[[jax.Array, Any], jax.Array] | None = None):
+def deq_fixed_point(
+    f: Callable[[jax.Array, Any], jax.Array],
+    z0: jax.Array,
+    args: Any,
+    config: DEQConfig = DEQConfig(),
+    *,
+    backward_probe: jax.Array | None = None,
+    return_trajectory: bool = False,
+    num_steps=None,
+    implicit_f: Callable[[jax.Array, Any], jax.Array] | None = None,
+):
     """Solve ``z* = f(z*, args)`` for one example and make it differentiable.
 
     Args:
@@ -182,26 +209,41 @@ def deq_fixed_point(f: Callable[[jax.Array, Any], jax.Array], z0: jax.Array, arg
         backward_probe = jnp.zeros(2, jnp.result_type(z0))
     f_nograd = lambda z: f(z, lax.stop_gradient(args))
     if config.backward == "unroll":
-        z, stats = solve(lambda z: f(z, args), lax.stop_gradient(z0), config.forward,
-                         return_trajectory=return_trajectory, differentiable=True, num_steps=num_steps)
+        z, stats = solve(
+            lambda z: f(z, args),
+            lax.stop_gradient(z0),
+            config.forward,
+            return_trajectory=return_trajectory,
+            differentiable=True,
+            num_steps=num_steps,
+        )
         if implicit_f is not None:
-            stats = stats._replace(converged=stats.converged & _is_fixed_point(
-                implicit_f, lax.stop_gradient(z), args, config.forward))
+            stats = stats._replace(
+                converged=stats.converged
+                & _is_fixed_point(implicit_f, lax.stop_gradient(z), args, config.forward)
+            )
         return z + 0.0 * jnp.sum(backward_probe), stats
-    z_star, stats = solve(f_nograd, lax.stop_gradient(z0), config.forward,
-                          return_trajectory=return_trajectory, num_steps=num_steps)
+    z_star, stats = solve(
+        f_nograd,
+        lax.stop_gradient(z0),
+        config.forward,
+        return_trajectory=return_trajectory,
+        num_steps=num_steps,
+    )
     z_star = lax.stop_gradient(z_star)
     if implicit_f is not None:
-        stats = stats._replace(converged=stats.converged & _is_fixed_point(implicit_f, z_star, args,
-                                                                           config.forward))
+        stats = stats._replace(
+            converged=stats.converged & _is_fixed_point(implicit_f, z_star, args, config.forward)
+        )
     if config.backward == "phantom":
         z = damped_steps(f, z_star, args, config.phantom_steps, config.phantom_damping)
         return z + 0.0 * jnp.sum(backward_probe), stats
     return _implicit(implicit_f or f, z_star, args, backward_probe, config), stats
 
 
-def jacobian_frobenius_sq(f: Callable, z_star: jax.Array, args: Any, key: jax.Array,
-                          num_samples: int = 1) -> jax.Array:
+def jacobian_frobenius_sq(
+    f: Callable, z_star: jax.Array, args: Any, key: jax.Array, num_samples: int = 1
+) -> jax.Array:
     """Hutchinson estimate of ``‖J_f(z*)‖_F²`` for one example (Bai et al. 2021,
     "Stabilizing Equilibrium Models by Jacobian Regularization").
 

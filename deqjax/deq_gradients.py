@@ -30,7 +30,8 @@ estimator's. Estimators (for one example; ``trajectory`` holds ``z_1 … z_n``):
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,9 @@ def straight_through(value: jax.Array, surrogate: jax.Array) -> jax.Array:
     return value + (surrogate - lax.stop_gradient(surrogate))
 
 
-def intermediate_state_surrogate(f: Callable, z_i: jax.Array, args: Any, steps: int, damping: float):
+def intermediate_state_surrogate(
+    f: Callable, z_i: jax.Array, args: Any, steps: int, damping: float
+):
     """K_a damped steps from ``stop_gradient(z_i)``: the estimator's differentiable state."""
     return damped_steps(f, lax.stop_gradient(z_i), args, steps, damping)
 
@@ -93,7 +96,9 @@ def defended_state(z_star: jax.Array, trajectory: jax.Array | None, defence: str
     if defence == "none":
         return z_star
     if trajectory is None:
-        raise ValueError(f"defence {defence!r} needs the solver trajectory (return_trajectory=True)")
+        raise ValueError(
+            f"defence {defence!r} needs the solver trajectory (return_trajectory=True)"
+        )
     if defence == "early_exit":
         check_state_index(exit_state, trajectory.shape[0])
         return trajectory[exit_state]
@@ -104,12 +109,23 @@ def defended_state(z_star: jax.Array, trajectory: jax.Array | None, defence: str
 
 def check_state_index(i: int, n: int) -> None:
     if not -n <= int(i) < n:
-        raise ValueError(f"state index {i} is outside the trajectory of {n} states; choose 0 … {n - 1}")
+        raise ValueError(
+            f"state index {i} is outside the trajectory of {n} states; choose 0 … {n - 1}"
+        )
 
 
-def estimate_state(f: Callable, z_value: jax.Array, z_star: jax.Array, trajectory: jax.Array | None,
-                   args: Any, gradient: str, *, state_index: int = -1, steps: int = 5,
-                   damping: float = 0.5) -> jax.Array:
+def estimate_state(
+    f: Callable,
+    z_value: jax.Array,
+    z_star: jax.Array,
+    trajectory: jax.Array | None,
+    args: Any,
+    gradient: str,
+    *,
+    state_index: int = -1,
+    steps: int = 5,
+    damping: float = 0.5,
+) -> jax.Array:
     """A state with value ``z_value`` and the gradient of the chosen estimator.
 
     ``z_star`` is the (stopped-gradient) solver output; ``"implicit"`` and ``"unroll"``

@@ -29,7 +29,8 @@ for batches. The ICNN parameters are a plain pytree (list of dicts).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,9 @@ ACTIVATIONS = ("softplus", "rehu")
 
 def _is_number(a) -> bool:
     """A concrete Python/NumPy scalar (checked at trace time); traced values pass."""
-    return isinstance(a, (int, float)) or (hasattr(a, "shape") and not isinstance(a, jax.core.Tracer))
+    return isinstance(a, (int, float)) or (
+        hasattr(a, "shape") and not isinstance(a, jax.core.Tracer)
+    )
 
 
 def rehu(s: jax.Array, d: float = 1.0) -> jax.Array:
@@ -75,16 +78,20 @@ def icnn_init(key: jax.Array, dim: int, widths: Sequence[int], dtype=jnp.float32
     """
     widths = tuple(int(w) for w in widths)
     if int(dim) < 1 or not widths or min(widths) < 1:
-        raise ValueError(f"ICNN needs dim >= 1 and at least one hidden width >= 1, got dim={dim}, "
-                         f"widths={widths}")
+        raise ValueError(
+            f"ICNN needs dim >= 1 and at least one hidden width >= 1, got dim={dim}, "
+            f"widths={widths}"
+        )
     keys = jax.random.split(key, 2 * len(widths) + 2)
     scale_z = 1.0 / jnp.sqrt(dim)
     params = []
     prev = None
     for i, w in enumerate(widths + (None,)):
         shape_w = (dim,) if w is None else (w, dim)
-        layer = {"W": scale_z * jax.random.normal(keys[2 * i], shape_w, dtype),
-                 "b": jnp.zeros(() if w is None else (w,), dtype)}
+        layer = {
+            "W": scale_z * jax.random.normal(keys[2 * i], shape_w, dtype),
+            "b": jnp.zeros(() if w is None else (w,), dtype),
+        }
         if prev is not None:
             shape_u = (prev,) if w is None else (w, prev)
             centre = jnp.log(jnp.expm1(1.0 / prev))  # softplus⁻¹(1/prev)
@@ -98,12 +105,16 @@ def icnn_apply(params: list, z: jax.Array, activation: str = "softplus") -> jax.
     """Scalar convex ``g(z)`` of one state (flattened); see the module docstring."""
     act = _activation(activation)
     if len(params) < 2:
-        raise ValueError("ICNN params need at least one hidden layer and the output layer; "
-                         "build them with icnn_init")
+        raise ValueError(
+            "ICNN params need at least one hidden layer and the output layer; "
+            "build them with icnn_init"
+        )
     z = jnp.ravel(z)
     dim = params[0]["W"].shape[-1]
     if z.shape[0] != dim:
-        raise ValueError(f"the ICNN was built for states of size {dim}, got a state of size {z.shape[0]}")
+        raise ValueError(
+            f"the ICNN was built for states of size {dim}, got a state of size {z.shape[0]}"
+        )
     u = act(params[0]["W"] @ z + params[0]["b"])
     for layer in params[1:-1]:
         u = act(layer["W"] @ z + layer["b"] + jax.nn.softplus(layer["U"]) @ u)
@@ -111,8 +122,9 @@ def icnn_apply(params: list, z: jax.Array, activation: str = "softplus") -> jax.
     return out["W"] @ z + out["b"] + jax.nn.softplus(out["U"]) @ u
 
 
-def lyapunov_value(params: list, z: jax.Array, eta: float = 0.01, d: float = 1.0,
-                   activation: str = "softplus") -> jax.Array:
+def lyapunov_value(
+    params: list, z: jax.Array, eta: float = 0.01, d: float = 1.0, activation: str = "softplus"
+) -> jax.Array:
     """``V(z) = ReHU_d(g(z) − g(0)) + η‖z‖²`` (Manek & Kolter 2019, eq. 9): positive
     definite, strictly convex, ``V(0) = 0``."""
     if _is_number(eta) and not eta > 0:
@@ -122,8 +134,9 @@ def lyapunov_value(params: list, z: jax.Array, eta: float = 0.01, d: float = 1.0
     return rehu(g, d) + eta * jnp.sum(z * z)
 
 
-def project_dynamics(F_value: jax.Array, grad_V: jax.Array, V_value: jax.Array,
-                     alpha: float) -> jax.Array:
+def project_dynamics(
+    F_value: jax.Array, grad_V: jax.Array, V_value: jax.Array, alpha: float
+) -> jax.Array:
     """``F̂ = F − ∇V · ReLU(∇Vᵀ F + α V) / ‖∇V‖²`` (Manek & Kolter 2019, eq. 7).
 
     Guarantees ``∇Vᵀ F̂ ≤ −α V``. Where ``‖∇V‖² = 0`` (only ``z = 0`` for the ``V`` of
@@ -132,7 +145,9 @@ def project_dynamics(F_value: jax.Array, grad_V: jax.Array, V_value: jax.Array,
     ``F_value`` and ``grad_V`` share a shape (any); ``V_value`` is a scalar.
     """
     if F_value.shape != grad_V.shape:
-        raise ValueError(f"F and ∇V must have the same shape, got {F_value.shape} and {grad_V.shape}")
+        raise ValueError(
+            f"F and ∇V must have the same shape, got {F_value.shape} and {grad_V.shape}"
+        )
     if _is_number(alpha) and not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     sq = jnp.sum(grad_V * grad_V)
@@ -142,17 +157,30 @@ def project_dynamics(F_value: jax.Array, grad_V: jax.Array, V_value: jax.Array,
     return F_value - coef * grad_V
 
 
-def projected_dynamics(F_fn: Callable[[jax.Array, Any], jax.Array], lyap_params: list,
-                       z: jax.Array, x: Any, alpha: float = 0.0, eta: float = 0.01, d: float = 1.0,
-                       activation: str = "softplus") -> jax.Array:
+def projected_dynamics(
+    F_fn: Callable[[jax.Array, Any], jax.Array],
+    lyap_params: list,
+    z: jax.Array,
+    x: Any,
+    alpha: float = 0.0,
+    eta: float = 0.01,
+    d: float = 1.0,
+    activation: str = "softplus",
+) -> jax.Array:
     """``F̂(z; x)`` for one state: ``V`` and ``∇V`` by ``jax.value_and_grad``, then
     :func:`project_dynamics`. ``F_fn(z, x)`` is the residual dynamics ``f(z, x) − z``."""
     v, grad_v = jax.value_and_grad(lambda s: lyapunov_value(lyap_params, s, eta, d, activation))(z)
     return project_dynamics(F_fn(z, x), grad_v, v, alpha)
 
 
-def check_positive_definite(params: list, zs: jax.Array, eta: float = 0.01, d: float = 1.0,
-                            activation: str = "softplus", atol: float = 0.0) -> dict:
+def check_positive_definite(
+    params: list,
+    zs: jax.Array,
+    eta: float = 0.01,
+    d: float = 1.0,
+    activation: str = "softplus",
+    atol: float = 0.0,
+) -> dict:
     """Check ``V(0) = 0`` and ``V(z) > 0`` at the non-zero rows of ``zs`` (shape
     ``(n, *state)``). Raises ``ValueError`` naming the offending points; otherwise
     returns ``{"v0", "min_v", "min_v_over_sq_norm"}``. Not jittable (it raises)."""
@@ -164,16 +192,21 @@ def check_positive_definite(params: list, zs: jax.Array, eta: float = 0.01, d: f
     vs = vfun(zs)
     flat = zs.reshape(zs.shape[0], -1)
     nonzero = jnp.any(flat != 0, axis=1)
-    nz = jnp.sum(flat ** 2, axis=1)
+    nz = jnp.sum(flat**2, axis=1)
     bad = nonzero & ~(vs > 0)
     if abs(v0) > atol:
         raise ValueError(f"V(0) = {v0} is not 0: the Lyapunov function is not centred")
     if bool(jnp.any(bad)) or not bool(jnp.all(jnp.isfinite(vs))):
         idx = [int(i) for i in jnp.nonzero(bad | ~jnp.isfinite(vs))[0][:10]]
-        raise ValueError(f"V is not positive at non-zero states {idx} (values {[float(vs[i]) for i in idx]})")
+        raise ValueError(
+            f"V is not positive at non-zero states {idx} (values {[float(vs[i]) for i in idx]})"
+        )
     ratio = jnp.where(nz > 0, vs / jnp.where(nz > 0, nz, 1.0), jnp.inf)
-    return {"v0": v0, "min_v": float(jnp.min(jnp.where(nonzero, vs, jnp.inf))),
-            "min_v_over_sq_norm": float(jnp.min(ratio))}
+    return {
+        "v0": v0,
+        "min_v": float(jnp.min(jnp.where(nonzero, vs, jnp.inf))),
+        "min_v_over_sq_norm": float(jnp.min(ratio)),
+    }
 
 
 class StabilityReport(NamedTuple):
@@ -194,9 +227,15 @@ class StabilityReport(NamedTuple):
     initial_distance: jax.Array
 
 
-def stability_check(f_single: Callable[[jax.Array, Any], jax.Array], z_star: jax.Array, args: Any,
-                    key: jax.Array, n_perturb: int = 32, scale: float = 0.1,
-                    config: SolverConfig = SolverConfig()) -> StabilityReport:
+def stability_check(
+    f_single: Callable[[jax.Array, Any], jax.Array],
+    z_star: jax.Array,
+    args: Any,
+    key: jax.Array,
+    n_perturb: int = 32,
+    scale: float = 0.1,
+    config: SolverConfig = SolverConfig(),  # noqa: B008 (frozen, hashable)
+) -> StabilityReport:
     """Re-solve ``z = f_single(z, args)`` from ``z0_j = z* + scale · ε_j``,
     ``ε_j ~ N(0, I)``, ``j = 1 … n_perturb`` (vmapped, one key split per start), and
     report how far the reached equilibria are from ``z*`` (SPEC §2: trajectories from
@@ -213,5 +252,12 @@ def stability_check(f_single: Callable[[jax.Array, Any], jax.Array], z_star: jax
     dist = jnp.sqrt(jnp.sum((zs - z_star[None]) ** 2, axis=axes))
     start = jnp.sqrt(jnp.sum((z0s - z_star[None]) ** 2, axis=axes))
     rel = dist / (jnp.linalg.norm(jnp.ravel(z_star)) + 1e-12)
-    return StabilityReport(dist, rel, jnp.max(dist), jnp.mean(dist), jnp.max(rel),
-                           jnp.mean(stats.converged.astype(z_star.dtype)), jnp.mean(start))
+    return StabilityReport(
+        dist,
+        rel,
+        jnp.max(dist),
+        jnp.mean(dist),
+        jnp.max(rel),
+        jnp.mean(stats.converged.astype(z_star.dtype)),
+        jnp.mean(start),
+    )

@@ -38,7 +38,9 @@ ORTHOGONAL_KINDS = ("householder", "expm", "cayley")
 
 def _check(n_out: int, n_in: int, kind: str):
     if kind not in ORTHOGONAL_KINDS:
-        raise ValueError(f"unknown orthogonal parameterisation {kind!r}; choose one of {ORTHOGONAL_KINDS}")
+        raise ValueError(
+            f"unknown orthogonal parameterisation {kind!r}; choose one of {ORTHOGONAL_KINDS}"
+        )
     if int(n_out) < 1 or int(n_in) < 1:
         raise ValueError(f"orthogonal layer sizes must be >= 1, got n_out={n_out}, n_in={n_in}")
 
@@ -50,8 +52,9 @@ def param_shape(n_out: int, n_in: int, kind: str) -> tuple:
     return (k, n) if kind == "householder" else (n, n)
 
 
-def orthogonal_init(key: jax.Array, n_out: int, n_in: int, kind: str = "householder",
-                    dtype=jnp.float32) -> jax.Array:
+def orthogonal_init(
+    key: jax.Array, n_out: int, n_in: int, kind: str = "householder", dtype=jnp.float32
+) -> jax.Array:
     """Random parameters: Gaussian Householder vectors (a random orthogonal ``W``) or a
     Gaussian ``A`` with entries of std ``1/√n`` (a random rotation for expm/cayley)."""
     shape = param_shape(n_out, n_in, kind)
@@ -76,13 +79,17 @@ def _householder_columns(vs: jax.Array) -> jax.Array:
     return y
 
 
-def orthogonal_matrix(params: jax.Array, n_out: int, n_in: int, kind: str = "householder") -> jax.Array:
+def orthogonal_matrix(
+    params: jax.Array, n_out: int, n_in: int, kind: str = "householder"
+) -> jax.Array:
     """The ``n_out × n_in`` weight with orthonormal columns (``n_out ≥ n_in``) or rows
     (``n_out < n_in``) from the unconstrained ``params`` (see the module docstring)."""
     shape = param_shape(n_out, n_in, kind)
     if params.shape != shape:
-        raise ValueError(f"{kind} parameters for a {n_out}x{n_in} weight must have shape {shape}, "
-                         f"got {params.shape}; build them with orthogonal_init")
+        raise ValueError(
+            f"{kind} parameters for a {n_out}x{n_in} weight must have shape {shape}, "
+            f"got {params.shape}; build them with orthogonal_init"
+        )
     n = max(n_out, n_in)
     if kind == "householder":
         y = _householder_columns(params)  # (n, k), orthonormal columns
@@ -114,7 +121,9 @@ class OrthogonalDense(nn.Module):
     @nn.compact
     def __call__(self, x):
         n_in = x.shape[-1]
-        raw = self.param("orthogonal", lambda key: orthogonal_init(key, self.features, n_in, self.kind))
+        raw = self.param(
+            "orthogonal", lambda key: orthogonal_init(key, self.features, n_in, self.kind)
+        )
         w = orthogonal_matrix(raw, self.features, n_in, self.kind).astype(x.dtype)
         y = x @ w.T
         if self.use_bias:
@@ -123,4 +132,6 @@ class OrthogonalDense(nn.Module):
 
     def weight(self, n_in: int):
         """The current orthonormal weight (call on a bound module)."""
-        return orthogonal_matrix(self.variables["params"]["orthogonal"], self.features, n_in, self.kind)
+        return orthogonal_matrix(
+            self.variables["params"]["orthogonal"], self.features, n_in, self.kind
+        )

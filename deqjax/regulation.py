@@ -27,7 +27,7 @@ input purification — is offered by :func:`bpda_defended_logits`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +40,18 @@ def prediction_entropy(logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, -1)
 
 
-def entropy_reduction(inject: Callable, solve_from: Callable, phantom_from: Callable, head: Callable,
-                      x: jax.Array, *, rounds: int = 3, steps: int = 10, eps: float = 8 / 255,
-                      step_size: float = 2 / 255):
+def entropy_reduction(
+    inject: Callable,
+    solve_from: Callable,
+    phantom_from: Callable,
+    head: Callable,
+    x: jax.Array,
+    *,
+    rounds: int = 3,
+    steps: int = 10,
+    eps: float = 8 / 255,
+    step_size: float = 2 / 255,
+):
     """Defended logits and purified inputs of a batch.
 
     Args:
@@ -69,7 +78,7 @@ def entropy_reduction(inject: Callable, solve_from: Callable, phantom_from: Call
             break
         z_round = lax.stop_gradient(z)
 
-        def total_entropy(xp):
+        def total_entropy(xp, z_round=z_round):
             return jnp.sum(prediction_entropy(head(phantom_from(inject(xp), z_round))))
 
         def update(_, xp):

@@ -21,7 +21,7 @@ neighbours: draws are prefix-stable), so the report is the same on 1 or N device
 from __future__ import annotations
 
 import functools
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,18 +44,33 @@ def _attack_fn(name: str, n_iter: int, n_queries: int, restarts: int, n_target_c
     if name in ("apgd-ce", "apgd-dlr"):
         return functools.partial(A.apgd, steps=n_iter, loss=name.split("-")[1], restarts=restarts)
     if name == "apgd-t":
-        return functools.partial(A.apgd_targeted, steps=n_iter, restarts=restarts,
-                                 n_target_classes=n_target_classes)
+        return functools.partial(
+            A.apgd_targeted, steps=n_iter, restarts=restarts, n_target_classes=n_target_classes
+        )
     if name == "square":
         return functools.partial(A.square, n_queries=n_queries, restarts=restarts)
-    raise ValueError(f"unknown attack {name!r}; choose from {GRADIENT_ATTACKS + GRADIENT_FREE_ATTACKS}")
+    raise ValueError(
+        f"unknown attack {name!r}; choose from {GRADIENT_ATTACKS + GRADIENT_FREE_ATTACKS}"
+    )
 
 
-def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: Sequence[float],
-                        norm: str = "linf", attacks: Sequence[str] = ("pgd", "apgd-ce", "square"),
-                        n_iter: int = 20, n_queries: int = 300, restarts: int = 1,
-                        n_target_classes: int = 9, batch_size: int = 100, progress=None,
-                        mesh: jax.sharding.Mesh | None = None) -> dict:
+def evaluate_robustness(
+    views: Mapping[str, Callable],
+    x,
+    y,
+    key,
+    *,
+    eps_list: Sequence[float],
+    norm: str = "linf",
+    attacks: Sequence[str] = ("pgd", "apgd-ce", "square"),
+    n_iter: int = 20,
+    n_queries: int = 300,
+    restarts: int = 1,
+    n_target_classes: int = 9,
+    batch_size: int = 100,
+    progress=None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict:
     """Clean and robust accuracy per attack, per gradient view, and the worst case.
 
     Args:
@@ -101,7 +116,7 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
         """``fn(x_chunk, y_chunk, n_real)`` over sharded, padded chunks; outputs concatenated."""
         outs = []
         for i in range(0, len(x), chunk):
-            m = len(x[i:i + chunk])
+            m = len(x[i : i + chunk])
             take = i + np.minimum(np.arange(size), m - 1)
             outs.append(fn(to_global(x[take]), to_global(y[take]), m))
         return jax.tree.map(lambda *a: np.concatenate([np.atleast_1d(v) for v in a]), *outs)
@@ -109,16 +124,31 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
     logits = batched(lambda xb, yb, m: np.asarray(score_jit(xb))[:m])
     finite = np.all(np.isfinite(logits), axis=1)
     correct = (np.argmax(logits, -1) == y) & finite
-    report = {"n_examples": int(len(x)), "norm": norm, "eps": [float(e) for e in eps_list],
-              "views": names, "attacks": list(attacks), "clean_accuracy": float(correct.mean()),
-              "nonfinite_logits": int((~finite).sum()), "robust_accuracy": {}, "worst_case": {}}
+    report = {
+        "n_examples": int(len(x)),
+        "norm": norm,
+        "eps": [float(e) for e in eps_list],
+        "views": names,
+        "attacks": list(attacks),
+        "clean_accuracy": float(correct.mean()),
+        "nonfinite_logits": int((~finite).sum()),
+        "robust_accuracy": {},
+        "worst_case": {},
+    }
 
     grad_stats = {}
     for v in names:
         stats_fn = jax.jit(functools.partial(A.input_gradient_stats, views[v]), out_shardings=rep)
-        keep = lambda d, m: {"zero": np.asarray(d["zero"])[:m], "nonfinite": np.asarray(d["nonfinite"])[:m]}
-        st = batched(lambda xb, yb, m: keep(stats_fn(xb, yb), m))
-        grad_stats[v] = {"frac_zero": float(st["zero"].mean()), "frac_nonfinite": float(st["nonfinite"].mean())}
+
+        def health(xb, yb, m, fn=stats_fn):
+            d = fn(xb, yb)
+            return {"zero": np.asarray(d["zero"])[:m], "nonfinite": np.asarray(d["nonfinite"])[:m]}
+
+        st = batched(health)
+        grad_stats[v] = {
+            "frac_zero": float(st["zero"].mean()),
+            "frac_nonfinite": float(st["nonfinite"].mean()),
+        }
 
     def compile_attack(fn, view):
         @functools.partial(jax.jit, out_shardings=rep)
@@ -128,13 +158,14 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
             z = score(x_adv)
             ok = (jnp.argmax(z, -1) == yb) & jnp.all(jnp.isfinite(z), -1)
             return ok, trace
+
         return run
 
     # One compiled function per (attack, view), reused for every ε (ε and key are traced).
     runs = {}
     for a in attacks:
         fn = _attack_fn(a, n_iter, n_queries, restarts, n_target_classes)
-        for v in (names if a in GRADIENT_ATTACKS else names[:1]):
+        for v in names if a in GRADIENT_ATTACKS else names[:1]:
             runs[f"{a}/{v}" if a in GRADIENT_ATTACKS else a] = (a, compile_attack(fn, views[v]))
 
     curve, traces = [], {}
@@ -146,8 +177,12 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
             if progress:
                 progress(f"eps={eps:g} {label}", i * len(runs) + j, total)
             k = jax.random.fold_in(jax.random.fold_in(key, i), j)
-            unpad = lambda o, m: (np.asarray(o[0])[:m], np.asarray(o[1])[:, :m])
-            ok, trace = batched(lambda xb, yb, m: unpad(run(xb, yb, jnp.float32(eps), k), m))
+
+            def unpadded(xb, yb, m, run=run, eps=eps, k=k):
+                ok, trace = run(xb, yb, jnp.float32(eps), k)
+                return np.asarray(ok)[:m], np.asarray(trace)[:, :m]
+
+            ok, trace = batched(unpadded)
             ok = ok & correct
             per[label] = float(ok.mean())
             robust &= ok
@@ -158,7 +193,7 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
         curve.append((float(eps), float(robust.mean())))
 
     flags, why = {}, {}
-    for i, eps in enumerate(eps_list):
+    for eps in eps_list:
         per = report["robust_accuracy"][str(float(eps))]
         r = A.sanity_flags(per_attack=per)
         for k in r.flags:
@@ -173,9 +208,14 @@ def evaluate_robustness(views: Mapping[str, Callable], x, y, key, *, eps_list: S
             flags[k] = flags.get(k, False) or r.flags[k]
             why.setdefault(k, []).append(f"{v}: {r.explanations[k]}")
     flags["nonfinite_logits"] = report["nonfinite_logits"] > 0
-    why["nonfinite_logits"] = [f"{report['nonfinite_logits']} examples have non-finite logits "
-                               "(counted as errors, not averaged in)"]
-    report["sanity"] = {"flags": flags, "explanations": {k: "; ".join(v) for k, v in why.items()},
-                        "unreliable": bool(any(flags.values()))}
+    why["nonfinite_logits"] = [
+        f"{report['nonfinite_logits']} examples have non-finite logits "
+        "(counted as errors, not averaged in)"
+    ]
+    report["sanity"] = {
+        "flags": flags,
+        "explanations": {k: "; ".join(v) for k, v in why.items()},
+        "unreliable": bool(any(flags.values())),
+    }
     report["gradient_stats"] = grad_stats
     return report

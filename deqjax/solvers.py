@@ -36,7 +36,8 @@ per-example masking, so reverse-mode autodiff can go through every step (the
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,8 +145,12 @@ def _anderson_rules(cfg: SolverConfig, n: int, dtype):
     keep_x = beta != 1.0  # the iterates themselves are only needed for damped mixing
 
     def init(z):
-        return (jnp.zeros((m if keep_x else 0, n), dtype), jnp.zeros((m, n), dtype),
-                jnp.zeros((m, n), dtype), jnp.zeros((m, m), dtype))
+        return (
+            jnp.zeros((m if keep_x else 0, n), dtype),
+            jnp.zeros((m, n), dtype),
+            jnp.zeros((m, n), dtype),
+            jnp.zeros((m, m), dtype),
+        )
 
     def update(state, z, fz, k):
         xs, fs, gs, gram = state
@@ -181,8 +186,12 @@ def _broyden_rules(cfg: SolverConfig, n: int, dtype):
         return -x + vts.T @ (us @ x)
 
     def init(z):
-        return (jnp.zeros((mem, n), dtype), jnp.zeros((mem, n), dtype),
-                jnp.zeros((n,), dtype), jnp.zeros((n,), dtype))
+        return (
+            jnp.zeros((mem, n), dtype),
+            jnp.zeros((mem, n), dtype),
+            jnp.zeros((n,), dtype),
+            jnp.zeros((n,), dtype),
+        )
 
     def update(state, z, fz, k):
         us, vts, z_prev, g_prev = state
@@ -207,8 +216,7 @@ def _broyden_rules(cfg: SolverConfig, n: int, dtype):
     return init, update
 
 
-_RULES = {"fixed_point": _fixed_point_rules, "anderson": _anderson_rules,
-          "broyden": _broyden_rules}
+_RULES = {"fixed_point": _fixed_point_rules, "anderson": _anderson_rules, "broyden": _broyden_rules}
 
 
 class _Carry(NamedTuple):
@@ -246,8 +254,15 @@ def _any_in_batch_vmap(axis_size, in_batched, active):
     return any_in_batch(jnp.any(active, axis=0) if batched else active), False
 
 
-def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConfig = SolverConfig(),
-          *, return_trajectory: bool = False, differentiable: bool = False, num_steps=None):
+def solve(
+    f: Callable[[jax.Array], jax.Array],
+    z0: jax.Array,
+    config: SolverConfig = SolverConfig(),
+    *,
+    return_trajectory: bool = False,
+    differentiable: bool = False,
+    num_steps=None,
+):
     """Find a fixed point ``z* = f(z*)`` of a single example.
 
     Args:
@@ -312,13 +327,18 @@ def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConf
         if return_trajectory:  # rows at or past an example's stop are overwritten below
             traj = lax.dynamic_update_index_in_dim(traj, z_next, c.t, 0)
         return _Carry(
-            t=c.t + 1, k=c.k + go.astype(c.k.dtype), z=keep(z_next, c.z),
+            t=c.t + 1,
+            k=c.k + go.astype(c.k.dtype),
+            z=keep(z_next, c.z),
             best_z=jnp.where(better, c.z, c.best_z),
             best_res=jnp.where(better, res, c.best_res),
             best_abs=jnp.where(better, diff, c.best_abs),
             best_rel=jnp.where(better, rel, c.best_rel),
-            last_abs=keep(diff, c.last_abs), last_rel=keep(rel, c.last_rel),
-            method_state=mstate, trajectory=traj)
+            last_abs=keep(diff, c.last_abs),
+            last_rel=keep(rel, c.last_rel),
+            method_state=mstate,
+            trajectory=traj,
+        )
 
     zf = z0.reshape(-1)
     inf = jnp.asarray(jnp.inf, dtype)
@@ -330,8 +350,8 @@ def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConf
         carry, _ = lax.scan(lambda c, _: (step(c), None), carry, None, length=config.max_iter)
     else:
         carry = lax.while_loop(
-            lambda c: jnp.logical_and(c.t < config.max_iter, any_in_batch(active(c))),
-            step, carry)
+            lambda c: jnp.logical_and(c.t < config.max_iter, any_in_batch(active(c))), step, carry
+        )
 
     trajectory = None
     if return_trajectory:
@@ -340,9 +360,19 @@ def solve(f: Callable[[jax.Array], jax.Array], z0: jax.Array, config: SolverConf
         traj = jnp.where(rows < carry.k, carry.trajectory, carry.best_z[None])
         trajectory = traj.reshape((config.max_iter,) + shape)
     if config.return_state == "last":
-        stats = SolverStats(steps=carry.k, abs_residual=carry.last_abs, rel_residual=carry.last_rel,
-                            converged=done(carry), trajectory=trajectory)
+        stats = SolverStats(
+            steps=carry.k,
+            abs_residual=carry.last_abs,
+            rel_residual=carry.last_rel,
+            converged=done(carry),
+            trajectory=trajectory,
+        )
         return carry.z.reshape(shape), stats
-    stats = SolverStats(steps=carry.k, abs_residual=carry.best_abs, rel_residual=carry.best_rel,
-                        converged=done(carry), trajectory=trajectory)
+    stats = SolverStats(
+        steps=carry.k,
+        abs_residual=carry.best_abs,
+        rel_residual=carry.best_rel,
+        converged=done(carry),
+        trajectory=trajectory,
+    )
     return carry.best_z.reshape(shape), stats

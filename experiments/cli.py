@@ -9,16 +9,18 @@ import sys
 import ml_collections
 
 
-def unknown_override_keys(config: ml_collections.ConfigDict, argv: list[str]) -> list[tuple[str, list[str]]]:
+def unknown_override_keys(
+    config: ml_collections.ConfigDict, argv: list[str]
+) -> list[tuple[str, list[str]]]:
     """The ``--config.KEY=...`` overrides in ``argv`` whose KEY is not in ``config``,
     each with the keys available at the level where the lookup failed."""
     bad = []
     for arg in argv:
         if not arg.startswith("--config."):
             continue
-        path = arg[len("--config."):].split("=", 1)[0]
+        path = arg[len("--config.") :].split("=", 1)[0]
         node = config
-        for i, part in enumerate(path.split(".")):
+        for part in path.split("."):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
                 known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
                 bad.append((path, known))
@@ -47,6 +49,7 @@ def define_distributed_flags(flags) -> None:
 def with_distributed(main):
     """``main`` preceded by ``jax.distributed.initialize`` when the flags or the
     environment (SLURM, TPU pod) ask for several processes."""
+
     def wrapped(argv):
         from absl import flags
 
@@ -55,6 +58,7 @@ def with_distributed(main):
         f = flags.FLAGS
         parallel.maybe_initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
         return main(argv)
+
     return wrapped
 
 
@@ -72,10 +76,15 @@ def run(main, extra_flags=None) -> None:
         bad = unknown_override_keys(load_config_file(path), sys.argv[1:])
         if bad:
             for key, known in bad:
-                print(f"error: unknown config key 'config.{key}' (not in {path}); "
-                      f"keys available there: {', '.join(known)}", file=sys.stderr)
+                print(
+                    f"error: unknown config key 'config.{key}' (not in {path}); "
+                    f"keys available there: {', '.join(known)}",
+                    file=sys.stderr,
+                )
             sys.exit(2)
-    config_flags.DEFINE_config_file("config", None, "experiment config file (.py)", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "experiment config file (.py)", lock_config=True
+    )
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and reports")
     flags.mark_flags_as_required(["config", "workdir"])
     define_distributed_flags(flags)

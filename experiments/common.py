@@ -14,10 +14,12 @@ import ml_collections
 import optax
 import orbax.checkpoint as ocp
 
+
 def build_optimizer(t: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     if t.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, min(t.warmup_steps, total_steps // 2),
-                                                max(total_steps, 1))
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0, t.learning_rate, min(t.warmup_steps, total_steps // 2), max(total_steps, 1)
+        )
     elif t.schedule == "constant":
         lr = t.learning_rate
     else:
@@ -46,7 +48,8 @@ class TrainState:
 
 
 jax.tree_util.register_dataclass(
-    TrainState, data_fields=["params", "model_state", "opt_state", "step", "key"], meta_fields=[])
+    TrainState, data_fields=["params", "model_state", "opt_state", "step", "key"], meta_fields=[]
+)
 
 
 def init_state(model: nn.Module, optimizer, image_shape, seed: int) -> TrainState:
@@ -55,8 +58,13 @@ def init_state(model: nn.Module, optimizer, image_shape, seed: int) -> TrainStat
     variables = dict(model.init(init_key, jnp.zeros((2,) + tuple(image_shape), jnp.float32)))
     params = variables.pop("params")
     variables.pop("losses", None)
-    return TrainState(params=params, model_state=variables, opt_state=optimizer.init(params),
-                      step=jnp.asarray(0, jnp.int32), key=jax.random.key_data(run_key))
+    return TrainState(
+        params=params,
+        model_state=variables,
+        opt_state=optimizer.init(params),
+        step=jnp.asarray(0, jnp.int32),
+        key=jax.random.key_data(run_key),
+    )
 
 
 def _is_remote(path: str) -> bool:
@@ -68,17 +76,28 @@ def checkpoint_manager(workdir: str, keep: int = 2, every: int = 1) -> ocp.Check
     process must create it and join every save (orbax coordinates multi-process saves)."""
     path = os.path.join(workdir, "checkpoints")
     path = path if _is_remote(path) else os.path.abspath(path)
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
-                                        enable_async_checkpointing=False)
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=False
+    )
     return ocp.CheckpointManager(path, options=opts)
 
 
-def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState, progress: dict | None = None,
-                    force: bool = False) -> None:
+def save_checkpoint(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state: TrainState,
+    progress: dict | None = None,
+    force: bool = False,
+) -> None:
     """Save ``state`` and a JSON ``progress`` item (e.g. the running sums of the epoch's
     training metrics, so a resumed run logs what an uninterrupted one would)."""
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            progress=ocp.args.JsonSave(progress or {})), force=force)
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress or {})
+        ),
+        force=force,
+    )
 
 
 def restore_latest(mngr: ocp.CheckpointManager, template: TrainState, with_progress: bool = False):
@@ -90,7 +109,9 @@ def restore_latest(mngr: ocp.CheckpointManager, template: TrainState, with_progr
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     from etils import epath
 
-    if not (epath.Path(mngr.directory) / str(step) / "state").exists():  # written before progress items
+    if not (
+        epath.Path(mngr.directory) / str(step) / "state"
+    ).exists():  # written before progress items
         state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         return (state, None) if with_progress else state
     args = {"state": ocp.args.StandardRestore(abstract)}

@@ -20,14 +20,26 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from deqjax import data as data_lib
 from deqjax.robustness import evaluate_robustness
 from experiments import common, models, parallel
 
-REPORT_KEYS = ("norm", "eps", "attacks", "n_examples", "n_iter", "n_queries", "restarts", "gradients",
-               "state_indices", "attack_steps", "attack_damping", "batch_size", "seed")
+REPORT_KEYS = (
+    "norm",
+    "eps",
+    "attacks",
+    "n_examples",
+    "n_iter",
+    "n_queries",
+    "restarts",
+    "gradients",
+    "state_indices",
+    "attack_steps",
+    "attack_damping",
+    "batch_size",
+    "seed",
+)
 
 
 def _split(s) -> list[str]:
@@ -38,11 +50,17 @@ def load_run(workdir: str):
     """(config, spec, state, dataset) of a training workdir."""
     path = os.path.join(workdir, "config.json")
     if common.read_text(path) is None:
-        raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by experiments.train")
+        raise FileNotFoundError(
+            f"{path} not found: --workdir must be a directory written by experiments.train"
+        )
     config = ml_collections.ConfigDict(json.loads(common.read_text(path)))
-    ds = data_lib.load_dataset(config.dataset, config.data_dir or None, config.limit_train, config.limit_test)
+    ds = data_lib.load_dataset(
+        config.dataset, config.data_dir or None, config.limit_train, config.limit_test
+    )
     spec = models.build(config, ds.num_classes)
-    template = common.init_state(spec.module, common.build_optimizer(config.train, 1), ds.image_shape, config.seed)
+    template = common.init_state(
+        spec.module, common.build_optimizer(config.train, 1), ds.image_shape, config.seed
+    )
     mesh, shard_params = parallel.mesh_from_config(config)  # restored as training laid it out
     template = parallel.put_state(template, parallel.state_shardings(mesh, template, shard_params))
     state = common.restore_latest(common.checkpoint_manager(workdir), template)
@@ -62,21 +80,35 @@ def entropy_views(spec: models.ModelSpec, state, er, undefended: dict) -> dict:
     variables = {"params": state.params, **state.model_state}
     module = spec.module
     eval_cfg = spec.eval_kwargs["config"]
-    round_cfg = dataclasses.replace(eval_cfg, forward=dataclasses.replace(eval_cfg.forward,
-                                                                          max_iter=int(er.round_steps)))
+    round_cfg = dataclasses.replace(
+        eval_cfg, forward=dataclasses.replace(eval_cfg.forward, max_iter=int(er.round_steps))
+    )
 
     def defence(x):
         return entropy_reduction(
             lambda xx: module.apply(variables, xx, method="inject"),
             lambda u, z0: module.apply(variables, u, z0, round_cfg, method="solve_from")[0],
-            lambda u, z: module.apply(variables, u, z, int(er.phantom_steps), float(er.phantom_damping),
-                                      method="phantom_from"),
+            lambda u, z: module.apply(
+                variables,
+                u,
+                z,
+                int(er.phantom_steps),
+                float(er.phantom_damping),
+                method="phantom_from",
+            ),
             lambda z: module.apply(variables, z, method="classify"),
-            x, rounds=int(er.rounds), steps=int(er.steps), eps=float(er.eps), step_size=float(er.step_size))
+            x,
+            rounds=int(er.rounds),
+            steps=int(er.steps),
+            eps=float(er.eps),
+            step_size=float(er.step_size),
+        )
 
     plain = undefended.get("implicit") or next(iter(undefended.values()))
-    views = {"adaptive_bpda": lambda x: bpda_defended_logits(defence, plain, x),
-             "adaptive_autodiff": lambda x: defence(x)[0]}
+    views = {
+        "adaptive_bpda": lambda x: bpda_defended_logits(defence, plain, x),
+        "adaptive_autodiff": lambda x: defence(x)[0],
+    }
     views.update({f"nonadaptive_{k}": v for k, v in undefended.items()})
     return views
 
@@ -96,8 +128,12 @@ def gradient_views(spec: models.ModelSpec, state, r, entropy_cfg=None) -> dict:
     for g in _split(r.gradients):
         if g == "intermediate":
             for i in _split(r.state_indices):
-                out[f"intermediate_z{i}"] = view(gradient="intermediate", state_index=int(i),
-                                                 attack_steps=r.attack_steps, attack_damping=r.attack_damping)
+                out[f"intermediate_z{i}"] = view(
+                    gradient="intermediate",
+                    state_index=int(i),
+                    attack_steps=r.attack_steps,
+                    attack_damping=r.attack_damping,
+                )
         else:
             out[g] = view(gradient=g, attack_steps=r.attack_steps, attack_damping=r.attack_damping)
     if entropy_cfg is not None and entropy_cfg.enabled:
@@ -108,15 +144,31 @@ def gradient_views(spec: models.ModelSpec, state, r, entropy_cfg=None) -> dict:
 def write_markdown(report: dict, path: str) -> str:
     eps = report["eps"]
     labels = list(report["robust_accuracy"][str(eps[0])])
-    lines = [f"Clean accuracy: **{report['clean_accuracy']:.4f}** on {report['n_examples']} test examples; "
-             f"norm {report['norm']}.", "",
-             "| attack / gradient view | " + " | ".join(f"ε={e:g}" for e in eps) + " |",
-             "| --- | " + " | ".join("---" for _ in eps) + " |"]
+    lines = [
+        f"Clean accuracy: **{report['clean_accuracy']:.4f}** "
+        f"on {report['n_examples']} test examples; "
+        f"norm {report['norm']}.",
+        "",
+        "| attack / gradient view | " + " | ".join(f"ε={e:g}" for e in eps) + " |",
+        "| --- | " + " | ".join("---" for _ in eps) + " |",
+    ]
     for lab in labels:
-        lines.append(f"| {lab} | " + " | ".join(f"{report['robust_accuracy'][str(e)][lab]:.3f}" for e in eps) + " |")
-    lines.append("| **worst case** | " + " | ".join(f"**{report['worst_case'][str(e)]:.3f}**" for e in eps) + " |")
+        lines.append(
+            f"| {lab} | "
+            + " | ".join(f"{report['robust_accuracy'][str(e)][lab]:.3f}" for e in eps)
+            + " |"
+        )
+    lines.append(
+        "| **worst case** | "
+        + " | ".join(f"**{report['worst_case'][str(e)]:.3f}**" for e in eps)
+        + " |"
+    )
     if "certified_accuracy" in report:
-        lines.append("| certified | " + " | ".join(f"{report['certified_accuracy'][str(e)]:.3f}" for e in eps) + " |")
+        lines.append(
+            "| certified | "
+            + " | ".join(f"{report['certified_accuracy'][str(e)]:.3f}" for e in eps)
+            + " |"
+        )
     lines += ["", "Sanity flags (True = evaluation looks unreliable):", ""]
     for k, v in report["sanity"]["flags"].items():
         lines.append(f"- `{k}`: {v} — {report['sanity']['explanations'].get(k, '')}")
@@ -137,10 +189,26 @@ def plot(report: dict, path: str) -> None:
     eps = report["eps"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for lab in report["robust_accuracy"][str(eps[0])]:
-        ax.plot(eps, [report["robust_accuracy"][str(e)][lab] for e in eps], marker=".", lw=1, alpha=0.7, label=lab)
-    ax.plot(eps, [report["worst_case"][str(e)] for e in eps], "k-", lw=2.5, marker="o", label="worst case")
+        ax.plot(
+            eps,
+            [report["robust_accuracy"][str(e)][lab] for e in eps],
+            marker=".",
+            lw=1,
+            alpha=0.7,
+            label=lab,
+        )
+    ax.plot(
+        eps,
+        [report["worst_case"][str(e)] for e in eps],
+        "k-",
+        lw=2.5,
+        marker="o",
+        label="worst case",
+    )
     if "certified_accuracy" in report:
-        ax.plot(eps, [report["certified_accuracy"][str(e)] for e in eps], "g--", lw=2, label="certified")
+        ax.plot(
+            eps, [report["certified_accuracy"][str(e)] for e in eps], "g--", lw=2, label="certified"
+        )
     ax.set_xlabel(f"ε ({report['norm']})")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -183,10 +251,21 @@ def evaluate(workdir: str, overrides: dict | None = None, quiet: bool = False) -
         bar.refresh()
 
     entropy_cfg = config.get("entropy_reduction")
-    report = evaluate_robustness(gradient_views(spec, state, r, entropy_cfg), x, y, jax.random.PRNGKey(r.seed), eps_list=eps,
-                                 norm=r.norm, attacks=_split(r.attacks), n_iter=r.n_iter,
-                                 n_queries=r.n_queries, restarts=r.restarts, batch_size=r.batch_size,
-                                 progress=progress, mesh=mesh)
+    report = evaluate_robustness(
+        gradient_views(spec, state, r, entropy_cfg),
+        x,
+        y,
+        jax.random.PRNGKey(r.seed),
+        eps_list=eps,
+        norm=r.norm,
+        attacks=_split(r.attacks),
+        n_iter=r.n_iter,
+        n_queries=r.n_queries,
+        restarts=r.restarts,
+        batch_size=r.batch_size,
+        progress=progress,
+        mesh=mesh,
+    )
     bar.n = bar.total or 0
     bar.close()
     report["model"] = config.model.name
@@ -194,17 +273,25 @@ def evaluate(workdir: str, overrides: dict | None = None, quiet: bool = False) -
     for hook in spec.report_hooks:
         report.update(hook(spec, state, x, y, eps, r))
     if spec.is_deq:
+
         @functools.partial(jax.jit, out_shardings=parallel.replicated(mesh))
         def solver_stats(variables, xb):
             _, stats = spec.module.apply(variables, xb, **spec.eval_kwargs)
             return [jnp.mean(stats.steps), jnp.mean(stats.rel_residual), jnp.mean(stats.converged)]
 
-        steps, res, conv = solver_stats({"params": state.params, **state.model_state}, x[:r.batch_size])
-        report["solver"] = {"mean_steps": float(steps), "mean_rel_residual": float(res),
-                            "converged_fraction": float(conv)}
+        steps, res, conv = solver_stats(
+            {"params": state.params, **state.model_state}, x[: r.batch_size]
+        )
+        report["solver"] = {
+            "mean_steps": float(steps),
+            "mean_rel_residual": float(res),
+            "converged_fraction": float(conv),
+        }
         if entropy_cfg is not None and entropy_cfg.enabled:  # the defence's solves are not these
-            report["solver_scope"] = (f"undefended forward; the entropy defence re-solves in "
-                                      f"{int(entropy_cfg.rounds)} rounds of {int(entropy_cfg.round_steps)} steps")
+            report["solver_scope"] = (
+                f"undefended forward; the entropy defence re-solves in "
+                f"{int(entropy_cfg.rounds)} rounds of {int(entropy_cfg.round_steps)} steps"
+            )
     if not main:  # process 0 writes the files
         return report
     common.write_text(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))

@@ -33,16 +33,24 @@ def _tree_mismatch(expected, got) -> str | None:
     if missing:
         return f"parameter {missing[0]} is missing from the file ({len(missing)} missing)"
     if extra:
-        return f"the file has parameter {extra[0]} that the config's model does not ({len(extra)} extra)"
+        return (
+            f"the file has parameter {extra[0]} that the config's model does not "
+            f"({len(extra)} extra)"
+        )
     for k, v in flat_e.items():
         if tuple(v.shape) != tuple(jnp.shape(flat_g[k])):
-            return f"parameter {k} has shape {tuple(jnp.shape(flat_g[k]))} in the file, {tuple(v.shape)} in the model"
+            return (
+                f"parameter {k} has shape {tuple(jnp.shape(flat_g[k]))} in the file, "
+                f"{tuple(v.shape)} in the model"
+            )
     return None
 
 
 def import_params(config: ml_collections.ConfigDict, params_path: str, workdir: str) -> None:
     """Write ``workdir/config.json`` and a checkpoint holding the parameters of ``params_path``."""
-    ds = data_lib.load_dataset(config.dataset, config.data_dir or None, config.limit_train, config.limit_test)
+    ds = data_lib.load_dataset(
+        config.dataset, config.data_dir or None, config.limit_train, config.limit_test
+    )
     spec = models.build(config, ds.num_classes)
     optimizer = common.build_optimizer(config.train, 1)
     state = common.init_state(spec.module, optimizer, ds.image_shape, config.seed)
@@ -50,10 +58,15 @@ def import_params(config: ml_collections.ConfigDict, params_path: str, workdir: 
         loaded = flax.serialization.msgpack_restore(fh.read())
     problem = _tree_mismatch(state.params, loaded)
     if problem:
-        raise ValueError(f"{params_path} does not fit the model of this config: {problem}. "
-                         "Use the config the parameters were trained with (or one with the same architecture).")
-    params = jax.tree.map(lambda ref, v: jnp.asarray(v, ref.dtype), state.params,
-                          flax.serialization.from_state_dict(state.params, loaded))
+        raise ValueError(
+            f"{params_path} does not fit the model of this config: {problem}. "
+            "Use the config the parameters were trained with (or one with the same architecture)."
+        )
+    params = jax.tree.map(
+        lambda ref, v: jnp.asarray(v, ref.dtype),
+        state.params,
+        flax.serialization.from_state_dict(state.params, loaded),
+    )
     state = dataclasses.replace(state, params=params, opt_state=optimizer.init(params))
     os.makedirs(workdir, exist_ok=True)
     common.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
@@ -68,11 +81,19 @@ def main(argv):
     del argv
     f = flags.FLAGS
     import_params(f.config, f.params, f.workdir)
-    print(f"wrote {f.workdir}/config.json and a checkpoint; next: python -m experiments.evaluate --workdir {f.workdir}")
+    print(
+        f"wrote {f.workdir}/config.json and a checkpoint; next: "
+        f"python -m experiments.evaluate --workdir {f.workdir}"
+    )
 
 
 if __name__ == "__main__":
     from experiments import cli
 
-    cli.run(main, extra_flags=lambda flags: (flags.DEFINE_string("params", None, "msgpack file of params"),
-                                             flags.mark_flags_as_required(["params"])))
+    cli.run(
+        main,
+        extra_flags=lambda flags: (
+            flags.DEFINE_string("params", None, "msgpack file of params"),
+            flags.mark_flags_as_required(["params"]),
+        ),
+    )

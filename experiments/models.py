@@ -10,7 +10,8 @@ power-iteration vectors), and keyword arguments for training and evaluation call
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import ml_collections
@@ -36,26 +37,54 @@ class ModelSpec:
 def deq_config(c: ml_collections.ConfigDict, *, evaluation: bool = False) -> DEQConfig:
     """A :class:`DEQConfig` from the ``config.deq`` block (the eval budget if asked)."""
     forward = SolverConfig(
-        method=c.solver, max_iter=int(c.eval_max_iter if evaluation else c.max_iter), tol=c.tol,
-        stop_mode=c.stop_mode, damping=c.damping, anderson_m=c.anderson_m,
-        anderson_ridge=c.anderson_ridge, anderson_beta=c.anderson_beta,
-        broyden_memory=c.broyden_memory)
-    return DEQConfig(forward=forward, backward=c.backward, adjoint_solver=c.adjoint_solver,
-                     adjoint_max_iter=c.adjoint_max_iter, adjoint_tol=c.adjoint_tol,
-                     phantom_steps=c.phantom_steps, phantom_damping=c.phantom_damping)
+        method=c.solver,
+        max_iter=int(c.eval_max_iter if evaluation else c.max_iter),
+        tol=c.tol,
+        stop_mode=c.stop_mode,
+        damping=c.damping,
+        anderson_m=c.anderson_m,
+        anderson_ridge=c.anderson_ridge,
+        anderson_beta=c.anderson_beta,
+        broyden_memory=c.broyden_memory,
+    )
+    return DEQConfig(
+        forward=forward,
+        backward=c.backward,
+        adjoint_solver=c.adjoint_solver,
+        adjoint_max_iter=c.adjoint_max_iter,
+        adjoint_tol=c.adjoint_tol,
+        phantom_steps=c.phantom_steps,
+        phantom_damping=c.phantom_damping,
+    )
 
 
 def _mdeq(config, num_classes):
     m = config.model
-    module = MDEQClassifier(num_classes=num_classes, width=m.width, inner=m.inner, groups=m.groups,
-                            head_kind=m.head, deq=deq_config(config.deq))
-    return ModelSpec(module, is_deq=True, eval_kwargs={"config": deq_config(config.deq, evaluation=True)})
+    module = MDEQClassifier(
+        num_classes=num_classes,
+        width=m.width,
+        inner=m.inner,
+        groups=m.groups,
+        head_kind=m.head,
+        deq=deq_config(config.deq),
+    )
+    return ModelSpec(
+        module, is_deq=True, eval_kwargs={"config": deq_config(config.deq, evaluation=True)}
+    )
 
 
 def _explicit(config, num_classes):
     m = config.model
-    return ModelSpec(ExplicitMDEQ(num_classes=num_classes, width=m.width, inner=m.inner, groups=m.groups,
-                                  head_kind=m.head, depth=m.depth))
+    return ModelSpec(
+        ExplicitMDEQ(
+            num_classes=num_classes,
+            width=m.width,
+            inner=m.inner,
+            groups=m.groups,
+            head_kind=m.head,
+            depth=m.depth,
+        )
+    )
 
 
 _REGISTRY: dict[str, Callable[[Any, int], ModelSpec]] = {"mdeq": _mdeq, "explicit_mdeq": _explicit}

@@ -25,11 +25,12 @@ import logging
 import os
 import signal
 import threading
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deqjax import data as data_lib
 
@@ -51,8 +52,11 @@ def _cluster_environment() -> str | None:
     return None
 
 
-def maybe_initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                                 process_id: int | None = None) -> bool:
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
     """``jax.distributed.initialize`` when asked (explicit arguments) or when the
     environment is a multi-process cluster (SLURM with >1 task, a multi-host Cloud TPU
     slice, ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID``, or
@@ -61,23 +65,39 @@ def maybe_initialize_distributed(coordinator_address: str | None = None, num_pro
     Call before anything touches a device."""
     if jax.distributed.is_initialized():
         return False
-    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    explicit = (
+        coordinator_address is not None or num_processes is not None or process_id is not None
+    )
     kind = None if explicit else _cluster_environment()
     if not explicit and kind is None:
         return False
     if kind == "env":
         coordinator_address = os.environ["JAX_COORDINATOR_ADDRESS"]
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in os.environ else None
+        num_processes = (
+            int(os.environ["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in os.environ else None
+        )
         process_id = int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None
-    if explicit and coordinator_address and (num_processes is None or process_id is None) \
-            and not os.environ.get("SLURM_JOB_ID"):
-        raise ValueError("--coordinator_address needs --num_processes and --process_id (or run under "
-                         "SLURM / a TPU pod, where JAX detects them)")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-    log.info("jax.distributed initialised (%s): process %d of %d, %d local / %d global devices",
-             kind or "flags", jax.process_index(), jax.process_count(), jax.local_device_count(),
-             jax.device_count())
+    if (
+        explicit
+        and coordinator_address
+        and (num_processes is None or process_id is None)
+        and not os.environ.get("SLURM_JOB_ID")
+    ):
+        raise ValueError(
+            "--coordinator_address needs --num_processes and --process_id (or run under "
+            "SLURM / a TPU pod, where JAX detects them)"
+        )
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    log.info(
+        "jax.distributed initialised (%s): process %d of %d, %d local / %d global devices",
+        kind or "flags",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return True
 
 
@@ -92,7 +112,9 @@ def make_mesh(model_axis_size: int = 1, devices: Sequence | None = None) -> Mesh
     devices = list(jax.devices() if devices is None else devices)
     m = int(model_axis_size)
     if m < 1 or len(devices) % m:
-        raise ValueError(f"parallel.model_axis_size={m} must be >= 1 and divide the {len(devices)} devices")
+        raise ValueError(
+            f"parallel.model_axis_size={m} must be >= 1 and divide the {len(devices)} devices"
+        )
     # Sorted by (process, id): each process's devices hold a contiguous block of batch
     # rows, and a 'model' group stays inside one process when m divides its device count.
     devices.sort(key=lambda d: (d.process_index, d.id))
@@ -108,8 +130,12 @@ def mesh_from_config(config) -> tuple[Mesh, bool]:
     shard = bool(p.get("shard_params", False))
     size = int(p.get("model_axis_size", 0) or 0) or (jax.local_device_count() if shard else 1)
     if size > jax.device_count():  # e.g. evaluating a sharded run's checkpoint on fewer devices
-        log.warning("parallel.model_axis_size=%d > %d devices: using %d", size, jax.device_count(),
-                    jax.device_count())
+        log.warning(
+            "parallel.model_axis_size=%d > %d devices: using %d",
+            size,
+            jax.device_count(),
+            jax.device_count(),
+        )
         size = jax.device_count()
     return make_mesh(size), shard
 
@@ -130,8 +156,10 @@ def check_batch_size(batch_size: int, mesh: Mesh, name: str = "batch_size") -> N
     """Clear error when a global batch cannot be split evenly over the data axis."""
     n = data_size(mesh)
     if batch_size % n:
-        raise ValueError(f"{name}={batch_size} must be divisible by the {n} data-parallel devices "
-                         f"(mesh {dict(mesh.shape)}); use e.g. {name}={max(n, batch_size // n * n)}")
+        raise ValueError(
+            f"{name}={batch_size} must be divisible by the {n} data-parallel devices "
+            f"(mesh {dict(mesh.shape)}); use e.g. {name}={max(n, batch_size // n * n)}"
+        )
 
 
 def _param_sharding(mesh: Mesh, x) -> NamedSharding:
@@ -153,15 +181,22 @@ def state_shardings(mesh: Mesh, state, shard_params: bool = False):
     if not shard_params:
         return jax.tree.map(lambda _: rep, state)
     shard = lambda tree: jax.tree.map(lambda x: _param_sharding(mesh, x), tree)
-    return type(state)(params=shard(state.params), model_state=jax.tree.map(lambda _: rep, state.model_state),
-                       opt_state=shard(state.opt_state), step=rep, key=rep)
+    return type(state)(
+        params=shard(state.params),
+        model_state=jax.tree.map(lambda _: rep, state.model_state),
+        opt_state=shard(state.opt_state),
+        step=rep,
+        key=rep,
+    )
 
 
 def put_state(tree, shardings):
     """Place a host pytree (identical on every process) as global arrays with ``shardings``."""
+
     def put(x, s):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
     return jax.tree.map(put, tree, shardings)
 
 
@@ -169,21 +204,30 @@ def put_state(tree, shardings):
 def process_rows(sharding: NamedSharding, global_batch_size: int) -> tuple[int, int]:
     """``[start, stop)``: the rows of a global batch held by this process's devices."""
     idx = sharding.addressable_devices_indices_map((global_batch_size,))
-    spans = sorted({(s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop)
-                    for s in idx.values()})
+    spans = sorted(
+        {
+            (s[0].start or 0, global_batch_size if s[0].stop is None else s[0].stop)
+            for s in idx.values()
+        }
+    )
     start, stop = spans[0][0], spans[-1][1]
     covered = sum(b - a for a, b in spans)
     if covered != stop - start:
-        raise ValueError(f"this process's devices hold non-contiguous batch rows {spans}; "
-                         "use a mesh whose data axis keeps each process's devices together")
+        raise ValueError(
+            f"this process's devices hold non-contiguous batch rows {spans}; "
+            "use a mesh whose data axis keeps each process's devices together"
+        )
     return start, stop
 
 
 def global_batch(local: Sequence[np.ndarray], sharding: NamedSharding, global_batch_size: int):
     """Host-local rows (from :func:`process_rows`) → global ``jax.Array`` s."""
-    return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(a),
-                                                        (global_batch_size,) + np.shape(a)[1:])
-                 for a in local)
+    return tuple(
+        jax.make_array_from_process_local_data(
+            sharding, np.asarray(a), (global_batch_size,) + np.shape(a)[1:]
+        )
+        for a in local
+    )
 
 
 def shard_host_batch(arrays: Sequence[np.ndarray], sharding: NamedSharding):
@@ -194,9 +238,16 @@ def shard_host_batch(arrays: Sequence[np.ndarray], sharding: NamedSharding):
     return global_batch([np.asarray(a)[start:stop] for a in arrays], sharding, n)
 
 
-def host_epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int, epoch: int,
-                       start_batch: int = 0, rows: tuple[int, int] | None = None
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def host_epoch_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    start_batch: int = 0,
+    rows: tuple[int, int] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """This process's rows ``rows`` of each global batch of
     :func:`deqjax.data.epoch_batches` (same permutation, drop_last): with
     ``rows=(0, batch_size)`` exactly its batches."""
@@ -206,7 +257,7 @@ def host_epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, 
     lo, hi = rows or (0, batch_size)
     perm = data_lib.epoch_permutation(n, seed, epoch)
     for b in range(start_batch, n // batch_size):
-        idx = perm[b * batch_size:(b + 1) * batch_size][lo:hi]
+        idx = perm[b * batch_size : (b + 1) * batch_size][lo:hi]
         yield images[idx], labels[idx]
 
 

@@ -21,7 +21,6 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from tqdm import tqdm
 
@@ -69,8 +68,9 @@ def make_loss_fn(spec: models.ModelSpec, config):
     adv = config.get("adv")
     attack_kwargs = dict(call_kwargs)
     if deq and adv is not None:
-        attack_kwargs["config"] = dataclasses.replace(models.deq_config(config.deq),
-                                                      backward=adv.attack_gradient)
+        attack_kwargs["config"] = dataclasses.replace(
+            models.deq_config(config.deq), backward=adv.attack_gradient
+        )
 
     n_random = int(config.deq.random_states_max) if deq else 0
 
@@ -79,6 +79,7 @@ def make_loss_fn(spec: models.ModelSpec, config):
 
         def fn(params, x):
             return model.apply({"params": params, **model_state}, x, **attack_kwargs, **extra)[0]
+
         return fn
 
     def forward(params, model_state, x, key, probe):
@@ -86,10 +87,14 @@ def make_loss_fn(spec: models.ModelSpec, config):
         if deq:
             kwargs["backward_probe"] = probe
             if n_random:
-                kwargs.update(random_steps_key=jax.random.fold_in(key, 1), random_steps_max=n_random)
+                kwargs.update(
+                    random_steps_key=jax.random.fold_in(key, 1), random_steps_max=n_random
+                )
             if reg_weights["jacobian_frobenius_sq"] > 0:
                 kwargs["jacobian_key"] = key
-        (logits, stats), new_vars = model.apply({"params": params, **model_state}, x, mutable=mutable, **kwargs)
+        (logits, stats), new_vars = model.apply(
+            {"params": params, **model_state}, x, mutable=mutable, **kwargs
+        )
         new_vars = dict(new_vars)
         sown = new_vars.pop("losses", {})
         reg = {name: jnp.sum(jnp.asarray(jax.tree.leaves(tree))) for name, tree in sown.items()}
@@ -100,12 +105,27 @@ def make_loss_fn(spec: models.ModelSpec, config):
         aux = {}
         if kind in ("pgd_at", "mixed"):
             x_adv = adversarial.pgd_adversarial_examples(
-                attack_apply(model_state, states_key), params, x, y, attack_key, eps=adv.eps, step=adv.step,
-                steps=adv.steps, norm=adv.norm)
+                attack_apply(model_state, states_key),
+                params,
+                x,
+                y,
+                attack_key,
+                eps=adv.eps,
+                step=adv.step,
+                steps=adv.steps,
+                norm=adv.norm,
+            )
         elif kind == "trades":
             x_adv = adversarial.trades_adversarial_examples(
-                attack_apply(model_state, states_key), params, x, attack_key, eps=adv.eps, step=adv.step,
-                steps=adv.steps, norm=adv.norm)
+                attack_apply(model_state, states_key),
+                params,
+                x,
+                attack_key,
+                eps=adv.eps,
+                step=adv.step,
+                steps=adv.steps,
+                norm=adv.norm,
+            )
         if kind in ("ce", "hinge"):
             logits, stats, reg, new_vars = forward(params, model_state, x, reg_key, probe)
             loss = _classification_loss(base, logits, y, margin)
@@ -116,7 +136,7 @@ def make_loss_fn(spec: models.ModelSpec, config):
             both = jnp.concatenate([x, x_adv])
             probe2 = jnp.concatenate([probe, jnp.zeros_like(probe)])
             logits2, stats, reg, new_vars = forward(params, model_state, both, reg_key, probe2)
-            logits, logits_adv = logits2[: len(x)], logits2[len(x):]
+            logits, logits_adv = logits2[: len(x)], logits2[len(x) :]
             clean = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             if kind == "trades":
                 lp, lq = jax.nn.log_softmax(logits), jax.nn.log_softmax(logits_adv)
@@ -132,14 +152,19 @@ def make_loss_fn(spec: models.ModelSpec, config):
             aux[name] = value
         aux.update(loss=loss, accuracy=jnp.mean(jnp.argmax(logits[: len(y)], -1) == y))
         if stats is not None:
-            aux.update(forward_steps=jnp.mean(stats.steps), forward_rel_residual=jnp.mean(stats.rel_residual),
-                       nonconverged=jnp.mean(1.0 - stats.converged))
+            aux.update(
+                forward_steps=jnp.mean(stats.steps),
+                forward_rel_residual=jnp.mean(stats.rel_residual),
+                nonconverged=jnp.mean(1.0 - stats.converged),
+            )
         return loss, (aux, new_vars)
 
     return loss_fn
 
 
-def make_train_step(spec: models.ModelSpec, optimizer, config, *, state_shardings=None, batch_sharding=None):
+def make_train_step(
+    spec: models.ModelSpec, optimizer, config, *, state_shardings=None, batch_sharding=None
+):
     """The jitted step ``(state, x, y) -> (state, aux)``. With ``state_shardings`` and
     ``batch_sharding`` (see :mod:`experiments.parallel`) the step is partitioned over
     their mesh: the batch (and the inner attack of adversarial training) is split over
@@ -150,7 +175,8 @@ def make_train_step(spec: models.ModelSpec, optimizer, config, *, state_sharding
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
         probe = jnp.zeros((x.shape[0], 2), x.dtype)
         (_, (aux, new_vars)), (grads, probe_grad) = jax.value_and_grad(
-            loss_fn, argnums=(0, 5), has_aux=True)(state.params, state.model_state, x, y, key, probe)
+            loss_fn, argnums=(0, 5), has_aux=True
+        )(state.params, state.model_state, x, y, key, probe)
         if spec.is_deq:
             # The probe's gradient is the adjoint solve's [relative residual, steps] per example.
             aux["backward_rel_residual"] = jnp.mean(probe_grad[:, 0])
@@ -164,8 +190,12 @@ def make_train_step(spec: models.ModelSpec, optimizer, config, *, state_sharding
     if state_shardings is None:
         return jax.jit(train_step, donate_argnums=0)
     rep = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(train_step, donate_argnums=0, in_shardings=(state_shardings, batch_sharding, batch_sharding),
-                   out_shardings=(state_shardings, rep))
+    return jax.jit(
+        train_step,
+        donate_argnums=0,
+        in_shardings=(state_shardings, batch_sharding, batch_sharding),
+        out_shardings=(state_shardings, rep),
+    )
 
 
 def make_eval_fn(spec: models.ModelSpec):
@@ -177,7 +207,7 @@ def make_eval_fn(spec: models.ModelSpec):
     return predict
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _eval_sums(predict):
     def masked(v, mask):
         v = jnp.asarray(v, jnp.float32)
@@ -188,9 +218,13 @@ def _eval_sums(predict):
         logits, stats = predict(params, model_state, x)
         out = {"correct": jnp.sum((jnp.argmax(logits, -1) == y) & mask)}
         if stats is not None:
-            out.update(steps=masked(stats.steps, mask), res=masked(stats.rel_residual, mask),
-                       nonconv=masked(1 - stats.converged, mask))
+            out.update(
+                steps=masked(stats.steps, mask),
+                res=masked(stats.rel_residual, mask),
+                nonconv=masked(1 - stats.converged, mask),
+            )
         return out
+
     return sums
 
 
@@ -228,7 +262,9 @@ def _read_metrics(path: str) -> list:
     return [json.loads(line) for line in (text or "").splitlines() if line.strip()]
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None) -> dict:
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+) -> dict:
     """Run (or resume) training; returns the final metrics.
 
     Data-parallel over all devices of all processes (:mod:`experiments.parallel`).
@@ -240,7 +276,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     main = parallel.is_main_process()
     if main:
         common.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
-    ds = data_lib.load_dataset(config.dataset, config.data_dir or None, config.limit_train, config.limit_test)
+    ds = data_lib.load_dataset(
+        config.dataset, config.data_dir or None, config.limit_train, config.limit_test
+    )
     data_lib.validate_images(ds.train_images[:1000], "training images")
     t = config.train
     mesh, shard_params = parallel.mesh_from_config(config)
@@ -259,7 +297,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
         state = restored
         if main:
             log.info("resumed from step %d", int(state.step))
-    train_step = make_train_step(spec, optimizer, config, state_shardings=state_sh, batch_sharding=batch_sh)
+    train_step = make_train_step(
+        spec, optimizer, config, state_shardings=state_sh, batch_sharding=batch_sh
+    )
     predict = make_eval_fn(spec)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     rows = parallel.process_rows(batch_sh, t.batch_size)
@@ -274,25 +314,49 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     def stop(preempted):
         mngr.wait_until_finished()
         if main:
-            print(f"{'SIGTERM: saved' if preempted else 'stopped at'} step {step} "
-                  f"(checkpoint in {workdir}); rerun the same command to resume", flush=True)
+            print(
+                f"{'SIGTERM: saved' if preempted else 'stopped at'} step {step} "
+                f"(checkpoint in {workdir}); rerun the same command to resume",
+                flush=True,
+            )
         return {"step": step, "interrupted": True, "preempted": preempted}
 
     with guard:
         for epoch in range(start_epoch, t.epochs):
             start_batch = step - epoch * steps_per_epoch
             sums, count = {}, 0
-            if start_batch and progress and progress.get("epoch") == epoch and progress.get("count") == start_batch:
+            if (
+                start_batch
+                and progress
+                and progress.get("epoch") == epoch
+                and progress.get("count") == start_batch
+            ):
                 sums, count = dict(progress["sums"]), int(progress["count"])  # the epoch so far
             elif start_batch and main:
-                log.warning("no running metric sums for epoch %d in the checkpoint: its train_* "
-                            "metrics average only the batches after step %d", epoch + 1, step)
+                log.warning(
+                    "no running metric sums for epoch %d in the checkpoint: its train_* "
+                    "metrics average only the batches after step %d",
+                    epoch + 1,
+                    step,
+                )
             t0 = time.time()
-            batches = parallel.host_epoch_batches(ds.train_images, ds.train_labels, t.batch_size,
-                                                  seed=config.seed, epoch=epoch, start_batch=start_batch,
-                                                  rows=rows)
-            bar = tqdm(batches, total=steps_per_epoch - start_batch, desc=f"epoch {epoch + 1}/{t.epochs}",
-                       disable=not (t.progress and main), leave=False, file=sys.stderr)
+            batches = parallel.host_epoch_batches(
+                ds.train_images,
+                ds.train_labels,
+                t.batch_size,
+                seed=config.seed,
+                epoch=epoch,
+                start_batch=start_batch,
+                rows=rows,
+            )
+            bar = tqdm(
+                batches,
+                total=steps_per_epoch - start_batch,
+                desc=f"epoch {epoch + 1}/{t.epochs}",
+                disable=not (t.progress and main),
+                leave=False,
+                file=sys.stderr,
+            )
             for x, y in bar:
                 x, y = parallel.global_batch((x, y), batch_sh, t.batch_size)
                 state, aux = train_step(state, x, y)
@@ -301,40 +365,70 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
                 if count % 10 == 0 and main and t.progress:
-                    bar.set_postfix(loss=f"{float(aux['loss']):.3f}", acc=f"{float(aux['accuracy']):.3f}")
+                    bar.set_postfix(
+                        loss=f"{float(aux['loss']):.3f}", acc=f"{float(aux['accuracy']):.3f}"
+                    )
                 if step == (epoch + 1) * steps_per_epoch:
                     break  # the epoch-end save below covers this step, after its record
                 preempted = guard.reached(step)
                 if step % t.checkpoint_every_steps == 0 or step == stop_at_step or preempted:
-                    progress_now = {"epoch": epoch, "count": count, "sums": {k: float(v) for k, v in sums.items()}}
-                    common.save_checkpoint(mngr, step, state, progress_now,
-                                           force=step == stop_at_step or preempted)
+                    progress_now = {
+                        "epoch": epoch,
+                        "count": count,
+                        "sums": {k: float(v) for k, v in sums.items()},
+                    }
+                    common.save_checkpoint(
+                        mngr, step, state, progress_now, force=step == stop_at_step or preempted
+                    )
                 if step == stop_at_step or preempted:
                     return stop(preempted)
             record = {"epoch": epoch + 1, "step": step, "seconds": time.time() - t0}
             record.update({f"train_{k}": float(v) / max(count, 1) for k, v in sums.items()})
-            record.update({f"test_{k}": v for k, v in evaluate(predict, state, ds.test_images, ds.test_labels,
-                                                                config.eval.batch_size, mesh).items()})
+            record.update(
+                {
+                    f"test_{k}": v
+                    for k, v in evaluate(
+                        predict, state, ds.test_images, ds.test_labels, config.eval.batch_size, mesh
+                    ).items()
+                }
+            )
             frac = record.get("train_nonconverged", 0.0)
             if frac > t.nonconvergence_warning and main:
-                log.warning("epoch %d: %.1f%% of training solves did not reach tol=%g in %d steps "
-                            "(mean relative residual %.3g)", epoch + 1, 100 * frac, config.deq.tol,
-                            config.deq.max_iter, record.get("train_forward_rel_residual", float("nan")))
+                log.warning(
+                    "epoch %d: %.1f%% of training solves did not reach tol=%g in %d steps "
+                    "(mean relative residual %.3g)",
+                    epoch + 1,
+                    100 * frac,
+                    config.deq.tol,
+                    config.deq.max_iter,
+                    record.get("train_forward_rel_residual", float("nan")),
+                )
             records.append(record)
             _write_metrics(metrics_path, records)
             if main:
-                print(f"epoch {epoch + 1}: train loss {record.get('train_loss', float('nan')):.4f}  "
-                      f"test accuracy {record['test_accuracy']:.4f}", flush=True)
+                print(
+                    f"epoch {epoch + 1}: train loss {record.get('train_loss', float('nan')):.4f}  "
+                    f"test accuracy {record['test_accuracy']:.4f}",
+                    flush=True,
+                )
             if mngr.latest_step() != step:
-                common.save_checkpoint(mngr, step, state, {"epoch": epoch + 1, "count": 0, "sums": {}}, force=True)
+                common.save_checkpoint(
+                    mngr, step, state, {"epoch": epoch + 1, "count": 0, "sums": {}}, force=True
+                )
             preempted = guard.reached(step)
             if step == stop_at_step or (preempted and epoch + 1 < t.epochs):
                 return stop(preempted)
     mngr.wait_until_finished()
 
     final = {"step": step}
-    final.update({f"test_{k}": v for k, v in evaluate(predict, state, ds.test_images,
-                                                       ds.test_labels, config.eval.batch_size, mesh).items()})
+    final.update(
+        {
+            f"test_{k}": v
+            for k, v in evaluate(
+                predict, state, ds.test_images, ds.test_labels, config.eval.batch_size, mesh
+            ).items()
+        }
+    )
     if main:
         common.write_text(os.path.join(workdir, "final.json"), json.dumps(final, indent=2))
         print(f"test accuracy: {final['test_accuracy']:.4f}", flush=True)

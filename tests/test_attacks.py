@@ -27,11 +27,11 @@ def binary_problem():
     rng = np.random.default_rng(0)
     d, n = 20, 60
     W = rng.normal(size=(d, 2)).astype(np.float32)
-    W[:3] *= 5.0               # few dominant weights: ‖v‖₁/(√d‖v‖₂) ≪ 1, so an L2 attack
-    v = W[:, 1] - W[:, 0]      # stepping along sign(g) instead of g/‖g‖ falls far short
+    W[:3] *= 5.0  # few dominant weights: ‖v‖₁/(√d‖v‖₂) ≪ 1, so an L2 attack
+    v = W[:, 1] - W[:, 0]  # stepping along sign(g) instead of g/‖g‖ falls far short
     vhat = v / np.linalg.norm(v)
     noise = rng.uniform(-0.1, 0.1, size=(n, d))
-    noise -= np.outer(noise @ vhat, vhat)                       # ⟂ v
+    noise -= np.outer(noise @ vhat, vhat)  # ⟂ v
     # |a_i| in units of the analytic threshold: half robust, none within ±10%
     r = np.concatenate([rng.uniform(0.2, 0.9, n // 2), rng.uniform(1.1, 2.0, n - n // 2)])
     sgn = rng.choice([-1.0, 1.0], n)
@@ -41,7 +41,7 @@ def binary_problem():
 def _binary_data(P, thresh_over_vnorm):
     a = P["sgn"] * P["r"] * thresh_over_vnorm
     x = 0.5 + P["noise"] + a[:, None] * P["vhat"][None]
-    b = np.array([0.0, -0.5 * P["v"].sum()], np.float32)        # margin(class 1) = a‖v‖
+    b = np.array([0.0, -0.5 * P["v"].sum()], np.float32)  # margin(class 1) = a‖v‖
     y = (a > 0).astype(np.int32)
     assert x.min() > 0.05 and x.max() < 0.95
     return jnp.asarray(x.reshape(-1, 4, 5), jnp.float32), jnp.asarray(y), _linear(P["W"], b)
@@ -55,8 +55,9 @@ def _jit(attack, f, x, y, key, eps, **static):
     so tests that share (attack, model, static options) compile once."""
     k = (attack, f, tuple(sorted(static.items())))
     if k not in _COMPILED:
-        _COMPILED[k] = jax.jit(lambda x, y, key, eps: attack(f, x, y, key, eps=eps, **static),
-                               **FAST)
+        _COMPILED[k] = jax.jit(
+            lambda x, y, key, eps: attack(f, x, y, key, eps=eps, **static), **FAST
+        )
     return _COMPILED[k](x, y, key, eps)
 
 
@@ -89,8 +90,12 @@ def trained_mlp():
     xt, yt = sample(1000)
     x, y = sample(64)
     k1, k2 = jax.random.split(KEY)
-    params = dict(W1=jax.random.normal(k1, (100, 32)) / 10.0, b1=jnp.zeros(32),
-                  W2=jax.random.normal(k2, (32, 10)) / 6.0, b2=jnp.zeros(10))
+    params = dict(
+        W1=jax.random.normal(k1, (100, 32)) / 10.0,
+        b1=jnp.zeros(32),
+        W2=jax.random.normal(k2, (32, 10)) / 6.0,
+        b2=jnp.zeros(10),
+    )
 
     def apply(p, x):
         h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["W1"] + p["b1"])
@@ -107,8 +112,8 @@ def trained_mlp():
     s = opt.init(params)
     for _ in range(100):
         params, s = step(params, s)
-    f = lambda x: apply(params, x)          # plain function: attacks jit it themselves
-    assert float(jnp.mean(jnp.argmax(f(x), -1) == y)) > 0.7       # it learned
+    f = lambda x: apply(params, x)  # plain function: attacks jit it themselves
+    assert float(jnp.mean(jnp.argmax(f(x), -1) == y)) > 0.7  # it learned
     return f, x, y
 
 
@@ -121,9 +126,9 @@ def test_binary_linear_reaches_analytic_robust_accuracy(binary_problem, norm):
     dual = np.abs(P["v"]).sum() if norm == "linf" else np.linalg.norm(P["v"])
     x, y, f = _binary_data(P, eps * dual / np.linalg.norm(P["v"]))
     m = np.asarray(A.margin(f(x), y))
-    assert np.all(m > 0)                                          # clean: all correct
+    assert np.all(m > 0)  # clean: all correct
     expected = int(np.sum(m > eps * dual))
-    assert expected == int(np.sum(P["r"] > 1))                    # construction check
+    assert expected == int(np.sum(P["r"] > 1))  # construction check
     k = jax.random.PRNGKey(1)
     x_pgd = _jit(A.pgd, f, x, y, k, eps, norm=norm, steps=20)
     x_apgd = _jit(A.apgd, f, x, y, k, eps, norm=norm, steps=20)
@@ -145,10 +150,10 @@ def test_multiclass_linear_apgd_targeted_exact():
     x = 0.5 + rng.uniform(-0.15, 0.15, size=(400, d)).astype(np.float32)
     z = x @ W + b
     y = z.argmax(1)
-    m = z[np.arange(len(x)), y][:, None] - z                      # pairwise margins
-    t = eps * np.abs(W.T[y][:, None, :] - W.T[None]).sum(-1)      # (n, c) thresholds
+    m = z[np.arange(len(x)), y][:, None] - z  # pairwise margins
+    t = eps * np.abs(W.T[y][:, None, :] - W.T[None]).sum(-1)  # (n, c) thresholds
     other = np.arange(c)[None] != y[:, None]
-    ok = np.all(~other | (np.abs(m - t) > 0.2 * t), axis=1)       # none near threshold
+    ok = np.all(~other | (np.abs(m - t) > 0.2 * t), axis=1)  # none near threshold
     x, y, m, t, other = x[ok][:60], y[ok][:60], m[ok][:60], t[ok][:60], other[ok][:60]
     expected = int(np.sum(np.all(~other | (m > t), axis=1)))
     assert 5 < expected < len(x) - 5
@@ -172,9 +177,9 @@ def test_apgd_step_halving_converges_to_interior_maximum(norm):
     eps = 0.1 if norm == "linf" else 0.25
     xa = _jit(A.apgd, f, x, y, KEY, eps, norm=norm, steps=60)
     dist = float(jnp.abs(xa - c).max())
-    assert dist < 0.03 * eps                                   # ≈ 2·eps/2^(#halvings)
+    assert dist < 0.03 * eps  # ≈ 2·eps/2^(#halvings)
     x_fixed = _jit(A.pgd, f, x, y, KEY, eps, norm=norm, steps=60, step_size=2 * eps)
-    assert float(jnp.abs(x_fixed - c).max()) > 10 * dist      # the contrast is real
+    assert float(jnp.abs(x_fixed - c).max()) > 10 * dist  # the contrast is real
 
 
 def test_apgd_checkpoints_follow_paper():
@@ -187,8 +192,9 @@ def test_apgd_checkpoints_follow_paper():
 # Some pixels of trained_mlp's inputs sit at 0 or 1, so the [0, 1] box binds there.
 def _pgd10(f, x, y, eps, restarts=1):
     """PGD-10 L∞ with loss trace; one compiled function shared by several tests."""
-    return _jit(A.pgd, f, x, y, KEY, eps, norm="linf", steps=10, restarts=restarts,
-                return_trace=True)
+    return _jit(
+        A.pgd, f, x, y, KEY, eps, norm="linf", steps=10, restarts=restarts, return_trace=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +216,10 @@ def square_only(trained_mlp):
 def test_every_attack_stays_in_ball_and_box(trained_mlp):
     f, x, y = trained_mlp
     x, y = x[:16], y[:16]
-    assert float(jnp.mean((x == 0) | (x == 1))) > 0.05             # box constraints bind
+    assert float(jnp.mean((x == 0) | (x == 1))) > 0.05  # box constraints bind
     cases = [
-        (A.fgsm, "linf", 0.1, {}), (A.fgsm, "l2", 1.0, {}),
+        (A.fgsm, "linf", 0.1, {}),
+        (A.fgsm, "l2", 1.0, {}),
         (A.pgd, "l2", 1.0, dict(steps=4, schedule="cosine", loss="dlr")),
         (A.apgd, "l2", 1.0, dict(steps=5, loss="dlr")),
         (A.apgd_targeted, "l2", 1.0, dict(steps=3, n_target_classes=2)),
@@ -221,7 +228,7 @@ def test_every_attack_stays_in_ball_and_box(trained_mlp):
     for att, norm, eps, kw in cases:
         xa = _jit(att, f, x, y, KEY, eps, norm=norm, **kw)
         _assert_feasible(xa, x, eps, norm)
-        assert float(jnp.abs(xa - x).max()) > 0, att.__name__      # it moved
+        assert float(jnp.abs(xa - x).max()) > 0, att.__name__  # it moved
         assert _robust_acc(f, xa, y) < _robust_acc(f, x, y), att.__name__
 
 
@@ -233,14 +240,15 @@ def test_more_restarts_never_weaker(trained_mlp, square_only):
     assert trace.shape == (11, x.shape[0])
     r1 = np.asarray(jnp.argmax(f(x1), -1) == y)
     r4 = np.asarray(jnp.argmax(f(x4), -1) == y)
-    assert np.all(r4 <= r1)                                        # per example
+    assert np.all(r4 <= r1)  # per example
     assert r4.sum() <= r1.sum()
     # with_restarts on the gradient-free attack, same first key
     sq = A.with_restarts(A.square, 3)
     x3 = _jit(sq, square_only, x, y, KEY, 0.15, n_queries=100)
     _assert_feasible(x3, x, 0.15, "linf")
-    s1 = np.asarray(jnp.argmax(f(_jit(A.square, square_only, x, y, KEY, 0.15,
-                                      n_queries=100)), -1) == y)
+    s1 = np.asarray(
+        jnp.argmax(f(_jit(A.square, square_only, x, y, KEY, 0.15, n_queries=100)), -1) == y
+    )
     s3 = np.asarray(jnp.argmax(f(x3), -1) == y)
     assert np.all(s3 <= s1)
 
@@ -252,13 +260,13 @@ def test_apgd_at_least_as_strong_as_pgd(trained_mlp):
     for xa in (x_pgd, x_apgd):
         _assert_feasible(xa, x, 0.05, "linf")
     acc_pgd, acc_apgd = _robust_acc(f, x_pgd, y), _robust_acc(f, x_apgd, y)
-    assert acc_pgd < _robust_acc(f, x, y)                          # the attack does work
+    assert acc_pgd < _robust_acc(f, x, y)  # the attack does work
     assert acc_apgd <= acc_pgd
 
 
 def test_square_is_gradient_free_and_effective(trained_mlp, square_only):
     f, x, y = trained_mlp
-    with pytest.raises(AssertionError):                            # the guard works
+    with pytest.raises(AssertionError):  # the guard works
         jax.grad(lambda x: square_only(x).sum())(x)
     xa = _jit(A.square, square_only, x, y, KEY, 0.15, n_queries=100)
     _assert_feasible(xa, x, 0.15, "linf")
@@ -270,7 +278,7 @@ def test_square_is_gradient_free_and_effective(trained_mlp, square_only):
 
 def test_sanity_flags_fire_on_masked_model(trained_mlp):
     f, x, y = trained_mlp
-    masked = lambda x: f(jnp.round(x * 4) / 4)          # quantised input: zero gradient
+    masked = lambda x: f(jnp.round(x * 4) / 4)  # quantised input: zero gradient
     rep = A.check_evaluation(masked, x, y, KEY, eps=0.15, steps=5, n_queries=100)
     assert rep.flags["zero_gradients"] and rep.unreliable
     assert rep.flags["gradient_free_beats_gradient"] or rep.flags["loss_not_increasing"]
@@ -282,33 +290,52 @@ def test_sanity_flags_fire_on_masked_model(trained_mlp):
 
 
 def test_sanity_flags_host_logic():
-    rep = A.sanity_flags(eps_curve=[(0.0, 0.9), (0.1, 0.5), (0.2, 0.6)],
-                         per_attack={"apgd-ce": 0.5, "square": 0.4},
-                         loss_traces={"pgd": np.array([[1.0, 2.0], [1.0, 1.5]])})
-    assert rep.flags == {"gradient_free_beats_gradient": True,
-                         "accuracy_rises_with_eps": True, "loss_not_increasing": True}
-    rep = A.sanity_flags(eps_curve=[(0.2, 0.1), (0.0, 0.9), (0.1, 0.5)],
-                         per_attack={"apgd-ce": np.array([True, False]), "square": 0.5},
-                         loss_traces={"pgd": np.array([[1.0, 2.0], [1.5, 2.5]])})
+    rep = A.sanity_flags(
+        eps_curve=[(0.0, 0.9), (0.1, 0.5), (0.2, 0.6)],
+        per_attack={"apgd-ce": 0.5, "square": 0.4},
+        loss_traces={"pgd": np.array([[1.0, 2.0], [1.0, 1.5]])},
+    )
+    assert rep.flags == {
+        "gradient_free_beats_gradient": True,
+        "accuracy_rises_with_eps": True,
+        "loss_not_increasing": True,
+    }
+    rep = A.sanity_flags(
+        eps_curve=[(0.2, 0.1), (0.0, 0.9), (0.1, 0.5)],
+        per_attack={"apgd-ce": np.array([True, False]), "square": 0.5},
+        loss_traces={"pgd": np.array([[1.0, 2.0], [1.5, 2.5]])},
+    )
     assert not rep.unreliable and set(rep.explanations) == set(rep.flags)
     # a defence scored both ways: the adaptive attack must not be weaker than transfer
-    measured = {"pgd/adaptive_bpda": 0.55, "pgd/adaptive_autodiff": 0.56,
-                "pgd/nonadaptive_simultaneous_adjoint": 0.51, "square": 0.52}  # the README's ε = 0.1 row
+    measured = {
+        "pgd/adaptive_bpda": 0.55,
+        "pgd/adaptive_autodiff": 0.56,
+        "pgd/nonadaptive_simultaneous_adjoint": 0.51,
+        "square": 0.52,
+    }  # the README's ε = 0.1 row
     rep = A.sanity_flags(per_attack=measured)
-    assert rep.flags["adaptive_weaker_than_transfer"] and "adaptive_bpda 0.5500" in \
-        rep.explanations["adaptive_weaker_than_transfer"]
+    assert (
+        rep.flags["adaptive_weaker_than_transfer"]
+        and "adaptive_bpda 0.5500" in rep.explanations["adaptive_weaker_than_transfer"]
+    )
     rep = A.sanity_flags(per_attack={**measured, "pgd/adaptive_bpda": 0.50})
     assert not rep.flags["adaptive_weaker_than_transfer"]
-    assert "adaptive_weaker_than_transfer" not in A.sanity_flags(per_attack={"pgd/implicit": 0.5}).flags
+    assert (
+        "adaptive_weaker_than_transfer"
+        not in A.sanity_flags(per_attack={"pgd/implicit": 0.5}).flags
+    )
 
 
 def test_ensemble_worst_case(trained_mlp):
     f, x, y = trained_mlp
     x, y = x[:32], y[:32]
     eps = 0.05
-    run = jax.jit(lambda x, y, k: A.evaluate_ensemble(
-        f, x, y, k, eps=eps, attacks="standard", n_iter=5, n_queries=20,
-        n_target_classes=3), **FAST)
+    run = jax.jit(
+        lambda x, y, k: A.evaluate_ensemble(
+            f, x, y, k, eps=eps, attacks="standard", n_iter=5, n_queries=20, n_target_classes=3
+        ),
+        **FAST,
+    )
     r = run(x, y, KEY)
     correct = np.asarray(jnp.argmax(f(x), -1) == y)
     both = correct.copy()

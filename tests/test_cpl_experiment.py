@@ -16,8 +16,12 @@ from deqjax.cpl import certified_radius, conv
 from experiments import evaluate as evaluate_lib
 from experiments import train as train_lib
 from experiments.configs import cpl_mnist
-from experiments.families.cpl import (CPLClassifier, conv_norm_upper_bound, layer_sigmas,
-                                      lipschitz_upper_bound)
+from experiments.families.cpl import (
+    CPLClassifier,
+    conv_norm_upper_bound,
+    layer_sigmas,
+    lipschitz_upper_bound,
+)
 
 EPS = (0.05, 0.15, 0.3)
 LIP_TOL = 1 + 1e-4
@@ -82,13 +86,17 @@ def test_report_has_certified_and_empirical_columns(run):
 
 def _attackers(view):
     """Jitted L2 attacks (PGD-CE, PGD-DLR, APGD-CE) with ε traced: one compile each."""
-    kinds = [dict(fn=A.pgd, steps=15), dict(fn=A.pgd, steps=15, loss="dlr"),
-             dict(fn=A.apgd, steps=15)]
+    kinds = [
+        dict(fn=A.pgd, steps=15),
+        dict(fn=A.pgd, steps=15, loss="dlr"),
+        dict(fn=A.apgd, steps=15),
+    ]
 
     def make(kw):
         kw = dict(kw)
         fn = kw.pop("fn")
         return jax.jit(lambda x, y, eps, key: fn(view, x, y, key, eps=eps, norm="l2", **kw))
+
     return [make(kw) for kw in kinds]
 
 
@@ -144,14 +152,22 @@ def test_conv_norm_upper_bound_and_lipschitz_bound():
     kernel = jax.random.normal(jax.random.key(0), (3, 3, 2, 3))
     x0 = jnp.zeros((1, 5, 6, 2))
     for padding in ("SAME", "CIRCULAR"):
-        jac = np.asarray(jax.jacfwd(lambda a: conv(a, kernel, 1, padding))(x0))
+        jac = np.asarray(jax.jacfwd(lambda a, p=padding: conv(a, kernel, 1, p))(x0))
         exact = np.linalg.norm(jac.reshape(-1, x0.size), 2)
         bound = float(conv_norm_upper_bound(kernel, 5, 6, padding))
         assert bound >= exact * (1 - 1e-5)
         if padding == "CIRCULAR":
             np.testing.assert_allclose(bound, exact, rtol=1e-4)
-    module = CPLClassifier(depth=1, depth_linear=1, conv_channels=2, conv_inner=3,
-                           linear_width=8, num_classes=3, pool=2, padding="CIRCULAR")
+    module = CPLClassifier(
+        depth=1,
+        depth_linear=1,
+        conv_channels=2,
+        conv_inner=3,
+        linear_width=8,
+        num_classes=3,
+        pool=2,
+        padding="CIRCULAR",
+    )
     v = module.init(jax.random.key(1), jnp.zeros((1, 6, 6, 1)))
     sig = jax.jit(lambda v: layer_sigmas(module, v, 500))(v)
     assert set(sig) == {"convs_0", "denses_0"}
@@ -161,6 +177,7 @@ def test_conv_norm_upper_bound_and_lipschitz_bound():
 
 def test_bad_model_config_is_rejected():
     from experiments import models
+
     c = tiny_config()
     c.model.eval_power_iters = 0
     with pytest.raises(ValueError, match="eval_power_iters"):

@@ -10,8 +10,14 @@ from deqjax import data
 def test_mnist_5k_split():
     ds = data.mnist_5k()
     assert ds.train_images.shape == (4000, 28, 28, 1) and ds.test_images.shape == (1000, 28, 28, 1)
-    assert ds.train_images.dtype == np.float32 and 0.0 <= ds.train_images.min() and ds.train_images.max() <= 1.0
-    assert np.all(np.bincount(ds.test_labels) == 100) and np.all(np.bincount(ds.train_labels) == 400)
+    assert (
+        ds.train_images.dtype == np.float32
+        and 0.0 <= ds.train_images.min()
+        and ds.train_images.max() <= 1.0
+    )
+    assert np.all(np.bincount(ds.test_labels) == 100) and np.all(
+        np.bincount(ds.train_labels) == 400
+    )
     # deterministic, and train/test disjoint
     again = data.mnist_5k()
     np.testing.assert_array_equal(ds.train_labels, again.train_labels)
@@ -19,9 +25,15 @@ def test_mnist_5k_split():
     assert not any(x.tobytes() in flat_tr for x in ds.test_images)
 
 
-@pytest.mark.parametrize("name,shape,classes", [("mnist", (28, 28, 1), 10), ("cifar10", (32, 32, 3), 10),
-                                                ("svhn_cropped", (32, 32, 3), 10),
-                                                ("fashion_mnist", (28, 28, 1), 10)])
+@pytest.mark.parametrize(
+    "name,shape,classes",
+    [
+        ("mnist", (28, 28, 1), 10),
+        ("cifar10", (32, 32, 3), 10),
+        ("svhn_cropped", (32, 32, 3), 10),
+        ("fashion_mnist", (28, 28, 1), 10),
+    ],
+)
 def test_tfds_data_source_mocked(name, shape, classes):
     with tfds.testing.mock_data(num_examples=6):
         ds = data.load_dataset(name)

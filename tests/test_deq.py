@@ -8,7 +8,12 @@ from jax.test_util import check_grads
 
 from deqjax import _jaxopt
 from deqjax.conv import _conv, conv2d, conv2d_transpose
-from deqjax.deq import ADJOINT_SOLVERS, DEQConfig, damped_steps, deq_fixed_point, jacobian_frobenius_sq
+from deqjax.deq import (
+    ADJOINT_SOLVERS,
+    DEQConfig,
+    deq_fixed_point,
+    jacobian_frobenius_sq,
+)
 from deqjax.solvers import SolverConfig
 
 N = 6
@@ -27,8 +32,13 @@ def cell(z, args):
 
 
 def loss(args, backward="implicit", adjoint="anderson", probe=None, max_iter=300):
-    cfg = DEQConfig(forward=SolverConfig(max_iter=max_iter, tol=1e-13, stop_mode="abs"), backward=backward,
-                    adjoint_solver=adjoint, adjoint_tol=1e-13, adjoint_max_iter=300)
+    cfg = DEQConfig(
+        forward=SolverConfig(max_iter=max_iter, tol=1e-13, stop_mode="abs"),
+        backward=backward,
+        adjoint_solver=adjoint,
+        adjoint_tol=1e-13,
+        adjoint_max_iter=300,
+    )
     z, _ = deq_fixed_point(cell, jnp.zeros(N), args, cfg, backward_probe=probe)
     return jnp.sum(jnp.sin(z) * jnp.arange(1.0, N + 1))
 
@@ -50,7 +60,9 @@ def test_implicit_gradient_finite_differences(x64):
 def test_implicit_gradient_wrt_input_injection_finite_differences(x64):
     a, b = problem()
     x = jax.random.normal(jax.random.PRNGKey(3), (N,))
-    check_grads(lambda x: loss((a, b + jnp.sin(x))), (x,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    check_grads(
+        lambda x: loss((a, b + jnp.sin(x))), (x,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6
+    )
 
 
 def test_implicit_gradient_matches_jaxopt_custom_root(x64):
@@ -71,15 +83,19 @@ def test_implicit_gradient_matches_jaxopt_custom_root(x64):
 
 def test_phantom_gradient_is_autodiff_through_k_damped_steps(x64):
     args = problem()
-    cfg = DEQConfig(forward=SolverConfig(max_iter=300, tol=1e-13), backward="phantom",
-                    phantom_steps=3, phantom_damping=0.5)
+    cfg = DEQConfig(
+        forward=SolverConfig(max_iter=300, tol=1e-13),
+        backward="phantom",
+        phantom_steps=3,
+        phantom_damping=0.5,
+    )
     z_star, _ = deq_fixed_point(cell, jnp.zeros(N), args, DEQConfig(forward=cfg.forward))
 
     def manual(args):
         z = jax.lax.stop_gradient(z_star)
         for _ in range(3):
             z = 0.5 * z + 0.5 * cell(z, args)
-        return jnp.sum(z ** 2)
+        return jnp.sum(z**2)
 
     g = jax.grad(lambda p: jnp.sum(deq_fixed_point(cell, jnp.zeros(N), p, cfg)[0] ** 2))(args)
     g_ref = jax.grad(manual)(args)
@@ -95,11 +111,21 @@ def test_phantom_gradient_is_autodiff_through_k_damped_steps(x64):
 def test_backward_probe_reports_adjoint_residual(x64):
     args = problem()
     probe = jnp.zeros(2)
-    cfg_short = DEQConfig(forward=SolverConfig(max_iter=300, tol=1e-12), adjoint_solver="fixed_point",
-                          adjoint_max_iter=2, adjoint_tol=1e-12)
-    cfg_long = DEQConfig(forward=cfg_short.forward, adjoint_solver="fixed_point", adjoint_max_iter=300,
-                         adjoint_tol=1e-12)
-    f = lambda p, probe, cfg: jnp.sum(deq_fixed_point(cell, jnp.zeros(N), p, cfg, backward_probe=probe)[0])
+    cfg_short = DEQConfig(
+        forward=SolverConfig(max_iter=300, tol=1e-12),
+        adjoint_solver="fixed_point",
+        adjoint_max_iter=2,
+        adjoint_tol=1e-12,
+    )
+    cfg_long = DEQConfig(
+        forward=cfg_short.forward,
+        adjoint_solver="fixed_point",
+        adjoint_max_iter=300,
+        adjoint_tol=1e-12,
+    )
+    f = lambda p, probe, cfg: jnp.sum(
+        deq_fixed_point(cell, jnp.zeros(N), p, cfg, backward_probe=probe)[0]
+    )
     short = jax.grad(f, argnums=1)(args, probe, cfg_short)
     long = jax.grad(f, argnums=1)(args, probe, cfg_long)
     assert short[1] == 2 and short[0] > 1e-3  # visibly unconverged
@@ -109,15 +135,21 @@ def test_backward_probe_reports_adjoint_residual(x64):
 def test_jit_vmap_grad_compose(x64):
     a, b = problem()
     bs = jax.random.normal(jax.random.PRNGKey(5), (4, N))
-    cfg = DEQConfig(forward=SolverConfig(max_iter=200, tol=1e-12), adjoint_tol=1e-12, adjoint_max_iter=200)
+    cfg = DEQConfig(
+        forward=SolverConfig(max_iter=200, tol=1e-12), adjoint_tol=1e-12, adjoint_max_iter=200
+    )
 
     def batch_loss(a, bs):
         zs, stats = jax.vmap(lambda b: deq_fixed_point(cell, jnp.zeros(N), (a, b), cfg))(bs)
-        return jnp.sum(zs ** 2), stats
+        return jnp.sum(zs**2), stats
 
     (val, stats), g = jax.jit(jax.value_and_grad(batch_loss, has_aux=True))(a, bs)
-    g_each = sum(jax.grad(lambda a, b: jnp.sum(deq_fixed_point(cell, jnp.zeros(N), (a, b), cfg)[0] ** 2))(a, b)
-                 for b in bs)
+    g_each = sum(
+        jax.grad(lambda a, b: jnp.sum(deq_fixed_point(cell, jnp.zeros(N), (a, b), cfg)[0] ** 2))(
+            a, b
+        )
+        for b in bs
+    )
     np.testing.assert_allclose(g, g_each, atol=1e-10)
     assert stats.steps.shape == (4,) and bool(jnp.all(stats.converged))
 
@@ -126,14 +158,25 @@ def test_hutchinson_jacobian_estimate(x64):
     a, b = problem()
     lin = lambda z, args: args[0] @ z + args[1]
     est = jacobian_frobenius_sq(lin, jnp.zeros(N), (a, b), jax.random.PRNGKey(0), num_samples=20000)
-    np.testing.assert_allclose(est, jnp.sum(a ** 2), rtol=0.05)
+    np.testing.assert_allclose(est, jnp.sum(a**2), rtol=0.05)
     # differentiable wrt the parameters: d‖A‖_F²/dA = 2A in expectation
-    g = jax.grad(lambda a: jacobian_frobenius_sq(lin, jnp.zeros(N), (a, b), jax.random.PRNGKey(1), 20000))(a)
+    g = jax.grad(
+        lambda a: jacobian_frobenius_sq(lin, jnp.zeros(N), (a, b), jax.random.PRNGKey(1), 20000)
+    )(a)
     np.testing.assert_allclose(g, 2 * a, atol=0.1)
 
 
-@pytest.mark.parametrize("stride,padding,k", [(1, "SAME", 3), (2, "SAME", 3), (2, "VALID", 3), (3, "SAME", 2),
-                                               (2, ((2, 0), (1, 1)), 3), (1, "VALID", 4)])
+@pytest.mark.parametrize(
+    "stride,padding,k",
+    [
+        (1, "SAME", 3),
+        (2, "SAME", 3),
+        (2, "VALID", 3),
+        (3, "SAME", 2),
+        (2, ((2, 0), (1, 1)), 3),
+        (1, "VALID", 4),
+    ],
+)
 def test_fast_conv_value_and_vjp_equal_lax(stride, padding, k):
     """Exact for any stride, padding and kernel size (odd and even input sizes: the
     transpose must also recover the rows a strided conv skips)."""
@@ -150,8 +193,10 @@ def test_fast_conv_value_and_vjp_equal_lax(stride, padding, k):
         np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("stride,padding,k", [(1, "SAME", 3), (2, "SAME", 3), (2, "VALID", 3), (3, "SAME", 2),
-                                               (2, ((2, 0), (1, 1)), 3)])
+@pytest.mark.parametrize(
+    "stride,padding,k",
+    [(1, "SAME", 3), (2, "SAME", 3), (2, "VALID", 3), (3, "SAME", 2), (2, ((2, 0), (1, 1)), 3)],
+)
 def test_conv2d_transpose_is_the_exact_adjoint(stride, padding, k, x64):
     """<conv2d(x, w), y> = <x, conv2d_transpose(y, w, x.shape)>, odd and even sizes."""
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)

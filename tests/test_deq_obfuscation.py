@@ -12,7 +12,6 @@ import os
 import flax.serialization
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from deqjax import attacks
@@ -49,5 +48,8 @@ def test_intermediate_state_attack_beats_naive_implicit_pgd():
     assert clean > 0.5
     acc = robust_accuracy(jnp.float32(0.1), jax.random.PRNGKey(0))
     naive, through_states = float(acc["implicit"]), float(acc["simultaneous_adjoint"])
-    print(f"clean {clean:.2f}; PGD-10 eps=0.1: implicit {naive:.2f}, simultaneous adjoint {through_states:.2f}")
+    print(
+        f"clean {clean:.2f}; PGD-10 eps=0.1: implicit "
+        f"{naive:.2f}, simultaneous adjoint {through_states:.2f}"
+    )
     assert through_states < naive, acc

@@ -15,9 +15,16 @@ from tests.test_train import tiny_config
 def trained_tiny_deq(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("tiny_deq"))
     c = tiny_config(epochs=1)
-    c.robustness.update(n_examples=24, n_iter=2, n_queries=10, batch_size=24, eps="0.05,0.2",
-                        state_indices="1", gradients="implicit,intermediate,ensemble",
-                        attacks="pgd,square")
+    c.robustness.update(
+        n_examples=24,
+        n_iter=2,
+        n_queries=10,
+        batch_size=24,
+        eps="0.05,0.2",
+        state_indices="1",
+        gradients="implicit,intermediate,ensemble",
+        attacks="pgd,square",
+    )
     train_lib.train(c, workdir)
     return workdir
 
@@ -36,15 +43,22 @@ def test_report_files_and_worst_case(trained_tiny_deq):
         # the worst case is below every single attack/view and the clean accuracy
         assert report["worst_case"][eps] <= min(per.values()) + 1e-12
         assert report["worst_case"][eps] <= report["clean_accuracy"]
-    assert set(report["sanity"]["flags"]) >= {"gradient_free_beats_gradient", "zero_gradients",
-                                             "accuracy_rises_with_eps", "nonfinite_logits"}
+    assert set(report["sanity"]["flags"]) >= {
+        "gradient_free_beats_gradient",
+        "zero_gradients",
+        "accuracy_rises_with_eps",
+        "nonfinite_logits",
+    }
     assert 0 < report["solver"]["mean_steps"] <= 8
     assert "worst case" in open(os.path.join(trained_tiny_deq, "report.md")).read()
 
 
 def test_report_overrides_and_bad_options(trained_tiny_deq):
-    report = evaluate_lib.evaluate(trained_tiny_deq, {"eps": "0.1", "gradients": "phantom",
-                                                      "attacks": "fgsm", "norm": "l2"}, quiet=True)
+    report = evaluate_lib.evaluate(
+        trained_tiny_deq,
+        {"eps": "0.1", "gradients": "phantom", "attacks": "fgsm", "norm": "l2"},
+        quiet=True,
+    )
     assert report["eps"] == [0.1] and report["views"] == ["phantom"] and report["norm"] == "l2"
     with pytest.raises(ValueError, match="unknown robustness option"):
         evaluate_lib.evaluate(trained_tiny_deq, {"epsilon": "0.1"}, quiet=True)
@@ -62,9 +76,18 @@ def test_missing_workdir(tmp_path):
 def test_obfuscation_sweep(trained_tiny_deq):
     from experiments.obfuscation import obfuscation_sweep
 
-    out = obfuscation_sweep(trained_tiny_deq, eps="0.2", state_indices="1,99", attack_steps="2",
-                            attack_damping="0.5", eval_max_iter="3", n_examples=12, n_iter=2,
-                            batch_size=12, quiet=True)
+    out = obfuscation_sweep(
+        trained_tiny_deq,
+        eps="0.2",
+        state_indices="1,99",
+        attack_steps="2",
+        attack_damping="0.5",
+        eval_max_iter="3",
+        n_examples=12,
+        n_iter=2,
+        batch_size=12,
+        quiet=True,
+    )
     assert set(out["budgets"]) == {"3"}
     for budget, b in out["budgets"].items():
         acc = b["robust_accuracy"]["0.2"]
@@ -73,7 +96,9 @@ def test_obfuscation_sweep(trained_tiny_deq):
         assert {"z1_K2_lam0.5", f"z{int(budget) - 1}_K2_lam0.5"} <= set(acc)
         gap = b["gap"]["0.2"]
         assert gap["naive"] == acc["implicit"]
-        assert gap["strongest_intermediate_accuracy"] == min(v for k, v in acc.items() if k.startswith("z"))
+        assert gap["strongest_intermediate_accuracy"] == min(
+            v for k, v in acc.items() if k.startswith("z")
+        )
         assert all(0.0 <= v <= b["clean_accuracy"] + 1e-12 for v in acc.values())
     text = open(os.path.join(trained_tiny_deq, "obfuscation.md")).read()
     assert "naive − strongest z_i" in text and "Evaluation solve: 3 steps" in text
@@ -105,10 +130,24 @@ def test_import_params_round_trip_and_mismatch(trained_tiny_deq, tmp_path):
 def test_markdown_says_whose_solver_statistics_these_are(tmp_path):
     """On an entropy-defended model the reported solver statistics are the undefended
     forward's, and the report says so."""
-    report = {"clean_accuracy": 0.9, "n_examples": 10, "norm": "linf", "eps": [0.1],
-              "robust_accuracy": {"0.1": {"pgd/adaptive_bpda": 0.5}}, "worst_case": {"0.1": 0.5},
-              "sanity": {"flags": {}, "explanations": {}}, "solver": {"mean_steps": 12.0}}
-    assert "- solver `mean_steps`: 12" in evaluate_lib.write_markdown(report, str(tmp_path / "a.md"))
-    report["solver_scope"] = "undefended forward; the entropy defence re-solves in 3 rounds of 8 steps"
+    report = {
+        "clean_accuracy": 0.9,
+        "n_examples": 10,
+        "norm": "linf",
+        "eps": [0.1],
+        "robust_accuracy": {"0.1": {"pgd/adaptive_bpda": 0.5}},
+        "worst_case": {"0.1": 0.5},
+        "sanity": {"flags": {}, "explanations": {}},
+        "solver": {"mean_steps": 12.0},
+    }
+    assert "- solver `mean_steps`: 12" in evaluate_lib.write_markdown(
+        report, str(tmp_path / "a.md")
+    )
+    report["solver_scope"] = (
+        "undefended forward; the entropy defence re-solves in 3 rounds of 8 steps"
+    )
     text = evaluate_lib.write_markdown(report, str(tmp_path / "b.md"))
-    assert "- solver (undefended forward; the entropy defence re-solves in 3 rounds of 8 steps) `mean_steps`: 12" in text
+    assert (
+        "- solver (undefended forward; the entropy defence "
+        "re-solves in 3 rounds of 8 steps) `mean_steps`: 12" in text
+    )

@@ -9,13 +9,25 @@ import optax
 import pytest
 
 from deqjax.deq import DEQConfig
+from deqjax.lyapunov import (
+    check_positive_definite,
+    icnn_apply,
+    icnn_init,
+    lyapunov_value,
+    project_dynamics,
+    projected_dynamics,
+    rehu,
+    stability_check,
+)
 from deqjax.models import DEQ
-from deqjax.lyapunov import (check_positive_definite, icnn_apply, icnn_init, lyapunov_value,
-                             project_dynamics, projected_dynamics, rehu, stability_check)
 from deqjax.models.lyadeq import LyaDEQClassifier, LyapunovCell, lyadeq_stability_check
-from deqjax.models.mdeq import MDEQCell
-from deqjax.orthogonal import (ORTHOGONAL_KINDS, OrthogonalDense, orthogonal_init, orthogonal_matrix,
-                               orthogonality_error)
+from deqjax.orthogonal import (
+    ORTHOGONAL_KINDS,
+    OrthogonalDense,
+    orthogonal_init,
+    orthogonal_matrix,
+    orthogonality_error,
+)
 from deqjax.solvers import SolverConfig
 
 DIM, XDIM = 6, 3
@@ -34,12 +46,19 @@ def _setup(key):
     the default float dtype (jitted: one compile instead of dozens of eager ops)."""
     ka, kb, kc, kp, kz, kx, ks = jax.random.split(key, 7)
     dt = jnp.zeros(()).dtype
-    weights = (2.0 * jax.random.normal(ka, (DIM, DIM), dt), jax.random.normal(kb, (DIM, XDIM), dt),
-               jax.random.normal(kc, (DIM,), dt))
+    weights = (
+        2.0 * jax.random.normal(ka, (DIM, DIM), dt),
+        jax.random.normal(kb, (DIM, XDIM), dt),
+        jax.random.normal(kc, (DIM,), dt),
+    )
     params = icnn_init(kp, DIM, (16, 16), dt)
     scale = 10.0 ** jax.random.uniform(ks, (N_STATES, 1), dt, -3.0, 1.5)
-    return weights, params, scale * jax.random.normal(kz, (N_STATES, DIM), dt), \
-        jax.random.normal(kx, (N_STATES, XDIM), dt)
+    return (
+        weights,
+        params,
+        scale * jax.random.normal(kz, (N_STATES, DIM), dt),
+        jax.random.normal(kx, (N_STATES, XDIM), dt),
+    )
 
 
 def setup(seed=0):
@@ -49,10 +68,16 @@ def setup(seed=0):
 
 def lyapunov_derivative(F, params, zs, xs, alpha, projected, activation="softplus"):
     """(∇Vᵀ F̂ (or ∇Vᵀ F), V, ‖∇V‖‖F‖) at every (z, x)."""
+
     def one(z, x):
         v, gv = jax.value_and_grad(lambda s: lyapunov_value(params, s, 0.01, 1.0, activation))(z)
-        fh = projected_dynamics(F, params, z, x, alpha, 0.01, 1.0, activation) if projected else F(z, x)
+        fh = (
+            projected_dynamics(F, params, z, x, alpha, 0.01, 1.0, activation)
+            if projected
+            else F(z, x)
+        )
         return gv @ fh, v, jnp.linalg.norm(gv) * jnp.linalg.norm(F(z, x))
+
     return jax.vmap(one)(zs, xs)
 
 
@@ -66,12 +91,16 @@ def test_projected_dynamics_decrease_v(dtype_name, activation, request):
     alpha = 0.5
     F, params, zs, xs = setup()
     assert zs.dtype == dtype and params[0]["W"].dtype == dtype
-    dv, v, size = jax.jit(lambda zs, xs: lyapunov_derivative(F, params, zs, xs, alpha, True, activation))(zs, xs)
+    dv, v, size = jax.jit(
+        lambda zs, xs: lyapunov_derivative(F, params, zs, xs, alpha, True, activation)
+    )(zs, xs)
     assert dv.dtype == dtype
     eps = float(jnp.finfo(dtype).eps)
     # rounding tolerance relative to the size of the terms that cancel: ‖∇V‖‖F‖ + αV
     tol = 20 * eps * (size + alpha * v)
-    dv_raw, _, _ = jax.jit(lambda zs, xs: lyapunov_derivative(F, params, zs, xs, alpha, False, activation))(zs, xs)
+    dv_raw, _, _ = jax.jit(
+        lambda zs, xs: lyapunov_derivative(F, params, zs, xs, alpha, False, activation)
+    )(zs, xs)
     assert bool(jnp.all(jnp.isfinite(dv)))
     assert bool(jnp.all(dv <= -alpha * v + tol)), float(jnp.max(dv + alpha * v - tol))
     # negative control: the unprojected dynamics violate the decrease somewhere
@@ -81,7 +110,7 @@ def test_projected_dynamics_decrease_v(dtype_name, activation, request):
 def test_rehu_pieces():
     s = jnp.array([-2.0, 0.0, 0.5, 1.0, 3.0])
     np.testing.assert_allclose(rehu(s, 1.0), [0.0, 0.0, 0.125, 0.5, 2.5])
-    np.testing.assert_allclose(rehu(jnp.array(0.3), 2.0), 0.3 ** 2 / 4)
+    np.testing.assert_allclose(rehu(jnp.array(0.3), 2.0), 0.3**2 / 4)
     # C¹: derivative continuous at d
     g = jax.vmap(jax.grad(lambda s: rehu(s, 2.0)))(jnp.array([2.0 - 1e-4, 2.0 + 1e-4]))
     np.testing.assert_allclose(g, [1.0, 1.0], atol=1e-3)
@@ -127,7 +156,9 @@ def test_projection_at_origin_is_finite_with_gradients():
     assert bool(jnp.all(jnp.isfinite(jac)))
     assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(gp))
     # the raw projection with ∇V = 0 and V = 0 too
-    g = jax.grad(lambda gv: jnp.sum(project_dynamics(jnp.ones(3), gv, jnp.sum(gv ** 2), 1.0)))(jnp.zeros(3))
+    g = jax.grad(lambda gv: jnp.sum(project_dynamics(jnp.ones(3), gv, jnp.sum(gv**2), 1.0)))(
+        jnp.zeros(3)
+    )
     assert bool(jnp.all(jnp.isfinite(g)))
 
 
@@ -144,6 +175,7 @@ def test_orthogonal_layer_stays_orthogonal_under_adam(kind, n_out, n_in):
     state = opt.init(params)
     loss = lambda p: jnp.mean((layer.apply({"params": p}, x) ** 3 - y_target) ** 2)
     w0 = w(params)
+
     @jax.jit
     def step(params, state):
         updates, state = opt.update(jax.grad(loss)(params), state)
@@ -154,8 +186,9 @@ def test_orthogonal_layer_stays_orthogonal_under_adam(kind, n_out, n_in):
     assert float(orthogonality_error(w(params))) < 1e-5
     assert float(jnp.max(jnp.abs(w(params) - w0))) > 1e-2  # it did move
     # the layer applies exactly that weight
-    np.testing.assert_allclose(layer.apply({"params": params}, x), x @ w(params).T + params["bias"],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        layer.apply({"params": params}, x), x @ w(params).T + params["bias"], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_orthogonal_bad_input():
@@ -169,8 +202,16 @@ def test_orthogonal_bad_input():
 
 
 def tiny_model(alpha, cfg):
-    return LyaDEQClassifier(num_classes=3, width=4, inner=4, groups=2, icnn_widths=(8,), alpha=alpha,
-                            orth_features=6, deq=cfg)
+    return LyaDEQClassifier(
+        num_classes=3,
+        width=4,
+        inner=4,
+        groups=2,
+        icnn_widths=(8,),
+        alpha=alpha,
+        orth_features=6,
+        deq=cfg,
+    )
 
 
 def tiny_params(model, x, injection_scale=10.0):
@@ -186,7 +227,9 @@ def test_alpha_positive_projected_dynamics_have_no_root_and_say_so(x64):
     """For α > 0, ∇VᵀF̂ ≤ −αV < 0 at every z ≠ 0 and F̂(0) = f(0, u) ≠ 0, so the
     projected dynamics of SPEC §2 have no root (an open issue, see README): the solver
     must report non-convergence instead of returning a silent 'equilibrium'."""
-    cfg = DEQConfig(forward=SolverConfig("anderson", max_iter=40, tol=1e-8, stop_mode="abs"), backward="phantom")
+    cfg = DEQConfig(
+        forward=SolverConfig("anderson", max_iter=40, tol=1e-8, stop_mode="abs"), backward="phantom"
+    )
     model = tiny_model(0.5, cfg)
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1), jnp.float64)
     params = tiny_params(model, x)
@@ -200,15 +243,23 @@ def test_stability_check_same_equilibrium_and_negative_control():
     model = tiny_model(0.0, cfg)
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1))
     params = tiny_params(model, x)
-    z_star, rep = jax.jit(lambda p, x, k: lyadeq_stability_check(model, {"params": p}, x, k, n_perturb=8,
-                                                                 scale=0.5))(params, x, jax.random.PRNGKey(3))
+    z_star, rep = jax.jit(
+        lambda p, x, k: lyadeq_stability_check(model, {"params": p}, x, k, n_perturb=8, scale=0.5)
+    )(params, x, jax.random.PRNGKey(3))
     assert z_star.shape == (2, 4, 4, 4) and rep.distances.shape == (2, 8)
     assert bool(jnp.all(rep.initial_distance > 1.0))  # the starts really were far
     assert bool(jnp.all(rep.fraction_converged == 1.0))
     assert bool(jnp.all(rep.max_relative < 1e-4)), rep.max_relative
     # negative control: an expanding map z ↦ 2z − 1 (fixed point 1, unstable)
-    bad = stability_check(lambda z, a: 2.0 * z - a, jnp.ones(3), 1.0, jax.random.PRNGKey(0), 4, 0.1,
-                          SolverConfig("fixed_point", max_iter=20, tol=1e-6))
+    bad = stability_check(
+        lambda z, a: 2.0 * z - a,
+        jnp.ones(3),
+        1.0,
+        jax.random.PRNGKey(0),
+        4,
+        0.1,
+        SolverConfig("fixed_point", max_iter=20, tol=1e-6),
+    )
     # (the solver returns its best iterate, near the start: no convergence, large spread)
     assert float(bad.fraction_converged) == 0.0 and float(bad.max_relative) > 1e-2
 
@@ -223,7 +274,9 @@ def test_lyadeq_spurious_roots_are_reported_not_converged(x64):
     class TanhCell(nn.Module):
         @nn.compact
         def __call__(self, z, u):
-            w = self.param("w", lambda k: 0.3 * jax.random.normal(k, (6, 6), jnp.float64) / jnp.sqrt(6.0))
+            w = self.param(
+                "w", lambda k: 0.3 * jax.random.normal(k, (6, 6), jnp.float64) / jnp.sqrt(6.0)
+            )
             return jnp.tanh(z @ w + u)
 
     cfg = DEQConfig(forward=SolverConfig("anderson", max_iter=200, tol=1e-11, stop_mode="abs"))
@@ -283,8 +336,10 @@ def test_finite_step_lyadeq_gradient_matches_finite_differences(x64, alpha):
     differences along random directions (float64). The *implicit* gradient of SPEC §2
     has no equilibrium to differentiate (α > 0) or stops on spurious roots (α = 0); see
     the two tests above."""
-    cfg = DEQConfig(forward=SolverConfig("fixed_point", max_iter=8, tol=0.0, return_state="last"),
-                    backward="unroll")
+    cfg = DEQConfig(
+        forward=SolverConfig("fixed_point", max_iter=8, tol=0.0, return_state="last"),
+        backward="unroll",
+    )
     model = tiny_model(alpha, cfg)
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 8, 1), jnp.float64)
     y = jnp.array([0, 2])
@@ -293,8 +348,9 @@ def test_finite_step_lyadeq_gradient_matches_finite_differences(x64, alpha):
     # of the MDEQ cell (GroupNorm of a constant is 0); a trained model is not there.
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
-    params = jax.tree.unflatten(treedef, [l + 0.1 * jax.random.normal(k, l.shape, l.dtype)
-                                          for k, l in zip(keys, leaves)])
+    params = jax.tree.unflatten(
+        treedef, [l + 0.1 * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
+    )
 
     def loss(p):
         logits = model.apply({"params": p}, x)[0]
@@ -304,10 +360,11 @@ def test_finite_step_lyadeq_gradient_matches_finite_differences(x64, alpha):
     leaves, treedef = jax.tree.flatten(params)
     for seed in range(3):
         keys = jax.random.split(jax.random.PRNGKey(10 + seed), len(leaves))
-        d = jax.tree.unflatten(treedef, [jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
-        h = 1e-5
-        plus = jax.tree.map(lambda p, v: p + h * v, params, d)
-        minus = jax.tree.map(lambda p, v: p - h * v, params, d)
-        fd = (loss(plus) - loss(minus)) / (2 * h)
+        d = jax.tree.unflatten(
+            treedef, [jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
+        )
+        plus = jax.tree.map(lambda p, v: p + 1e-5 * v, params, d)
+        minus = jax.tree.map(lambda p, v: p - 1e-5 * v, params, d)
+        fd = (loss(plus) - loss(minus)) / (2 * 1e-5)
         analytic = sum(jnp.vdot(g, v) for g, v in zip(jax.tree.leaves(grad), jax.tree.leaves(d)))
         np.testing.assert_allclose(float(analytic), float(fd), rtol=1e-5, atol=1e-8)

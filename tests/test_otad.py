@@ -10,11 +10,26 @@ import pytest
 from scipy.optimize import linprog, minimize
 
 from deqjax import _jaxopt
-from deqjax.otad import (NeuralCIP, OTResNet, batch_hard_triplet_loss, cip_feature,
-                         cip_objective, cip_pieces, cip_targets, convex_integration,
-                         interpolate_potentials, interpolation_margins, knn,
-                         neural_cip_loss, otad_logits, otad_loss, projection_simplex,
-                         solve_potentials, transport_cost, triplet_loss)
+from deqjax.otad import (
+    NeuralCIP,
+    OTResNet,
+    batch_hard_triplet_loss,
+    cip_feature,
+    cip_objective,
+    cip_pieces,
+    cip_targets,
+    convex_integration,
+    interpolate_potentials,
+    interpolation_margins,
+    knn,
+    neural_cip_loss,
+    otad_logits,
+    otad_loss,
+    projection_simplex,
+    solve_potentials,
+    transport_cost,
+    triplet_loss,
+)
 
 
 @pytest.fixture
@@ -32,8 +47,9 @@ K, D = 6, 8
 def perturb(params, key, scale):
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape)
-                                     for p, k in zip(leaves, keys)])
+    return jax.tree.unflatten(
+        tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+    )
 
 
 def quad_data(seed, lo, hi, K=K, d=D, offset=True):
@@ -65,12 +81,21 @@ def linprog_lp(a):
     for i in range(n):
         for j in range(n):
             if i != j:
-                r = np.zeros(n + 1); r[j], r[i] = 1.0, -1.0
-                rows.append(r); rhs.append(-a[i, j])
-        r = np.zeros(n + 1); r[i], r[n] = 1.0, -1.0
-        rows.append(r); rhs.append(0.0)
-    return linprog(np.r_[np.zeros(n), 1.0], A_ub=np.array(rows), b_ub=rhs,
-                   bounds=[(0, None)] * n + [(None, None)], method="highs")
+                r = np.zeros(n + 1)
+                r[j], r[i] = 1.0, -1.0
+                rows.append(r)
+                rhs.append(-a[i, j])
+        r = np.zeros(n + 1)
+        r[i], r[n] = 1.0, -1.0
+        rows.append(r)
+        rhs.append(0.0)
+    return linprog(
+        np.r_[np.zeros(n), 1.0],
+        A_ub=np.array(rows),
+        b_ub=rhs,
+        bounds=[(0, None)] * n + [(None, None)],
+        method="highs",
+    )
 
 
 def test_projection_simplex_matches_jaxopt(x64):
@@ -80,8 +105,9 @@ def test_projection_simplex_matches_jaxopt(x64):
     assert jnp.all(p >= 0) and np.allclose(p.sum(1), 1.0)
 
 
-@pytest.mark.parametrize("l,L,gen", [(0.0, 2.0, "quad"), (0.0, 2.0, "lse"),
-                                     (0.3, 2.0, "quad"), (0.3, 2.0, "lse")])
+@pytest.mark.parametrize(
+    "l,L,gen", [(0.0, 2.0, "quad"), (0.0, 2.0, "lse"), (0.3, 2.0, "quad"), (0.3, 2.0, "lse")]
+)
 def test_potentials_interpolate_and_match_linprog(x64, l, L, gen):
     xs, zs = quad_data(1, l, L) if gen == "quad" else lse_data(1, l, L)
     xs, zs = jnp.asarray(xs), jnp.asarray(zs)
@@ -92,7 +118,7 @@ def test_potentials_interpolate_and_match_linprog(x64, l, L, gen):
     viol = a - (u[:, None] - u[None, :])
     np.fill_diagonal(viol, -np.inf)
     assert viol.max() <= 1e-5 and u.min() >= 0
-    assert viol.max() > -1e-9            # least solution: some constraint is tight
+    assert viol.max() > -1e-9  # least solution: some constraint is tight
     ref = linprog_lp(a)
     assert ref.status == 0
     np.testing.assert_allclose(u.max(), ref.fun, rtol=1e-7, atol=1e-9)
@@ -100,11 +126,16 @@ def test_potentials_interpolate_and_match_linprog(x64, l, L, gen):
 
 
 def test_relaxation_of_L_is_recorded(x64):
-    xs, zs = quad_data(2, 0.0, 7.0)      # gradients of a 7-smooth function, asked L = 2
+    xs, zs = quad_data(2, 0.0, 7.0)  # gradients of a 7-smooth function, asked L = 2
     pot = interpolate_potentials(jnp.asarray(xs), jnp.asarray(zs), 0.0, 2.0, n_relax=4)
     Ls = 2.0 * 2.0 ** np.arange(5)
-    ok = [linprog_lp(np.asarray(interpolation_margins(jnp.asarray(xs), jnp.asarray(zs),
-                                                      0.0, Lr))).status == 0 for Lr in Ls]
+    ok = [
+        linprog_lp(
+            np.asarray(interpolation_margins(jnp.asarray(xs), jnp.asarray(zs), 0.0, Lr))
+        ).status
+        == 0
+        for Lr in Ls
+    ]
     assert not ok[0] and bool(pot.relaxed) and bool(pot.feasible)
     assert float(pot.L_used) == Ls[ok.index(True)]
     # Random features are not the gradient of any convex function: never feasible.
@@ -124,11 +155,21 @@ def test_dual_matches_scipy_epigraph(x64, form, l):
     x = xs.mean(0) + jax.random.normal(jax.random.PRNGKey(1), (D,))
     g, value, lam = cip_feature(x, xs, zs, u, l, 2.0, form)
     beta, W, a = map(np.asarray, cip_pieces(x, xs, zs, u, l, 2.0, form))
-    cons = [{"type": "ineq", "fun": lambda v, j=j: v[-1] - beta[j]
-             - 0.5 * a * np.sum((v[:-1] - W[j]) ** 2)} for j in range(K)]
+    cons = [
+        {
+            "type": "ineq",
+            "fun": lambda v, j=j: v[-1] - beta[j] - 0.5 * a * np.sum((v[:-1] - W[j]) ** 2),
+        }
+        for j in range(K)
+    ]
     v0 = np.r_[W.mean(0), float(cip_objective(W.mean(0), x, xs, zs, u, l, 2.0, form)) + 1]
-    ref = minimize(lambda v: v[-1], v0, constraints=cons, method="SLSQP",
-                   options={"ftol": 1e-14, "maxiter": 1000})
+    ref = minimize(
+        lambda v: v[-1],
+        v0,
+        constraints=cons,
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 1000},
+    )
     # status 8 ("positive directional derivative for linesearch"): SLSQP stopped because
     # it could not improve on its iterate at ftol 1e-14 — accepted; the comparisons below
     # still fail if that iterate is not the optimum.
@@ -151,7 +192,7 @@ def test_envelope_form_interpolates_and_is_L_lipschitz(x64, l):
     xs, zs = map(jnp.asarray, quad_data(5, l, L))
     u = interpolate_potentials(xs, zs, l, L).u
     gmap = jax.jit(jax.vmap(lambda x: cip_feature(x, xs, zs, u, l, L, "envelope")[0]))
-    np.testing.assert_allclose(gmap(xs), zs, atol=1e-8)          # g(x_j) = z_j
+    np.testing.assert_allclose(gmap(xs), zs, atol=1e-8)  # g(x_j) = z_j
     x1, x2 = _pairs(xs, 200, 0)
     g1, g2 = gmap(x1), gmap(x2)
     dg, dx = g1 - g2, x1 - x2
@@ -176,7 +217,7 @@ def test_authors_form_guarantees_less(x64):
     assert jnp.all(lam1 >= 0) and np.allclose(lam1.sum(1), 1.0)
     np.testing.assert_allclose(g1 - L * x1, lam1 @ (zs - L * xs), atol=1e-9)
     ratio = jnp.linalg.norm(g1 - g2, axis=1) / jnp.linalg.norm(x1 - x2, axis=1)
-    assert float(ratio.max()) > L * 1.05                       # not L-Lipschitz
+    assert float(ratio.max()) > L * 1.05  # not L-Lipschitz
     assert float(jnp.max(jnp.linalg.norm(sol(xs)[0] - zs, axis=1))) > 1e-2  # no interpolation
 
 
@@ -193,12 +234,12 @@ def test_gradient_matches_finite_differences(x64, form):
     vg = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
     cands = xs.mean(0) + 0.5 * jnp.asarray(rng.normal(size=(16, 10)))
     active = [int(jnp.sum(vg(xc, zs)[0][1] > 0)) for xc in cands]
-    assert max(active) >= 3            # several active pieces: a non-trivial VJP
+    assert max(active) >= 3  # several active pieces: a non-trivial VJP
     x = cands[int(np.argmax(active))]
     gx, gz = vg(x, zs)[1]
     eps = 1e-6
     for v, grad, argn in [(x, gx, 0), (zs, gz, 1)]:
-        for t in range(4):
+        for _ in range(4):
             dv = jnp.asarray(rng.normal(size=v.shape))
             args = [x, zs]
             args[argn] = v + eps * dv
@@ -243,10 +284,13 @@ def test_knn_and_triplet_losses():
     full = ((np.asarray(q)[:, None] - np.asarray(keys)[None]) ** 2).sum(-1)
     np.testing.assert_array_equal(idx, np.argsort(full, axis=1)[:, :4])
     np.testing.assert_allclose(d2, np.sort(full, axis=1)[:, :4], rtol=1e-4, atol=1e-4)
-    a = jnp.zeros((3, 2)); p = a + 0.1; n = a + 10.0
+    a = jnp.zeros((3, 2))
+    p = a + 0.1
+    n = a + 10.0
     assert float(triplet_loss(a, p, n, 1.0)) == 0.0
     np.testing.assert_allclose(triplet_loss(a, n, p, 1.0), 200 - 0.02 + 1.0, rtol=1e-5)
-    emb = jnp.array([[0.0, 0], [0, 1], [5, 0], [5, 1]]); lab = jnp.array([0, 0, 1, 1])
+    emb = jnp.array([[0.0, 0], [0, 1], [5, 0], [5, 1]])
+    lab = jnp.array([0, 0, 1, 1])
     assert float(batch_hard_triplet_loss(emb, lab, 1.0)) == 0.0
     np.testing.assert_allclose(batch_hard_triplet_loss(emb, lab, 30.0), 30 + 1 - 25, rtol=1e-6)
 
@@ -290,8 +334,9 @@ def test_neural_cip_learns_solver_targets():
 
     @jax.jit
     def step(params, state):
-        loss, g = jax.value_and_grad(
-            lambda p: neural_cip_loss(net.apply(p, X, XS, ZS), target))(params)
+        loss, g = jax.value_and_grad(lambda p: neural_cip_loss(net.apply(p, X, XS, ZS), target))(
+            params
+        )
         upd, state = opt.update(g, state)
         return optax.apply_updates(params, upd), state, loss
 

@@ -9,7 +9,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from deqjax.otad import knn, otad_loss
@@ -33,8 +32,9 @@ def tiny_config():
     c.otad.also_norm = ""  # one norm keeps the compile count (and the test) short
     c.robustness.after_training = False
     c.otad.views_cip = "bpda"  # cip_implicit compiles the QP's backward: see the bpda test
-    c.robustness.update(n_examples=16, n_iter=2, n_queries=10, batch_size=16, eps="0.1,0.3",
-                        attacks="fgsm")
+    c.robustness.update(
+        n_examples=16, n_iter=2, n_queries=10, batch_size=16, eps="0.1,0.3", attacks="fgsm"
+    )
     return c
 
 
@@ -44,8 +44,16 @@ def run(tmp_path_factory):
     final = train_lib.train(tiny_config(), workdir)
     stats = fam.fit(workdir)
     config, spec, state, ds = load_run(workdir)
-    return dict(workdir=workdir, final=final, stats=stats, config=config, spec=spec,
-                state=state, ds=ds, fit=fam.load_fit(workdir, config))
+    return dict(
+        workdir=workdir,
+        final=final,
+        stats=stats,
+        config=config,
+        spec=spec,
+        state=state,
+        ds=ds,
+        fit=fam.load_fit(workdir, config),
+    )
 
 
 def test_trains_with_the_weighted_transport_cost(run):
@@ -55,8 +63,9 @@ def test_trains_with_the_weighted_transport_cost(run):
     c, spec, state, ds = run["config"], run["spec"], run["state"], run["ds"]
     assert spec.regularizers == {"transport_cost": c.otad.transport_weight}
     x, y = jnp.asarray(ds.train_images[:8]), jnp.asarray(ds.train_labels[:8])
-    loss, (aux, _) = train_lib.make_loss_fn(spec, c)(state.params, {}, x, y, jax.random.PRNGKey(0),
-                                                     jnp.zeros((8, 2)))
+    loss, (aux, _) = train_lib.make_loss_fn(spec, c)(
+        state.params, {}, x, y, jax.random.PRNGKey(0), jnp.zeros((8, 2))
+    )
     out = fam.OTResNet.__call__  # the loss is CE + lambda * transport of the wrapped ResNet
     ref = spec.module.apply({"params": state.params}, x, method=lambda mdl, a: out(mdl, a))
     expected = otad_loss(ref["logits"], y, ref["transport_cost"], c.otad.transport_weight)
@@ -85,8 +94,9 @@ def test_neighbours_never_include_self():
     assert not np.any(np.asarray(idx) == np.arange(10)[:, None])
     np.testing.assert_array_equal(idx, ref[:, 1:])
     # -1 (no self) keeps the plain k nearest
-    np.testing.assert_array_equal(fam.neighbours_excluding(q, keys, -jnp.ones(10, int), 3),
-                                  ref[:, :3])
+    np.testing.assert_array_equal(
+        fam.neighbours_excluding(q, keys, -jnp.ones(10, int), 3), ref[:, :3]
+    )
 
 
 def _logits(run, **otad):
@@ -110,10 +120,13 @@ def test_bpda_value_is_cip_gradient_is_network(run):
     @jax.jit
     def value_and_vjp(a):  # logits and the input gradient for the cotangent v
         out = {}
-        for name, f in [("net", logits["resnet"]), ("bpda", views["otad"]["bpda"]),
-                        ("nn_bpda", views["otad_nn"]["bpda"]),
-                        ("nn", views["otad_nn"]["autodiff"]),
-                        ("implicit", views["otad"]["cip_implicit"])]:
+        for name, f in [
+            ("net", logits["resnet"]),
+            ("bpda", views["otad"]["bpda"]),
+            ("nn_bpda", views["otad_nn"]["bpda"]),
+            ("nn", views["otad_nn"]["autodiff"]),
+            ("implicit", views["otad"]["cip_implicit"]),
+        ]:
             val, pull = jax.vjp(f, a)
             out[name] = (val, pull(v)[0])
         return out, logits["otad"](a), logits["otad_nn"](a)
@@ -141,7 +154,7 @@ def test_cip_batched_under_jit_and_vmap_matches_one_by_one(run, space):
     x = jnp.asarray(run["ds"].test_images[:5])
     batched = jax.jit(f)(x)
     single = jax.jit(f)
-    one_by_one = jnp.concatenate([single(x[i:i + 1]) for i in range(5)])
+    one_by_one = jnp.concatenate([single(x[i : i + 1]) for i in range(5)])
     vmapped = jax.jit(jax.vmap(lambda a: f(a[None])[0]))(x)
     np.testing.assert_allclose(batched, one_by_one, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(vmapped, one_by_one, rtol=1e-5, atol=1e-5)
@@ -151,8 +164,11 @@ def test_reports_for_the_three_models(run):
     out = oe.evaluate(run["workdir"], quiet=True)
     wd = run["workdir"]
     assert set(out) >= {"resnet", "otad", "otad_nn", "cip", "fit"}
-    for name, views in [("resnet", ["autodiff"]), ("otad", ["bpda"]),
-                        ("otad_nn", ["autodiff", "bpda"])]:
+    for name, views in [
+        ("resnet", ["autodiff"]),
+        ("otad", ["bpda"]),
+        ("otad_nn", ["autodiff", "bpda"]),
+    ]:
         for ext in ("json", "md", "png"):
             assert os.path.getsize(os.path.join(wd, f"report_{name}_linf.{ext}")) > 0
         rep = out[name]["linf"]

@@ -25,13 +25,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
 
 # A tiny DEQ; the same values go to train() and, as --config.K=V, to the CLI.
-OVERRIDES = {"limit_train": 64, "limit_test": 32, "model.width": 8, "model.inner": 8, "model.groups": 4,
-             "deq.max_iter": 4, "deq.adjoint_max_iter": 4, "deq.eval_max_iter": 4,
-             "train.batch_size": 16, "train.progress": False, "train.warmup_steps": 2,
-             "train.checkpoint_every_steps": 2, "adv.steps": 2, "eval.batch_size": 32,
-             "robustness.after_training": False, "robustness.n_examples": 20, "robustness.batch_size": 20,
-             "robustness.attacks": "pgd", "robustness.n_iter": 2, "robustness.eps": "0.1",
-             "robustness.gradients": "implicit", "robustness.restarts": 1}
+OVERRIDES = {
+    "limit_train": 64,
+    "limit_test": 32,
+    "model.width": 8,
+    "model.inner": 8,
+    "model.groups": 4,
+    "deq.max_iter": 4,
+    "deq.adjoint_max_iter": 4,
+    "deq.eval_max_iter": 4,
+    "train.batch_size": 16,
+    "train.progress": False,
+    "train.warmup_steps": 2,
+    "train.checkpoint_every_steps": 2,
+    "adv.steps": 2,
+    "eval.batch_size": 32,
+    "robustness.after_training": False,
+    "robustness.n_examples": 20,
+    "robustness.batch_size": 20,
+    "robustness.attacks": "pgd",
+    "robustness.n_iter": 2,
+    "robustness.eps": "0.1",
+    "robustness.gradients": "implicit",
+    "robustness.restarts": 1,
+}
 
 
 def tiny_config(epochs=1, loss="pgd_at", shard_params=False):
@@ -76,8 +93,17 @@ def _env(n_devices):
 
 
 def _run_workers(args_list, n_devices):
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(a)], cwd=ROOT, env=_env(n_devices),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for a in args_list]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, json.dumps(a)],
+            cwd=ROOT,
+            env=_env(n_devices),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for a in args_list
+    ]
     outs = []
     try:
         for p in procs:
@@ -118,12 +144,15 @@ def one_device(tmp_path_factory):
 def _assert_same_params(a, b):
     assert len(a) == len(b)
     for u, v in zip(a, b):
-        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)  # reduction order differs across devices
+        np.testing.assert_allclose(
+            u, v, rtol=1e-4, atol=1e-5
+        )  # reduction order differs across devices
 
 
 # The cell convolution's kernel gradient (deqjax.conv.conv2d, a custom_vjp under
 # jax.vmap) is a patch contraction: the conv-based form was mis-partitioned by XLA when
 # the batch is sharded (wrong weight gradients on several devices). These tests caught it.
+
 
 @pytest.mark.slow
 def test_eight_devices_match_one_device(one_device, tmp_path):
@@ -165,8 +194,17 @@ def test_two_processes_match_one_process(one_device, tmp_path):
 
 
 def _cli(workdir, epochs):
-    args = [sys.executable, "-m", "experiments.train", "--config", "experiments/configs/deq_mnist.py",
-            "--workdir", str(workdir), f"--config.train.epochs={epochs}", "--config.train.loss=ce"]
+    args = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--config",
+        "experiments/configs/deq_mnist.py",
+        "--workdir",
+        str(workdir),
+        f"--config.train.epochs={epochs}",
+        "--config.train.loss=ce",
+    ]
     return args + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
 
 
@@ -180,8 +218,14 @@ def test_sigterm_then_restart_equals_uninterrupted_run(tmp_path):
     train_lib.train(tiny_config(epochs=3, loss="ce"), str(full))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.Popen(_cli(part, 3), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _cli(part, 3),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + TIMEOUT
         while not (part / "checkpoints" / "2").exists():
@@ -195,12 +239,16 @@ def test_sigterm_then_restart_equals_uninterrupted_run(tmp_path):
             proc.wait()
     assert proc.returncode == 0 and "SIGTERM: saved step" in out, out[-3000:]
     assert not (part / "final.json").exists()
-    out = subprocess.run(_cli(part, 3), cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    out = subprocess.run(
+        _cli(part, 3), cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     for a, b in zip(_params_final(full), _params_final(part)):
         np.testing.assert_array_equal(a, b)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
-    m_full, m_part = (strip(train_lib._read_metrics(str(d / "metrics.jsonl"))) for d in (full, part))
+    m_full, m_part = (
+        strip(train_lib._read_metrics(str(d / "metrics.jsonl"))) for d in (full, part)
+    )
     assert len(m_full) == 3 and m_part == m_full
     assert json.load(open(full / "final.json")) == json.load(open(part / "final.json"))
 
@@ -221,25 +269,60 @@ def test_tpu_scripts_parse_and_dry_run():
     for p in paths:
         assert subprocess.run(["bash", "-n", p], capture_output=True).returncode == 0, p
     common = ["--name", "tpu1", "--zone", "us-central2-b", "--project", "proj"]
-    runs = {"create.sh": common + ["--accelerator-type", "v4-32", "--version", "tpu-ubuntu2204-base"],
-            "install.sh": common, "logs.sh": common, "delete.sh": common,
-            "launch.sh": common + ["--config", "experiments/configs/deq_mnist.py", "--workdir", "gs://b/run",
-                                   "--", "--config.train.epochs=5"]}
-    expect = {"create.sh": "tpu-vm create tpu1", "install.sh": "--worker=all", "logs.sh": "tpu-vm ssh tpu1",
-              "delete.sh": "tpu-vm delete tpu1", "launch.sh": "--workdir=gs://b/run"}
+    runs = {
+        "create.sh": common + ["--accelerator-type", "v4-32", "--version", "tpu-ubuntu2204-base"],
+        "install.sh": common,
+        "logs.sh": common,
+        "delete.sh": common,
+        "launch.sh": common
+        + [
+            "--config",
+            "experiments/configs/deq_mnist.py",
+            "--workdir",
+            "gs://b/run",
+            "--",
+            "--config.train.epochs=5",
+        ],
+    }
+    expect = {
+        "create.sh": "tpu-vm create tpu1",
+        "install.sh": "--worker=all",
+        "logs.sh": "tpu-vm ssh tpu1",
+        "delete.sh": "tpu-vm delete tpu1",
+        "launch.sh": "--workdir=gs://b/run",
+    }
     env = dict(os.environ, PATH="/usr/bin:/bin")  # a dry run must not need gcloud
     for script, args in runs.items():
-        out = subprocess.run(["bash", os.path.join(folder, script), "--dry-run", *args], capture_output=True,
-                             text=True, env=env, timeout=30)
+        out = subprocess.run(
+            ["bash", os.path.join(folder, script), "--dry-run", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
         assert out.returncode == 0, (script, out.stderr)
-        assert "gcloud compute tpus tpu-vm" in out.stdout and expect[script] in out.stdout, (script, out.stdout)
+        assert "gcloud compute tpus tpu-vm" in out.stdout and expect[script] in out.stdout, (
+            script,
+            out.stdout,
+        )
         assert "--project=proj" in out.stdout and "--zone=us-central2-b" in out.stdout
-    assert "--config.train.epochs=5" in subprocess.run(
-        ["bash", os.path.join(folder, "launch.sh"), "--dry-run", *runs["launch.sh"]],
-        capture_output=True, text=True).stdout
-    bad = subprocess.run(["bash", os.path.join(folder, "create.sh"), "--dry-run"], capture_output=True, text=True)
+    assert (
+        "--config.train.epochs=5"
+        in subprocess.run(
+            ["bash", os.path.join(folder, "launch.sh"), "--dry-run", *runs["launch.sh"]],
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    bad = subprocess.run(
+        ["bash", os.path.join(folder, "create.sh"), "--dry-run"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "usage" in bad.stderr.lower()
     if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (apt-get install shellcheck): bash -n and dry runs passed")
-    out = subprocess.run(["shellcheck", "-x", "-s", "bash", *paths], capture_output=True, text=True, cwd=ROOT)
+        pytest.skip(
+            "shellcheck not installed (apt-get install shellcheck): bash -n and dry runs passed"
+        )
+    out = subprocess.run(
+        ["shellcheck", "-x", "-s", "bash", *paths], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 0, out.stdout

@@ -1,9 +1,9 @@
 """Regulating DEQ dynamics: random intermediate states and input entropy reduction."""
 
-import ml_collections
-import numpy as np
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import pytest
 
 from deqjax.deq import DEQConfig
@@ -37,7 +37,9 @@ def test_random_states_uniform_and_reproducible():
     np.testing.assert_array_equal(a, b)
     # the returned state is z_n of a plain n-step solve, differentiated by the phantom gradient
     n = int(run(k)[0])
-    fixed = DEQConfig(forward=SolverConfig(max_iter=n, tol=0.0, return_state="last"), backward="phantom")
+    fixed = DEQConfig(
+        forward=SolverConfig(max_iter=n, tol=0.0, return_state="last"), backward="phantom"
+    )
     ref = m.apply(v, x, config=fixed)[0]
     np.testing.assert_allclose(a, ref, rtol=1e-5, atol=1e-5)
 
@@ -47,7 +49,9 @@ def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("reg"))
     c = tiny_config(epochs=2)
     c.limit_train, c.train.batch_size = 512, 32
-    c.entropy_reduction.update(enabled=True, rounds=2, round_steps=4, steps=3, eps=0.1, step_size=0.03)
+    c.entropy_reduction.update(
+        enabled=True, rounds=2, round_steps=4, steps=3, eps=0.1, step_size=0.03
+    )
     train_lib.train(c, workdir)
     config, spec, state, ds = evaluate_lib.load_run(workdir)
     return config, spec, state, ds
@@ -56,14 +60,22 @@ def trained(tmp_path_factory):
 def test_entropy_reduction_lowers_entropy_and_stays_in_ball(trained):
     config, spec, state, ds = trained
     variables = {"params": state.params, **state.model_state}
-    m, er = spec.module, config.entropy_reduction
+    m = spec.module
     x = jnp.asarray(ds.test_images[:64])
     cfg4 = DEQConfig(forward=SolverConfig(max_iter=4, tol=0.0))
-    defended = jax.jit(lambda x: entropy_reduction(
-        lambda xx: m.apply(variables, xx, method="inject"),
-        lambda u, z0: m.apply(variables, u, z0, cfg4, method="solve_from")[0],
-        lambda u, z: m.apply(variables, u, z, 5, 0.5, method="phantom_from"),
-        lambda z: m.apply(variables, z, method="classify"), x, rounds=3, steps=5, eps=0.1, step_size=0.03))
+    defended = jax.jit(
+        lambda x: entropy_reduction(
+            lambda xx: m.apply(variables, xx, method="inject"),
+            lambda u, z0: m.apply(variables, u, z0, cfg4, method="solve_from")[0],
+            lambda u, z: m.apply(variables, u, z, 5, 0.5, method="phantom_from"),
+            lambda z: m.apply(variables, z, method="classify"),
+            x,
+            rounds=3,
+            steps=5,
+            eps=0.1,
+            step_size=0.03,
+        )
+    )
     logits, x_p = defended(x)
     plain = m.apply(variables, x, config=DEQConfig(forward=SolverConfig(max_iter=12, tol=0.0)))[0]
     assert float(jnp.mean(prediction_entropy(logits))) < float(jnp.mean(prediction_entropy(plain)))
@@ -77,13 +89,27 @@ def test_adaptive_attack_at_least_as_strong_as_non_adaptive(trained):
     r = ml_collections.ConfigDict(config.robustness.to_dict())
     r.gradients = "implicit"
     views = evaluate_lib.gradient_views(spec, state, r, config.entropy_reduction)
-    assert list(views)[:2] == ["adaptive_bpda", "adaptive_autodiff"] and "nonadaptive_implicit" in views
+    assert (
+        list(views)[:2] == ["adaptive_bpda", "adaptive_autodiff"]
+        and "nonadaptive_implicit" in views
+    )
     views = {k: views[k] for k in ("adaptive_bpda", "nonadaptive_implicit")}
     told = []
-    rep = evaluate_robustness(views, ds.test_images[:48], ds.test_labels[:48], jax.random.PRNGKey(0),
-                              eps_list=[0.15], attacks=["pgd"], n_iter=10, batch_size=48,
-                              progress=lambda *a: told.append(a))
-    assert told == [("eps=0.15 pgd/adaptive_bpda", 0, 2), ("eps=0.15 pgd/nonadaptive_implicit", 1, 2)]
+    rep = evaluate_robustness(
+        views,
+        ds.test_images[:48],
+        ds.test_labels[:48],
+        jax.random.PRNGKey(0),
+        eps_list=[0.15],
+        attacks=["pgd"],
+        n_iter=10,
+        batch_size=48,
+        progress=lambda *a: told.append(a),
+    )
+    assert told == [
+        ("eps=0.15 pgd/adaptive_bpda", 0, 2),
+        ("eps=0.15 pgd/nonadaptive_implicit", 1, 2),
+    ]
     per = rep["robust_accuracy"]["0.15"]
     assert per["pgd/adaptive_bpda"] <= per["pgd/nonadaptive_implicit"]
     assert rep["worst_case"]["0.15"] <= min(per.values())

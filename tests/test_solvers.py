@@ -39,7 +39,6 @@ def test_matrix_shaped_state(method, x64):
 @pytest.mark.parametrize("method", SOLVERS)
 def test_tol_zero_runs_exactly_max_iter(method):
     a, b, _ = affine_problem()
-    calls = []
     cfg = SolverConfig(method=method, max_iter=7, tol=0.0)
     z, st = solve(lambda z: a @ z + b, jnp.zeros(12), cfg, return_trajectory=True)
     assert int(st.steps) == 7
@@ -70,7 +69,7 @@ def test_per_example_stopping_under_vmap(method, x64):
     a, b, _ = affine_problem(norm=0.9)
     scales = jnp.array([0.05, 1.0])
     cfg = SolverConfig(method=method, max_iter=300, tol=1e-9, stop_mode="abs")
-    f = lambda s: (lambda z: s * (a @ z) + b)
+    f = lambda s: lambda z: s * (a @ z) + b
     zs, st = jax.vmap(lambda s: solve(f(s), jnp.zeros(12), cfg))(scales)
     z_fast, st_fast = solve(f(scales[0]), jnp.zeros(12), cfg)
     assert int(st.steps[0]) == int(st_fast.steps) < int(st.steps[1])
@@ -87,9 +86,10 @@ def test_nested_vmap_matches_single_solves(method, return_state, x64):
     a, b, _ = affine_problem(norm=0.9)
     scales = jnp.array([[0.05, 1.0, 0.5], [0.9, 0.2, 0.7]])
     budgets = jnp.array([[40, 300, 3], [300, 7, 300]])
-    cfg = SolverConfig(method=method, max_iter=300, tol=1e-9, stop_mode="abs",
-                       return_state=return_state)
-    f = lambda s: (lambda z: jnp.tanh(s * (a @ z) + b))
+    cfg = SolverConfig(
+        method=method, max_iter=300, tol=1e-9, stop_mode="abs", return_state=return_state
+    )
+    f = lambda s: lambda z: jnp.tanh(s * (a @ z) + b)
     one = lambda s, n: solve(f(s), jnp.zeros(12), cfg, num_steps=n, return_trajectory=True)
     zs, st = jax.jit(jax.vmap(jax.vmap(one)))(scales, budgets)
     for i in range(2):
@@ -97,7 +97,9 @@ def test_nested_vmap_matches_single_solves(method, return_state, x64):
             z1, s1 = one(scales[i, j], budgets[i, j])
             assert int(st.steps[i, j]) == int(s1.steps) <= int(budgets[i, j])
             np.testing.assert_allclose(zs[i, j], z1, rtol=1e-12, atol=1e-14)
-            np.testing.assert_allclose(st.abs_residual[i, j], s1.abs_residual, rtol=1e-12, atol=1e-15)
+            np.testing.assert_allclose(
+                st.abs_residual[i, j], s1.abs_residual, rtol=1e-12, atol=1e-15
+            )
             np.testing.assert_allclose(st.trajectory[i, j], s1.trajectory, rtol=1e-12, atol=1e-14)
             assert bool(st.converged[i, j]) == bool(s1.converged)
     assert int(st.steps[0, 2]) == 3 and int(st.steps[1, 1]) == 7  # the budgets bit
@@ -139,8 +141,9 @@ def test_unrolled_gradient_under_vmap_with_early_stops(method, x64):
     repeated iterates would make its least-squares system singular."""
     a, b, _ = affine_problem(norm=0.9)
     cfg = SolverConfig(method=method, max_iter=60, tol=1e-8, stop_mode="abs", anderson_ridge=0.0)
-    one = lambda s: jnp.sum(solve(lambda z: jnp.tanh(s * (a @ z) + b), jnp.zeros(12), cfg,
-                                  differentiable=True)[0])
+    one = lambda s: jnp.sum(
+        solve(lambda z: jnp.tanh(s * (a @ z) + b), jnp.zeros(12), cfg, differentiable=True)[0]
+    )
     scales = jnp.array([0.05, 1.0])
     g = jax.grad(lambda s: jnp.sum(jax.vmap(one)(s)))(scales)
     assert bool(jnp.all(jnp.isfinite(g)))

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -57,15 +56,28 @@ def test_explicit_baseline_trains(tmp_path):
 
 
 def test_cli_rejects_unknown_config_key(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "experiments.train", "--config",
-                          "experiments/configs/deq_mnist.py", "--workdir", str(tmp_path),
-                          "--config.train.epoch=3"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "--config",
+            "experiments/configs/deq_mnist.py",
+            "--workdir",
+            str(tmp_path),
+            "--config.train.epoch=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert "unknown config key 'config.train.epoch'" in out.stderr and "epochs" in out.stderr
 
 
 def test_unknown_model_and_loss_names():
     from experiments import models
+
     c = tiny_config()
     c.model.name = "resnet9000"
     with pytest.raises(ValueError, match="unknown model name"):

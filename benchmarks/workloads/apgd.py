@@ -20,6 +20,7 @@ from deqjax.attacks import apgd
 
 def setup(batch: int, seed: int = 0):
     from benchmarks.torch_models import TorchConvNet
+
     net = common.SmallConvNet()
     x, _ = common.mnist_like(batch, seed)
     params = net.init(jax.random.PRNGKey(seed), jnp.asarray(x))
@@ -31,6 +32,7 @@ def setup(batch: int, seed: int = 0):
 def workload(batch: int = 128, steps: int = 100, dev=None):
     import torch
     import torchattacks
+
     net, params, tnet, x, y = setup(batch)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
     logits_fn = lambda xb: net.apply(params, xb)
@@ -38,8 +40,9 @@ def workload(batch: int = 128, steps: int = 100, dev=None):
     key = jax.random.PRNGKey(0)
     dev = dev or torch.device("cpu")
     tnet.to(dev)
-    atk = torchattacks.APGD(tnet, norm="Linf", eps=0.3, steps=steps, n_restarts=1, loss="ce",
-                            seed=0)
+    atk = torchattacks.APGD(
+        tnet, norm="Linf", eps=0.3, steps=steps, n_restarts=1, loss="ce", seed=0
+    )
     xt, yt = common.to_nchw(x).to(dev), torch.from_numpy(y).long().to(dev)
     return (lambda: attack(key)), (lambda: atk(xt, yt).sum().item())
 
@@ -48,6 +51,7 @@ def check(batch: int = 8, steps: int = 5):
     """Logits and ∂CE/∂x of both nets at the same weights, and both attacks' outputs."""
     import torch
     import torchattacks
+
     net, params, tnet, x, y = setup(batch)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
 
@@ -60,9 +64,15 @@ def check(batch: int = 8, steps: int = 5):
     zt = tnet(xt)
     lt = torch.nn.functional.cross_entropy(zt, torch.from_numpy(y).long(), reduction="sum")
     (gt,) = torch.autograd.grad(lt, xt)
-    adv_j = apgd(lambda xb: net.apply(params, xb), xj, yj, jax.random.PRNGKey(0), eps=0.3,
-                 steps=steps)
-    adv_t = torchattacks.APGD(tnet, eps=0.3, steps=steps)(common.to_nchw(x), torch.from_numpy(y).long())
-    return dict(logits=(np.asarray(net.apply(params, xj)), zt.detach().numpy()),
-                grad=(np.asarray(gj), np.transpose(gt.numpy(), (0, 2, 3, 1))),
-                adv=(np.asarray(adv_j), np.transpose(adv_t.detach().numpy(), (0, 2, 3, 1))), x=x)
+    adv_j = apgd(
+        lambda xb: net.apply(params, xb), xj, yj, jax.random.PRNGKey(0), eps=0.3, steps=steps
+    )
+    adv_t = torchattacks.APGD(tnet, eps=0.3, steps=steps)(
+        common.to_nchw(x), torch.from_numpy(y).long()
+    )
+    return dict(
+        logits=(np.asarray(net.apply(params, xj)), zt.detach().numpy()),
+        grad=(np.asarray(gj), np.transpose(gt.numpy(), (0, 2, 3, 1))),
+        adv=(np.asarray(adv_j), np.transpose(adv_t.detach().numpy(), (0, 2, 3, 1))),
+        x=x,
+    )

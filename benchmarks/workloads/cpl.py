@@ -23,8 +23,17 @@ MARGIN = 0.7
 
 def setup(batch: int, seed: int = 0):
     from benchmarks.torch_models import TorchCPLNet
-    net = CPLNet(depth=4, depth_linear=2, conv_channels=16, conv_inner=32, linear_width=784,
-                 num_classes=10, last_layer="truncate", pool=4)
+
+    net = CPLNet(
+        depth=4,
+        depth_linear=2,
+        conv_channels=16,
+        conv_inner=32,
+        linear_width=784,
+        num_classes=10,
+        last_layer="truncate",
+        pool=4,
+    )
     x, y = common.mnist_like(batch, seed)
     variables = net.init(jax.random.PRNGKey(seed), jnp.asarray(x))
     tnet = TorchCPLNet().load_flax(jax.device_get(variables)).train()
@@ -32,18 +41,21 @@ def setup(batch: int, seed: int = 0):
 
 
 def _loss(net, params, pstate, x, y):
-    logits, new = net.apply({"params": params, "power_iteration": pstate}, x,
-                            mutable=["power_iteration"])
+    logits, new = net.apply(
+        {"params": params, "power_iteration": pstate}, x, mutable=["power_iteration"]
+    )
     return jnp.mean(multiclass_hinge_loss(logits, y, MARGIN)), new["power_iteration"]
 
 
 def _torch_loss(tnet, xt, yt):
     import torch
+
     return torch.nn.functional.multi_margin_loss(tnet(xt), yt, margin=MARGIN)
 
 
 def workload(batch: int = 128, dev=None):
     import torch
+
     net, variables, tnet, x, y = setup(batch)
     opt = optax.adam(1e-3)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
@@ -79,16 +91,20 @@ def workload(batch: int = 128, dev=None):
 def check(batch: int = 4):
     """Loss and parameter gradients of one step in each framework, same weights."""
     import torch
+
     net, variables, tnet, x, y = setup(batch)
     (lj, _), gj = jax.value_and_grad(
         lambda p: _loss(net, p, variables["power_iteration"], jnp.asarray(x), jnp.asarray(y)),
-        has_aux=True)(variables["params"])
+        has_aux=True,
+    )(variables["params"])
     lt = _torch_loss(tnet, common.to_nchw(x), torch.from_numpy(y).long())
     lt.backward()
     pairs = {}
     for i, layer in enumerate(tnet.convs):
-        pairs[f"convs_{i}"] = (np.transpose(np.asarray(gj[f"convs_{i}"]["kernel"]), (3, 2, 0, 1)),
-                               layer.kernel.grad.numpy())
+        pairs[f"convs_{i}"] = (
+            np.transpose(np.asarray(gj[f"convs_{i}"]["kernel"]), (3, 2, 0, 1)),
+            layer.kernel.grad.numpy(),
+        )
     for i, layer in enumerate(tnet.denses):
         pairs[f"denses_{i}"] = (np.asarray(gj[f"denses_{i}"]["kernel"]), layer.weight.grad.numpy())
     return float(lj), float(lt.detach()), pairs

@@ -45,8 +45,9 @@ def contractive(params, inj_scale: float = 10.0, cell_scale: float = 0.1):
     return p
 
 
-def setup(batch: int, iters: int = 12, backward: str = "implicit", seed: int = 0,
-          contract: bool = False):
+def setup(
+    batch: int, iters: int = 12, backward: str = "implicit", seed: int = 0, contract: bool = False
+):
     """Both models with the same weights, data, and the pieces the workloads need."""
     model = common.mdeq(iters, backward)
     params = common.init_mdeq(model, seed=seed)
@@ -59,6 +60,7 @@ def setup(batch: int, iters: int = 12, backward: str = "implicit", seed: int = 0
 
 def common_torch_mdeq(params, iters: int, unroll: bool = False):
     from benchmarks.torch_models import TorchMDEQ
+
     m = TorchMDEQ(deq_kwargs=common.torchdeq_kwargs(iters), unroll_iters=iters if unroll else 0)
     m.load_flax(jax.device_get(params))
     return m.train()  # torchdeq only builds the backward graph in training mode
@@ -67,6 +69,7 @@ def common_torch_mdeq(params, iters: int, unroll: bool = False):
 def loss_and_grads(batch: int = 4, iters: int = 12, seed: int = 0, contract: bool = True):
     """(jax loss, jax grads pytree, torch loss, torch model) at the same weights."""
     import torch
+
     model, params, tmodel, x, y = setup(batch, iters, seed=seed, contract=contract)
     loss = lambda p: _ce(model.apply(p, jnp.asarray(x))[0], jnp.asarray(y))
     lj, gj = jax.value_and_grad(loss)(params)
@@ -78,6 +81,7 @@ def loss_and_grads(batch: int = 4, iters: int = 12, seed: int = 0, contract: boo
 def train_step(batch: int = 64, iters: int = 12, dev=None):
     """One Adam step on the mean cross-entropy (lr 1e-3) in each framework."""
     import torch
+
     model, params, tmodel, x, y = setup(batch, iters)
     opt = optax.adam(1e-3)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
@@ -111,6 +115,7 @@ def train_step(batch: int = 64, iters: int = 12, dev=None):
 
 def _torch_pgd(tmodel, steps=10, eps=0.3, alpha=0.03):
     import torchattacks
+
     atk = torchattacks.PGD(tmodel, eps=eps, alpha=alpha, steps=steps, random_start=True)
     atk.set_model_training_mode(model_training=True)  # keep torchdeq's IFT backward
     return atk
@@ -122,11 +127,13 @@ def pgd_attack(batch: int = 64, iters: int = 12, restarts: int = 1, dev=None):
     deqjax: ``deqjax.attacks.pgd`` (``restarts`` vmapped). torch: ``torchattacks.PGD``
     (``restarts`` sequential calls, torchattacks has no PGD restarts)."""
     import torch
+
     model, params, tmodel, x, y = setup(batch, iters)
     xj, yj = jnp.asarray(x), jnp.asarray(y)
     logits_fn = lambda xb: model.apply(params, xb)[0]
-    attack = jax.jit(lambda k: pgd(logits_fn, xj, yj, k, eps=0.3, steps=10, step_size=0.03,
-                                   restarts=restarts))
+    attack = jax.jit(
+        lambda k: pgd(logits_fn, xj, yj, k, eps=0.3, steps=10, step_size=0.03, restarts=restarts)
+    )
     key = jax.random.PRNGKey(0)
     jax_fn = lambda: attack(key)
     dev = dev or torch.device("cpu")
@@ -143,6 +150,7 @@ def pgd_attack(batch: int = 64, iters: int = 12, restarts: int = 1, dev=None):
 def input_gradients(batch: int = 4, iters: int = 12, seed: int = 0, contract: bool = True):
     """∂CE/∂x through each framework's implicit backward (NHWC numpy arrays)."""
     import torch
+
     model, params, tmodel, x, y = setup(batch, iters, seed=seed, contract=contract)
     gj = jax.grad(lambda xb: _ce(model.apply(params, xb)[0], jnp.asarray(y)))(jnp.asarray(x))
     xt = common.to_nchw(x).requires_grad_()

@@ -24,12 +24,16 @@ def conv_flops(batch: int, hw: int = 14, c_in: int = 32, c_out: int = 64, k: int
 def conv(batch: int = 64, dev=None, hw: int = 14, c_in: int = 32, c_out: int = 64):
     """(jax_fn, torch_fn): one forward 3×3 convolution each, same data and weights."""
     import torch
+
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, hw, hw, c_in)).astype(np.float32)
     w = rng.standard_normal((3, 3, c_in, c_out)).astype(np.float32)
     xj, wj = jnp.asarray(x), jnp.asarray(w)
-    f = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                                      dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    f = jax.jit(
+        lambda x, w: lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    )
     dev = dev or torch.device("cpu")
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(dev)
     wt = torch.from_numpy(np.ascontiguousarray(w.transpose(3, 2, 0, 1))).to(dev)

@@ -5,9 +5,9 @@ benchmarks.workloads.memory FRAMEWORK BACKWARD ITERS BATCH``), so allocator cach
 of one configuration never hide another's peak. Inside, the program is compiled (JAX,
 ahead of time), then the gradient of the mean cross-entropy w.r.t. the parameters
 is computed once while a thread samples the resident set size
-(``/proc/self/statm``,
-every 0.5 ms); the reported ``peak_delta_mb`` is the highest sample minus the RSS
-just before that run (the first execution: a second one would reuse resident pages). (``ru_maxrss`` alone is not used: XLA's compile peak would
+(``/proc/self/statm``, every 0.5 ms); the reported ``peak_delta_mb`` is the highest
+sample minus the RSS just before that run (the first execution: a second one would
+reuse resident pages). (``ru_maxrss`` alone is not used: XLA's compile peak would
 mask the run's.) For JAX the compiled program's own buffer plan is also reported:
 ``xla_temp_mb`` = ``compiled.memory_analysis().temp_size_in_bytes``, exact and
 load-independent. The implicit backward stores only ``z*`` (Bai et al. 2019), so its
@@ -51,9 +51,12 @@ def _peak_during(fn) -> float:
 
 def _data(batch: int):
     import numpy as np
+
     rng = np.random.default_rng(0)
-    return (rng.uniform(0, 1, (batch, 28, 28, 1)).astype(np.float32),
-            rng.integers(0, 10, batch).astype(np.int32))
+    return (
+        rng.uniform(0, 1, (batch, 28, 28, 1)).astype(np.float32),
+        rng.integers(0, 10, batch).astype(np.int32),
+    )
 
 
 def _measure(framework: str, backward: str, iters: int, batch: int) -> dict:
@@ -63,12 +66,15 @@ def _measure(framework: str, backward: str, iters: int, batch: int) -> dict:
         import jax
         import jax.numpy as jnp
         import optax
+
         from benchmarks import common
+
         model = common.mdeq(iters, backward)
         params = common.init_mdeq(model)
         xj, yj = jnp.asarray(x), jnp.asarray(y)
-        loss = lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-            model.apply(p, xj)[0], yj))
+        loss = lambda p: jnp.mean(
+            optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xj)[0], yj)
+        )
         compiled = jax.jit(jax.grad(loss)).lower(params).compile()
         try:
             out["xla_temp_mb"] = compiled.memory_analysis().temp_size_in_bytes / 2**20
@@ -78,16 +84,27 @@ def _measure(framework: str, backward: str, iters: int, batch: int) -> dict:
     else:  # torch only: no jax import; memory does not depend on the weights' values
         import numpy as np
         import torch
+
         from benchmarks.torch_models import TorchMDEQ
+
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-        kw = dict(core="indexing", ift=True, f_solver="anderson", f_max_iter=iters, f_tol=0.0,
-                  b_solver="fixed_point_iter", b_max_iter=iters, b_tol=0.0)
+        kw = dict(
+            core="indexing",
+            ift=True,
+            f_solver="anderson",
+            f_max_iter=iters,
+            f_tol=0.0,
+            b_solver="fixed_point_iter",
+            b_max_iter=iters,
+            b_tol=0.0,
+        )
         tm = TorchMDEQ(deq_kwargs=kw, unroll_iters=iters if backward == "unroll" else 0).train()
         xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
         yt = torch.from_numpy(y).long()
 
         def fn():
             torch.nn.functional.cross_entropy(tm(xt), yt).backward()
+
     # First execution after compilation: a second one would reuse pages the first
     # left resident and under-report.
     out["peak_delta_mb"] = _peak_during(fn) / 2**20
@@ -99,12 +116,24 @@ def run_config(framework: str, backward: str, iters: int, batch: int, timeout: i
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "benchmarks.workloads.memory", framework, backward,
-           str(iters), str(batch)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.workloads.memory",
+        framework,
+        backward,
+        str(iters),
+        str(batch),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
     if proc.returncode != 0:
-        return {"framework": framework, "backward": backward, "iters": iters, "batch": batch,
-                "error": proc.stderr[-2000:]}
+        return {
+            "framework": framework,
+            "backward": backward,
+            "iters": iters,
+            "batch": batch,
+            "error": proc.stderr[-2000:],
+        }
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -6,23 +6,51 @@ Every attack is a pure, jit-able function
 ``y`` int labels (B,). ``x_adv`` always lies in [0, 1] and in the eps-ball.
 """
 
-from deqjax.attacks._common import (ce_loss, dlr_loss, margin, project, random_start,
-                                    targeted_dlr_loss)
+from deqjax.attacks._common import (
+    ce_loss,
+    dlr_loss,
+    margin,
+    project,
+    random_start,
+    targeted_dlr_loss,
+)
 from deqjax.attacks.apgd import apgd, apgd_targeted, checkpoints
-from deqjax.attacks.ensemble import (ATTACK_NAMES, EnsembleResult, evaluate_ensemble,
-                                     make_attack, preset)
+from deqjax.attacks.ensemble import (
+    ATTACK_NAMES,
+    EnsembleResult,
+    evaluate_ensemble,
+    make_attack,
+    preset,
+)
 from deqjax.attacks.eot import eot_logits_fn
 from deqjax.attacks.fgsm_pgd import fgsm, pgd
 from deqjax.attacks.restarts import with_restarts
-from deqjax.attacks.sanity import (SanityReport, check_evaluation, input_gradient_stats,
-                                   sanity_flags)
+from deqjax.attacks.sanity import SanityReport, check_evaluation, input_gradient_stats, sanity_flags
 from deqjax.attacks.square import p_schedule, square
 
 __all__ = [
-    "ATTACK_NAMES", "EnsembleResult", "SanityReport", "apgd", "apgd_targeted",
-    "ce_loss", "check_evaluation", "checkpoints", "dlr_loss", "eot_logits_fn",
+    "ATTACK_NAMES",
+    "EnsembleResult",
+    "SanityReport",
+    "apgd",
+    "apgd_targeted",
+    "ce_loss",
+    "check_evaluation",
+    "checkpoints",
+    "dlr_loss",
+    "eot_logits_fn",
     "evaluate_ensemble",
-    "fgsm", "input_gradient_stats", "make_attack", "margin", "p_schedule", "pgd",
-    "preset", "project", "random_start", "sanity_flags", "square", "targeted_dlr_loss",
+    "fgsm",
+    "input_gradient_stats",
+    "make_attack",
+    "margin",
+    "p_schedule",
+    "pgd",
+    "preset",
+    "project",
+    "random_start",
+    "sanity_flags",
+    "square",
+    "targeted_dlr_loss",
     "with_restarts",
 ]

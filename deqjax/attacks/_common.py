@@ -71,29 +71,37 @@ def check_inputs(logits_fn, x, y) -> int:
     if x.ndim < 2:
         raise ValueError(f"x must be batched with shape (B, ...), got shape {x.shape}.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x must be floating point in [0, 1], got dtype {x.dtype}; "
-                         "convert e.g. with x.astype(jnp.float32) / 255.")
+        raise ValueError(
+            f"x must be floating point in [0, 1], got dtype {x.dtype}; "
+            "convert e.g. with x.astype(jnp.float32) / 255."
+        )
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"y must be integer labels of shape ({x.shape[0]},), got {y.shape}.")
     if not jnp.issubdtype(y.dtype, jnp.integer):
         raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}.")
     out = jax.eval_shape(logits_fn, x)
     if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != x.shape[0]:
-        raise ValueError("logits_fn(x) must return logits of shape (B, C) = "
-                         f"({x.shape[0]}, C), got {getattr(out, 'shape', type(out))}.")
+        raise ValueError(
+            "logits_fn(x) must return logits of shape (B, C) = "
+            f"({x.shape[0]}, C), got {getattr(out, 'shape', type(out))}."
+        )
     num_classes = int(out.shape[1])
     if is_concrete(x):
         xv = np.asarray(x)
         if not np.all(np.isfinite(xv)):
             raise ValueError("x contains NaN or inf; attacks need finite inputs in [0, 1].")
         if xv.size and (xv.min() < 0.0 or xv.max() > 1.0):
-            raise ValueError(f"x must lie in [0, 1], got range [{xv.min():.4g}, {xv.max():.4g}]; "
-                             "rescale your images (e.g. divide uint8 images by 255).")
+            raise ValueError(
+                f"x must lie in [0, 1], got range [{xv.min():.4g}, {xv.max():.4g}]; "
+                "rescale your images (e.g. divide uint8 images by 255)."
+            )
     if is_concrete(y):
         yv = np.asarray(y)
         if yv.size and (yv.min() < 0 or yv.max() >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes - 1}] (logits have "
-                             f"{num_classes} classes), got range [{yv.min()}, {yv.max()}].")
+            raise ValueError(
+                f"labels must lie in [0, {num_classes - 1}] (logits have "
+                f"{num_classes} classes), got range [{yv.min()}, {yv.max()}]."
+            )
     return num_classes
 
 
@@ -200,8 +208,10 @@ def targeted_dlr_loss(logits, y, t):
 def get_loss(name: str, num_classes: int):
     check_loss(name)
     if name == "dlr" and num_classes < 3:
-        raise ValueError(f"the DLR loss needs >= 3 classes, logits have {num_classes}; "
-                         "use loss='ce' for binary problems.")
+        raise ValueError(
+            f"the DLR loss needs >= 3 classes, logits have {num_classes}; "
+            "use loss='ce' for binary problems."
+        )
     return ce_loss if name == "ce" else dlr_loss
 
 
@@ -211,6 +221,7 @@ def loss_and_grad(logits_fn, loss_fn):
     The gradient of the summed loss equals the per-example gradients provided
     ``logits_fn`` treats batch rows independently (no train-mode batch norm).
     """
+
     def total(x, y, *extra):
         logits = logits_fn(x)
         per = loss_fn(logits, y, *extra)
@@ -219,6 +230,7 @@ def loss_and_grad(logits_fn, loss_fn):
     def f(x, y, *extra):
         (_, (per, logits)), g = jax.value_and_grad(total, has_aux=True)(x, y, *extra)
         return per, logits, g
+
     return f
 
 

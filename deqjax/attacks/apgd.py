@@ -41,7 +41,7 @@ def checkpoints(steps: int):
     """Checkpoint iterations w_1 < w_2 < … ≤ steps (Croce & Hein 2020, Sec. 3.2)."""
     p = [0.0, 0.22]
     while True:
-        nxt = round(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06), 10)   # no float drift
+        nxt = round(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06), 10)  # no float drift
         if nxt > 1.0:
             break
         p.append(nxt)
@@ -56,16 +56,15 @@ def _schedule(steps):
     length = np.ones(steps, np.float32)
     prev = 0
     for wj in ws:
-        is_ck[wj - 1] = True                 # check after the iterate x^(wj)
+        is_ck[wj - 1] = True  # check after the iterate x^(wj)
         length[wj - 1] = wj - prev
         prev = wj
     mom = np.full(steps, MOMENTUM, np.float32)
-    mom[0] = 1.0                             # first step has no momentum
+    mom[0] = 1.0  # first step has no momentum
     return jnp.asarray(is_ck), jnp.asarray(length), jnp.asarray(mom)
 
 
-def apgd_core(logits_fn, x, y, key, loss_fn, extra=(), *, eps, norm, steps,
-              rand_init=True):
+def apgd_core(logits_fn, x, y, key, loss_fn, extra=(), *, eps, norm, steps, rand_init=True):
     """APGD maximising per-example ``loss_fn(logits, y, *extra)``; returns
     ``(x_adv, loss_trace (steps+1, B))``. Inputs must be validated by the caller."""
     lg = C.loss_and_grad(logits_fn, loss_fn)
@@ -75,33 +74,64 @@ def apgd_core(logits_fn, x, y, key, loss_fn, extra=(), *, eps, norm, steps,
     m0 = C.margin(z0, y)
     eta0 = jnp.full(x.shape[:1], 2.0 * eps, x.dtype)
     zeros = jnp.zeros(x.shape[:1], x.dtype)
-    init = dict(xc=x0, xp=x0, g=g0, f=f0, xb=x0, fb=f0, gb=g0, eta=eta0, succ=zeros,
-                fb_last=f0, red_last=jnp.zeros(x.shape[:1], bool), xr=x0, fr=f0, mr=m0)
+    init = dict(
+        xc=x0,
+        xp=x0,
+        g=g0,
+        f=f0,
+        xb=x0,
+        fb=f0,
+        gb=g0,
+        eta=eta0,
+        succ=zeros,
+        fb_last=f0,
+        red_last=jnp.zeros(x.shape[:1], bool),
+        xr=x0,
+        fr=f0,
+        mr=m0,
+    )
 
     def body(s, inp):
         ck, L, a = inp
         eta = C.bcast(s["eta"], x)
         zk = C.project(s["xc"] + eta * C.ascent_direction(s["g"], norm), x, eps, norm)
-        xn = C.project(s["xc"] + a * (zk - s["xc"]) + (1 - a) * (s["xc"] - s["xp"]),
-                       x, eps, norm)
+        xn = C.project(s["xc"] + a * (zk - s["xc"]) + (1 - a) * (s["xc"] - s["xp"]), x, eps, norm)
         fn, zn, gn = lg(xn, y, *extra)
         mn = C.margin(zn, y)
         succ = s["succ"] + (fn > s["f"]).astype(x.dtype)
         imp = fn > s["fb"]
-        xb, fb, gb = C.bwhere(imp, xn, s["xb"]), jnp.where(imp, fn, s["fb"]), C.bwhere(imp, gn, s["gb"])
+        xb, fb, gb = (
+            C.bwhere(imp, xn, s["xb"]),
+            jnp.where(imp, fn, s["fb"]),
+            C.bwhere(imp, gn, s["gb"]),
+        )
         # returned point: lowest-margin misclassified, else highest loss
         better = jnp.where((mn < 0) | (s["mr"] < 0), mn < s["mr"], fn > s["fr"])
-        xr, fr, mr = C.bwhere(better, xn, s["xr"]), jnp.where(better, fn, s["fr"]), jnp.where(better, mn, s["mr"])
+        xr, fr, mr = (
+            C.bwhere(better, xn, s["xr"]),
+            jnp.where(better, fn, s["fr"]),
+            jnp.where(better, mn, s["mr"]),
+        )
         # checkpoint: halve the step and restart from the best point
         cond1 = succ < RHO * L
         cond2 = (~s["red_last"]) & (s["fb_last"] >= fb)
         red = ck & (cond1 | cond2)
         new = dict(
             xp=s["xc"],
-            xc=C.bwhere(red, xb, xn), g=C.bwhere(red, gb, gn), f=jnp.where(red, fb, fn),
-            xb=xb, fb=fb, gb=gb, eta=jnp.where(red, 0.5 * s["eta"], s["eta"]),
-            succ=jnp.where(ck, 0.0, succ), fb_last=jnp.where(ck, fb, s["fb_last"]),
-            red_last=jnp.where(ck, red, s["red_last"]), xr=xr, fr=fr, mr=mr)
+            xc=C.bwhere(red, xb, xn),
+            g=C.bwhere(red, gb, gn),
+            f=jnp.where(red, fb, fn),
+            xb=xb,
+            fb=fb,
+            gb=gb,
+            eta=jnp.where(red, 0.5 * s["eta"], s["eta"]),
+            succ=jnp.where(ck, 0.0, succ),
+            fb_last=jnp.where(ck, fb, s["fb_last"]),
+            red_last=jnp.where(ck, red, s["red_last"]),
+            xr=xr,
+            fr=fr,
+            mr=mr,
+        )
         return new, fn
 
     s, trace = lax.scan(body, init, (is_ck, length, mom))
@@ -111,19 +141,51 @@ def apgd_core(logits_fn, x, y, key, loss_fn, extra=(), *, eps, norm, steps,
 def _apgd_single(logits_fn, x, y, key, *, eps, norm, steps, loss, rand_init, return_trace):
     x, y, nc = C.validate(logits_fn, x, y, eps, norm)
     steps = C.check_positive_int("steps", steps)
-    x_adv, trace = apgd_core(logits_fn, x, y, key, C.get_loss(loss, nc), eps=eps,
-                             norm=norm, steps=steps, rand_init=rand_init)
+    x_adv, trace = apgd_core(
+        logits_fn,
+        x,
+        y,
+        key,
+        C.get_loss(loss, nc),
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        rand_init=rand_init,
+    )
     return (x_adv, trace) if return_trace else x_adv
 
 
-def apgd(logits_fn, x, y, key, *, eps, norm="linf", steps=100, loss="ce", restarts=1,
-         rand_init=True, return_trace=False):
+def apgd(
+    logits_fn,
+    x,
+    y,
+    key,
+    *,
+    eps,
+    norm="linf",
+    steps=100,
+    loss="ce",
+    restarts=1,
+    rand_init=True,
+    return_trace=False,
+):
     """APGD-CE / APGD-DLR (Croce & Hein 2020). ``steps`` gradient steps per restart
     (static); ``restarts`` vmapped independent restarts, per-example worst case kept.
     Returns x_adv in [0, 1] ∩ B_eps(x) (and the (steps+1, B) loss trace if asked)."""
-    return run_with_restarts(_apgd_single, restarts, logits_fn, x, y, key, eps=eps,
-                             norm=norm, steps=steps, loss=loss, rand_init=rand_init,
-                             return_trace=return_trace)
+    return run_with_restarts(
+        _apgd_single,
+        restarts,
+        logits_fn,
+        x,
+        y,
+        key,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        loss=loss,
+        rand_init=rand_init,
+        return_trace=return_trace,
+    )
 
 
 def _apgd_t_single(logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, rand_init):
@@ -131,27 +193,60 @@ def _apgd_t_single(logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, 
     steps = C.check_positive_int("steps", steps)
     k = C.check_positive_int("n_target_classes", n_target_classes)
     if nc < 4:
-        raise ValueError(f"APGD-T uses the targeted DLR loss, which needs >= 4 classes; "
-                         f"logits have {nc}. Use apgd(..., loss='ce') instead.")
+        raise ValueError(
+            f"APGD-T uses the targeted DLR loss, which needs >= 4 classes; "
+            f"logits have {nc}. Use apgd(..., loss='ce') instead."
+        )
     k = min(k, nc - 1)
-    order = jnp.argsort(logits_fn(x), axis=-1)          # ascending
+    order = jnp.argsort(logits_fn(x), axis=-1)  # ascending
     keys = jax.random.split(key, k)
 
     def body(x_worst, inp):
         rank, kk = inp
-        t = jnp.take(order, nc - rank, axis=-1)          # rank-th highest clean logit
-        xa, _ = apgd_core(logits_fn, x, y, kk, C.targeted_dlr_loss, (t,), eps=eps,
-                          norm=norm, steps=steps, rand_init=rand_init)
+        t = jnp.take(order, nc - rank, axis=-1)  # rank-th highest clean logit
+        xa, _ = apgd_core(
+            logits_fn,
+            x,
+            y,
+            kk,
+            C.targeted_dlr_loss,
+            (t,),
+            eps=eps,
+            norm=norm,
+            steps=steps,
+            rand_init=rand_init,
+        )
         return C.keep_worst(logits_fn, x_worst, xa, y), None
 
     x_worst, _ = lax.scan(body, x, (jnp.arange(2, k + 2), keys))
     return x_worst
 
 
-def apgd_targeted(logits_fn, x, y, key, *, eps, norm="linf", steps=100, n_target_classes=9,
-                  restarts=1, rand_init=True):
+def apgd_targeted(
+    logits_fn,
+    x,
+    y,
+    key,
+    *,
+    eps,
+    norm="linf",
+    steps=100,
+    n_target_classes=9,
+    restarts=1,
+    rand_init=True,
+):
     """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss against each of the
     top-``n_target_classes`` other classes (capped at C−1); per-example worst case."""
-    return run_with_restarts(_apgd_t_single, restarts, logits_fn, x, y, key, eps=eps,
-                             norm=norm, steps=steps, n_target_classes=n_target_classes,
-                             rand_init=rand_init)
+    return run_with_restarts(
+        _apgd_t_single,
+        restarts,
+        logits_fn,
+        x,
+        y,
+        key,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        n_target_classes=n_target_classes,
+        rand_init=rand_init,
+    )

@@ -37,20 +37,22 @@ GRADIENT_FREE = ("square",)
 
 
 class EnsembleResult(NamedTuple):
-    clean_accuracy: jax.Array            # scalar
-    robust_accuracy: jax.Array           # scalar, worst case over all attacks
-    per_attack_accuracy: dict            # name -> standalone robust accuracy
-    cumulative_accuracy: dict            # name -> robust accuracy after attacks up to it
-    robust: jax.Array                    # (B,) bool, worst case
-    per_attack_robust: dict              # name -> (B,) bool, standalone
-    x_adv: jax.Array                     # (B, ...) lowest-margin adversarial input
+    clean_accuracy: jax.Array  # scalar
+    robust_accuracy: jax.Array  # scalar, worst case over all attacks
+    per_attack_accuracy: dict  # name -> standalone robust accuracy
+    cumulative_accuracy: dict  # name -> robust accuracy after attacks up to it
+    robust: jax.Array  # (B,) bool, worst case
+    per_attack_robust: dict  # name -> (B,) bool, standalone
+    x_adv: jax.Array  # (B, ...) lowest-margin adversarial input
 
 
 def make_attack(name, *, n_iter=100, n_queries=5000, n_target_classes=9, restarts=1):
     """Attack callable ``(logits_fn, x, y, key, *, eps, norm) -> x_adv`` for a name."""
     if name not in ATTACK_NAMES:
-        raise ValueError(f"unknown attack name {name!r}; use one of {ATTACK_NAMES} "
-                         "or pass a (name, callable) pair.")
+        raise ValueError(
+            f"unknown attack name {name!r}; use one of {ATTACK_NAMES} "
+            "or pass a (name, callable) pair."
+        )
     p = functools.partial
     table = {
         "fgsm": fgsm,
@@ -58,8 +60,9 @@ def make_attack(name, *, n_iter=100, n_queries=5000, n_target_classes=9, restart
         "pgd-dlr": p(pgd, steps=n_iter, restarts=restarts, loss="dlr"),
         "apgd-ce": p(apgd, steps=n_iter, loss="ce", restarts=restarts),
         "apgd-dlr": p(apgd, steps=n_iter, loss="dlr", restarts=restarts),
-        "apgd-t": p(apgd_targeted, steps=n_iter, n_target_classes=n_target_classes,
-                    restarts=restarts),
+        "apgd-t": p(
+            apgd_targeted, steps=n_iter, n_target_classes=n_target_classes, restarts=restarts
+        ),
         "square": p(square, n_queries=n_queries, restarts=restarts),
     }
     return table[name]
@@ -73,8 +76,10 @@ def preset(name, *, n_iter=100, n_queries=5000, n_target_classes=9):
     elif name == "plus":
         spec = [("apgd-ce", 5), ("apgd-dlr", 5), ("apgd-t", 1), ("square", 5)]
     else:
-        raise ValueError(f"unknown ensemble preset {name!r}; use one of {PRESETS} "
-                         "or a list of attack names / (name, callable) pairs.")
+        raise ValueError(
+            f"unknown ensemble preset {name!r}; use one of {PRESETS} "
+            "or a list of attack names / (name, callable) pairs."
+        )
     return [(n if r == 1 else f"{n}-x{r}", make_attack(n, restarts=r, **kw)) for n, r in spec]
 
 
@@ -97,8 +102,19 @@ def _resolve(attacks, **kw):
     return out
 
 
-def evaluate_ensemble(logits_fn, x, y, key, *, eps, norm="linf", attacks="standard",
-                      n_iter=100, n_queries=5000, n_target_classes=9) -> EnsembleResult:
+def evaluate_ensemble(
+    logits_fn,
+    x,
+    y,
+    key,
+    *,
+    eps,
+    norm="linf",
+    attacks="standard",
+    n_iter=100,
+    n_queries=5000,
+    n_target_classes=9,
+) -> EnsembleResult:
     """Run an ensemble of attacks and return per-attack and worst-case robustness.
 
     Args:
@@ -108,8 +124,9 @@ def evaluate_ensemble(logits_fn, x, y, key, *, eps, norm="linf", attacks="standa
       n_iter / n_queries / n_target_classes: budgets used by named attacks/presets.
     """
     x, y, _ = C.validate(logits_fn, x, y, eps, norm)
-    resolved = _resolve(attacks, n_iter=n_iter, n_queries=n_queries,
-                        n_target_classes=n_target_classes)
+    resolved = _resolve(
+        attacks, n_iter=n_iter, n_queries=n_queries, n_target_classes=n_target_classes
+    )
     correct = jnp.argmax(logits_fn(x), -1) == y
     robust = correct
     x_worst = x
@@ -130,5 +147,6 @@ def evaluate_ensemble(logits_fn, x, y, key, *, eps, norm="linf", attacks="standa
         per_rob[name] = rob_a
         per_acc[name] = jnp.mean(rob_a)
         cum_acc[name] = jnp.mean(robust)
-    return EnsembleResult(jnp.mean(correct), jnp.mean(robust), per_acc, cum_acc, robust,
-                          per_rob, x_worst)
+    return EnsembleResult(
+        jnp.mean(correct), jnp.mean(robust), per_acc, cum_acc, robust, per_rob, x_worst
+    )

@@ -48,14 +48,15 @@ def step_sizes(step_size, steps, schedule):
     return step_size * f
 
 
-def _pgd_single(logits_fn, x, y, key, *, eps, norm, steps, step_size, schedule,
-                rand_init, loss, return_trace):
+def _pgd_single(
+    logits_fn, x, y, key, *, eps, norm, steps, step_size, schedule, rand_init, loss, return_trace
+):
     x, y, nc = C.validate(logits_fn, x, y, eps, norm)
     steps = C.check_positive_int("steps", steps)
     loss_fn = C.get_loss(loss, nc)
     lg = C.loss_and_grad(logits_fn, loss_fn)
     if step_size is None:
-        step_size = 2.5 * eps / steps            # Madry et al.: 2.5·eps/steps
+        step_size = 2.5 * eps / steps  # Madry et al.: 2.5·eps/steps
     alphas = step_sizes(step_size, steps, schedule).astype(x.dtype)
 
     x0 = C.random_start(key, x, eps, norm) if rand_init else x
@@ -75,7 +76,9 @@ def _pgd_single(logits_fn, x, y, key, *, eps, norm, steps, step_size, schedule,
         return (xn, bx, bf, bm), fk
 
     init_loss = jnp.full(x.shape[:1], -jnp.inf, x.dtype)
-    (x_last, bx, bf, bm), trace = lax.scan(body, (x0, x0, init_loss, jnp.full_like(init_loss, jnp.inf)), alphas)
+    (x_last, bx, bf, bm), trace = lax.scan(
+        body, (x0, x0, init_loss, jnp.full_like(init_loss, jnp.inf)), alphas
+    )
     # the last iterate needs its loss and logits only: no unused final gradient
     z_last = logits_fn(x_last)
     f_last = loss_fn(z_last, y)
@@ -86,8 +89,22 @@ def _pgd_single(logits_fn, x, y, key, *, eps, norm, steps, step_size, schedule,
     return bx
 
 
-def pgd(logits_fn, x, y, key, *, eps, norm="linf", steps=10, step_size=None,
-        schedule="constant", rand_init=True, loss="ce", restarts=1, return_trace=False):
+def pgd(
+    logits_fn,
+    x,
+    y,
+    key,
+    *,
+    eps,
+    norm="linf",
+    steps=10,
+    step_size=None,
+    schedule="constant",
+    rand_init=True,
+    loss="ce",
+    restarts=1,
+    return_trace=False,
+):
     """Projected gradient descent attack (Madry et al. 2018).
 
     Args:
@@ -104,6 +121,18 @@ def pgd(logits_fn, x, y, key, *, eps, norm="linf", steps=10, step_size=None,
       x_adv (B, ...) in [0, 1] with ‖x_adv − x‖ ≤ eps (and the trace if asked).
     """
     return run_with_restarts(
-        _pgd_single, restarts, logits_fn, x, y, key, eps=eps, norm=norm, steps=steps,
-        step_size=step_size, schedule=schedule, rand_init=rand_init, loss=loss,
-        return_trace=return_trace)
+        _pgd_single,
+        restarts,
+        logits_fn,
+        x,
+        y,
+        key,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        schedule=schedule,
+        rand_init=rand_init,
+        loss=loss,
+        return_trace=return_trace,
+    )

@@ -27,8 +27,8 @@ def select_worst(logits_fn, xs, y, *others):
     """Per example pick, along the leading restart axis of ``xs`` (R, B, ...), the
     restart with the lowest margin. ``others`` are arrays (R, ..., B) (e.g. loss
     traces (R, T, B)) gathered with the same choice."""
-    margins = jax.vmap(lambda xa: margin(logits_fn(xa), y))(xs)       # (R, B)
-    idx = jnp.argmin(margins, axis=0)                                 # (B,)
+    margins = jax.vmap(lambda xa: margin(logits_fn(xa), y))(xs)  # (R, B)
+    idx = jnp.argmin(margins, axis=0)  # (B,)
     b = jnp.arange(xs.shape[1])
     out = xs[idx, b]
     picked = tuple(o[idx, ..., b].T if o.ndim == 3 else o[idx, b] for o in others)

@@ -39,8 +39,8 @@ from deqjax.attacks.ensemble import GRADIENT_FREE
 
 
 class SanityReport(NamedTuple):
-    flags: dict          # name -> bool (True = evaluation looks unreliable)
-    explanations: dict   # name -> str
+    flags: dict  # name -> bool (True = evaluation looks unreliable)
+    explanations: dict  # name -> str
 
     @property
     def unreliable(self) -> bool:
@@ -59,8 +59,13 @@ def input_gradient_stats(logits_fn, x, y):
     flat = g.reshape(g.shape[0], -1)
     nonfinite = ~jnp.all(jnp.isfinite(flat), axis=1)
     zero = jnp.all(flat == 0, axis=1)
-    return dict(zero=zero, nonfinite=nonfinite, norm=jnp.linalg.norm(flat, axis=1),
-                frac_zero=jnp.mean(zero), frac_nonfinite=jnp.mean(nonfinite))
+    return dict(
+        zero=zero,
+        nonfinite=nonfinite,
+        norm=jnp.linalg.norm(flat, axis=1),
+        frac_zero=jnp.mean(zero),
+        frac_nonfinite=jnp.mean(nonfinite),
+    )
 
 
 def _acc(v):
@@ -68,9 +73,17 @@ def _acc(v):
     return float(v.mean()) if v.ndim else float(v)
 
 
-def sanity_flags(*, per_attack=None, gradient_free=GRADIENT_FREE, grad_stats=None,
-                 eps_curve=None, loss_traces=None, max_zero_frac=0.01,
-                 max_stuck_frac=0.5, tol=0.0) -> SanityReport:
+def sanity_flags(
+    *,
+    per_attack=None,
+    gradient_free=GRADIENT_FREE,
+    grad_stats=None,
+    eps_curve=None,
+    loss_traces=None,
+    max_zero_frac=0.01,
+    max_stuck_frac=0.5,
+    tol=0.0,
+) -> SanityReport:
     """Host-side reliability flags from results already computed.
 
     Args:
@@ -93,22 +106,40 @@ def sanity_flags(*, per_attack=None, gradient_free=GRADIENT_FREE, grad_stats=Non
             flags["gradient_free_beats_gradient"] = best_gf < best_gb - tol
             why["gradient_free_beats_gradient"] = (
                 f"gradient-free robust acc {best_gf:.4f} vs best gradient attack {best_gb:.4f}"
-                + ("; gradients are likely masked/obfuscated" if best_gf < best_gb - tol
-                   else "; ok"))
-        adaptive = {k: _acc(v) for k, v in per_attack.items() if "/adaptive_" in k or k.startswith("adaptive_")}
+                + (
+                    "; gradients are likely masked/obfuscated"
+                    if best_gf < best_gb - tol
+                    else "; ok"
+                )
+            )
+        adaptive = {
+            k: _acc(v)
+            for k, v in per_attack.items()
+            if "/adaptive_" in k or k.startswith("adaptive_")
+        }
         transfer = {k: _acc(v) for k, v in per_attack.items() if "nonadaptive_" in k}
         if adaptive and transfer:
-            (ka, va), (kt, vt) = min(adaptive.items(), key=lambda kv: kv[1]), min(transfer.items(), key=lambda kv: kv[1])
+            (ka, va), (kt, vt) = (
+                min(adaptive.items(), key=lambda kv: kv[1]),
+                min(transfer.items(), key=lambda kv: kv[1]),
+            )
             flags["adaptive_weaker_than_transfer"] = va > vt + tol
             why["adaptive_weaker_than_transfer"] = (
                 f"strongest adaptive {ka} {va:.4f} vs strongest transfer {kt} {vt:.4f}"
-                + ("; the adaptive attack's gradient through the defence is poor: strengthen it "
-                   "(more steps, BPDA variants, EOT)" if va > vt + tol else "; ok"))
+                + (
+                    "; the adaptive attack's gradient through the defence is poor: strengthen it "
+                    "(more steps, BPDA variants, EOT)"
+                    if va > vt + tol
+                    else "; ok"
+                )
+            )
     if grad_stats is not None:
         fz, fn = float(grad_stats["frac_zero"]), float(grad_stats["frac_nonfinite"])
         flags["zero_gradients"] = fz > max_zero_frac
-        why["zero_gradients"] = (f"{fz:.1%} of examples have an exactly zero input gradient "
-                                 f"(threshold {max_zero_frac:.1%})")
+        why["zero_gradients"] = (
+            f"{fz:.1%} of examples have an exactly zero input gradient "
+            f"(threshold {max_zero_frac:.1%})"
+        )
         flags["nonfinite_gradients"] = fn > 0
         why["nonfinite_gradients"] = f"{fn:.1%} of examples have NaN/inf input gradients"
     if eps_curve is not None:
@@ -116,32 +147,42 @@ def sanity_flags(*, per_attack=None, gradient_free=GRADIENT_FREE, grad_stats=Non
         rises = [(e0, a0, e1, a1) for (e0, a0), (e1, a1) in zip(pts, pts[1:]) if a1 > a0 + tol]
         flags["accuracy_rises_with_eps"] = bool(rises)
         why["accuracy_rises_with_eps"] = (
-            "robust accuracy rises with eps: " + ", ".join(
-                f"{a0:.4f}@{e0:g} -> {a1:.4f}@{e1:g}" for e0, a0, e1, a1 in rises)
-            if rises else "robust accuracy is non-increasing in eps; ok")
+            "robust accuracy rises with eps: "
+            + ", ".join(f"{a0:.4f}@{e0:g} -> {a1:.4f}@{e1:g}" for e0, a0, e1, a1 in rises)
+            if rises
+            else "robust accuracy is non-increasing in eps; ok"
+        )
     if loss_traces:
-        stuck = {k: float(np.mean(np.asarray(t)[-1] <= np.asarray(t)[0]))
-                 for k, t in loss_traces.items()}
+        stuck = {
+            k: float(np.mean(np.asarray(t)[-1] <= np.asarray(t)[0])) for k, t in loss_traces.items()
+        }
         bad = {k: v for k, v in stuck.items() if v > max_stuck_frac}
         flags["loss_not_increasing"] = bool(bad)
         why["loss_not_increasing"] = ", ".join(
-            f"{k}: loss did not increase for {v:.1%} of examples" for k, v in stuck.items())
+            f"{k}: loss did not increase for {v:.1%} of examples" for k, v in stuck.items()
+        )
     return SanityReport(flags, why)
 
 
-def check_evaluation(logits_fn, x, y, key, *, eps, norm="linf", steps=20, n_queries=300,
-                     **flag_kwargs) -> SanityReport:
+def check_evaluation(
+    logits_fn, x, y, key, *, eps, norm="linf", steps=20, n_queries=300, **flag_kwargs
+) -> SanityReport:
     """Quick masking check: PGD (with trace), Square, and input-gradient stats."""
     from deqjax.attacks.fgsm_pgd import pgd
     from deqjax.attacks.square import square
+
     k1, k2 = jax.random.split(key)
     x, y = jnp.asarray(x), jnp.asarray(y)
-    xp, trace = jax.jit(lambda x, y, k: pgd(logits_fn, x, y, k, eps=eps, norm=norm,
-                                            steps=steps, return_trace=True))(x, y, k1)
-    xs = jax.jit(lambda x, y, k: square(logits_fn, x, y, k, eps=eps, norm=norm,
-                                        n_queries=n_queries))(x, y, k2)
+    xp, trace = jax.jit(
+        lambda x, y, k: pgd(logits_fn, x, y, k, eps=eps, norm=norm, steps=steps, return_trace=True)
+    )(x, y, k1)
+    xs = jax.jit(
+        lambda x, y, k: square(logits_fn, x, y, k, eps=eps, norm=norm, n_queries=n_queries)
+    )(x, y, k2)
     rob = lambda xa: np.asarray(jnp.argmax(logits_fn(xa), -1) == y)
-    return sanity_flags(per_attack={"pgd": rob(xp), "square": rob(xs)},
-                        grad_stats=jax.jit(lambda x, y: input_gradient_stats(
-                            logits_fn, x, y))(x, y),
-                        loss_traces={"pgd": trace}, **flag_kwargs)
+    return sanity_flags(
+        per_attack={"pgd": rob(xp), "square": rob(xs)},
+        grad_stats=jax.jit(lambda x, y: input_gradient_stats(logits_fn, x, y))(x, y),
+        loss_traces={"pgd": trace},
+        **flag_kwargs,
+    )

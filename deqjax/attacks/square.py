@@ -39,7 +39,7 @@ def p_schedule(n_queries: int, p_init: float = 0.8) -> np.ndarray:
     """The paper's piecewise-constant fraction p(i), i = 0 … n_queries−1."""
     i = np.arange(n_queries) / n_queries * 10000
     halvings = (i[:, None] > np.asarray(_HALVINGS)[None, :]).sum(1)
-    return p_init / 2.0 ** halvings
+    return p_init / 2.0**halvings
 
 
 def _as_image(x):
@@ -48,7 +48,7 @@ def _as_image(x):
     if x.ndim == 3:
         return x[..., None], False
     if x.ndim == 2:
-        return x[:, :, None, None], True            # 1-D signal: (B, D, 1, 1)
+        return x[:, :, None, None], True  # 1-D signal: (B, D, 1, 1)
     raise ValueError(f"square attack supports x of rank 2, 3 or 4, got shape {x.shape}.")
 
 
@@ -83,8 +83,11 @@ def _square_single(logits_fn, x, y, key, *, eps, norm, n_queries, p_init, return
     k0, kloop = jax.random.split(key)
     if norm == "linf":
         stripes = jax.random.rademacher(k0, (b, 1, w, c), xi.dtype) * eps
-        d0 = jnp.broadcast_to(stripes, xi.shape) if not one_d else \
-            jax.random.rademacher(k0, xi.shape, xi.dtype) * eps
+        d0 = (
+            jnp.broadcast_to(stripes, xi.shape)
+            if not one_d
+            else jax.random.rademacher(k0, xi.shape, xi.dtype) * eps
+        )
     else:
         g = jax.random.normal(k0, xi.shape, xi.dtype)
         d0 = eps * g / jnp.maximum(C._bnorm(g), C._TINY)
@@ -102,7 +105,7 @@ def _square_single(logits_fn, x, y, key, *, eps, norm, n_queries, p_init, return
             dn = jnp.where(mask, eps * signs, delta)
         else:
             size = (s_h * s_w).astype(xi.dtype)
-            step = eps * jnp.sqrt(size / (h * w)) / jnp.sqrt(size * c)   # per-entry
+            step = eps * jnp.sqrt(size / (h * w)) / jnp.sqrt(size * c)  # per-entry
             dn = delta + jnp.where(mask, step * signs, 0.0)
             dn = dn * eps / jnp.maximum(C._bnorm(dn), C._TINY)
         xn = jnp.clip(xi + dn, 0.0, 1.0)
@@ -112,20 +115,41 @@ def _square_single(logits_fn, x, y, key, *, eps, norm, n_queries, p_init, return
 
     keys = jax.random.split(kloop, n_queries)
     (xb, mb_end), trace = lax.scan(body, (xb, mb), (keys, jnp.asarray(sh), jnp.asarray(sw)))
-    x_adv = C.project(jnp.reshape(xb, x.shape), x, eps, norm)   # guard against round-off
+    x_adv = C.project(jnp.reshape(xb, x.shape), x, eps, norm)  # guard against round-off
     if return_trace:
         return x_adv, -jnp.concatenate([mb[None], trace], axis=0)
     return x_adv
 
 
-def square(logits_fn, x, y, key, *, eps, norm="linf", n_queries=1000, p_init=0.8,
-           restarts=1, return_trace=False):
+def square(
+    logits_fn,
+    x,
+    y,
+    key,
+    *,
+    eps,
+    norm="linf",
+    n_queries=1000,
+    p_init=0.8,
+    restarts=1,
+    return_trace=False,
+):
     """Square attack (Andriushchenko et al. 2020), gradient-free.
 
     ``n_queries`` forward passes (static) after the initialisation; ``restarts``
     independent vmapped runs, per-example worst case kept. With ``return_trace``
     also returns the attack objective −margin per query, shape (n_queries+1, B).
     """
-    return run_with_restarts(_square_single, restarts, logits_fn, x, y, key, eps=eps,
-                             norm=norm, n_queries=n_queries, p_init=p_init,
-                             return_trace=return_trace)
+    return run_with_restarts(
+        _square_single,
+        restarts,
+        logits_fn,
+        x,
+        y,
+        key,
+        eps=eps,
+        norm=norm,
+        n_queries=n_queries,
+        p_init=p_init,
+        return_trace=return_trace,
+    )

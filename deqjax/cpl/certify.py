@@ -11,7 +11,7 @@ radius ``(f_y − max_{j≠y} f_j)/√2``. With a row-normalised last layer
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +25,11 @@ def _check_logits_labels(logits, labels):
     if labels.shape != logits.shape[:1]:
         raise ValueError(
             f"labels must be integer class indices of shape {logits.shape[:1]}, got "
-            f"{labels.shape} (one-hot labels? use labels.argmax(-1)).")
+            f"{labels.shape} (one-hot labels? use labels.argmax(-1))."
+        )
 
 
-def multiclass_hinge_loss(logits: jax.Array, labels: jax.Array,
-                          margin: float = 0.7) -> jax.Array:
+def multiclass_hinge_loss(logits: jax.Array, labels: jax.Array, margin: float = 0.7) -> jax.Array:
     """Per-example ``(1/C) Σ_{j≠y} max(0, m − (f_y − f_j))`` (PyTorch MultiMarginLoss).
 
     Returns shape ``(batch,)``; take the mean yourself.
@@ -42,9 +42,12 @@ def multiclass_hinge_loss(logits: jax.Array, labels: jax.Array,
     return terms.sum(-1) / c
 
 
-def certified_radius(logits: jax.Array, labels: jax.Array,
-                     last_layer: str = "truncate",
-                     last_weight: Optional[jax.Array] = None) -> jax.Array:
+def certified_radius(
+    logits: jax.Array,
+    labels: jax.Array,
+    last_layer: str = "truncate",
+    last_weight: jax.Array | None = None,
+) -> jax.Array:
     """ℓ2 radius within which the prediction provably stays ``labels`` (0 if wrong).
 
     ``"truncate"``: ``(f_y − max_{j≠y} f_j)/√2`` for a 1-Lipschitz network.
@@ -64,7 +67,8 @@ def certified_radius(logits: jax.Array, labels: jax.Array,
                 "row_normalized certificates need last_weight of shape (classes, d) "
                 f"with classes={c}; got "
                 f"{None if last_weight is None else last_weight.shape}. Use "
-                "deqjax.cpl.last_layer_weight(variables).")
+                "deqjax.cpl.last_layer_weight(variables)."
+            )
         diff = last_weight[labels][:, None, :] - last_weight[None, :, :]
         scale = jnp.maximum(jnp.linalg.norm(diff, axis=-1), 1e-12)
     else:
@@ -73,8 +77,7 @@ def certified_radius(logits: jax.Array, labels: jax.Array,
     return jnp.maximum(ratios.min(-1), 0.0)
 
 
-def certified_accuracy(radii: jax.Array, correct: jax.Array,
-                       eps_list: Iterable[float]) -> dict:
+def certified_accuracy(radii: jax.Array, correct: jax.Array, eps_list: Iterable[float]) -> dict:
     """``{ε: fraction of examples correct with certified radius > ε}``.
 
     At ``ε = 0`` this is the clean accuracy (Meunier et al. 2022, Tab. 1).
@@ -82,7 +85,8 @@ def certified_accuracy(radii: jax.Array, correct: jax.Array,
     radii, correct = jnp.asarray(radii), jnp.asarray(correct, bool)
     if radii.shape != correct.shape or radii.ndim != 1:
         raise ValueError(
-            f"radii {radii.shape} and correct {correct.shape} must be equal 1-D shapes.")
+            f"radii {radii.shape} and correct {correct.shape} must be equal 1-D shapes."
+        )
     out = {}
     for eps in eps_list:
         ok = correct if eps <= 0 else correct & (radii > eps)

@@ -18,7 +18,7 @@ the layer's input size, padding and stride (see ``power_iteration.py``).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,8 +34,8 @@ _DN = ("NHWC", "HWIO", "NHWC")
 def _check_padding(padding: str) -> str:
     if not isinstance(padding, str) or padding.upper() not in PADDINGS + ("ZERO",):
         raise ValueError(
-            f"unknown padding {padding!r}; use one of 'SAME' (zero padding), "
-            "'VALID' or 'CIRCULAR'.")
+            f"unknown padding {padding!r}; use one of 'SAME' (zero padding), 'VALID' or 'CIRCULAR'."
+        )
     p = padding.upper()
     return "SAME" if p == "ZERO" else p
 
@@ -51,20 +51,22 @@ def check_conv_args(x: jax.Array, kernel: jax.Array) -> None:
     if kernel.ndim != 4:
         raise ValueError(
             f"conv kernel must have rank 4 (HWIO: kh, kw, in_channels, out_channels),"
-            f" got shape {kernel.shape}.")
+            f" got shape {kernel.shape}."
+        )
     if x.ndim != 4:
         raise ValueError(
             f"conv input must have rank 4 (NHWC), got shape {x.shape}; add a batch "
-            "axis with x[None] for a single image.")
+            "axis with x[None] for a single image."
+        )
     if x.shape[-1] != kernel.shape[2]:
         raise ValueError(
             f"input has {x.shape[-1]} channels but the kernel expects "
             f"{kernel.shape[2]} (kernel shape {kernel.shape}, HWIO); zero-pad the "
-            "input channels or build the kernel with matching in_channels.")
+            "input channels or build the kernel with matching in_channels."
+        )
 
 
-def conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
-         padding: str = "SAME") -> jax.Array:
+def conv(x: jax.Array, kernel: jax.Array, stride: int = 1, padding: str = "SAME") -> jax.Array:
     """The linear map ``W x``: 2-D convolution (cross-correlation), NHWC ⊛ HWIO.
 
     ``padding``: 'SAME' (zero padding, output size ceil(H/stride)), 'VALID', or
@@ -74,15 +76,20 @@ def conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
     padding, stride = _check_padding(padding), _check_stride(stride)
     if padding == "CIRCULAR":
         kh, kw = kernel.shape[:2]
-        x = jnp.pad(x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2),
-                        (0, 0)), mode="wrap")
+        x = jnp.pad(
+            x, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)), mode="wrap"
+        )
         padding = "VALID"
-    return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                    dimension_numbers=_DN)
+    return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=_DN)
 
 
-def conv_transpose(y: jax.Array, kernel: jax.Array, input_shape: Sequence[int],
-                   stride: int = 1, padding: str = "SAME") -> jax.Array:
+def conv_transpose(
+    y: jax.Array,
+    kernel: jax.Array,
+    input_shape: Sequence[int],
+    stride: int = 1,
+    padding: str = "SAME",
+) -> jax.Array:
     """The exact adjoint ``Wᵀ y`` of :func:`conv` at input shape ``input_shape``.
 
     ``<W u, v> = <u, Wᵀ v>`` holds exactly (up to rounding). It is always a forward
@@ -97,25 +104,29 @@ def conv_transpose(y: jax.Array, kernel: jax.Array, input_shape: Sequence[int],
     if kernel.ndim != 4 or len(input_shape) != 4:
         raise ValueError(
             f"need an HWIO kernel (rank 4, got {kernel.shape}) and an NHWC "
-            f"input_shape (rank 4, got {input_shape}).")
+            f"input_shape (rank 4, got {input_shape})."
+        )
     if padding != "CIRCULAR":
         return conv2d_transpose(y, kernel, input_shape, stride, padding)
     kh, kw = kernel.shape[:2]
-    if stride == 1 and kh % 2 == 1 and kw % 2 == 1 and y.shape == input_shape[:3] + (kernel.shape[3],):
+    if (
+        stride == 1
+        and kh % 2 == 1
+        and kw % 2 == 1
+        and y.shape == input_shape[:3] + (kernel.shape[3],)
+    ):
         return conv(y, kernel[::-1, ::-1].swapaxes(2, 3), 1, padding)
     x0 = jax.ShapeDtypeStruct(input_shape, y.dtype)
-    (out,) = jax.linear_transpose(
-        lambda u: conv(u, kernel.astype(y.dtype), stride, padding), x0)(y)
+    (out,) = jax.linear_transpose(lambda u: conv(u, kernel.astype(y.dtype), stride, padding), x0)(y)
     return out
 
 
 def cpl_step_size(sigma: jax.Array) -> jax.Array:
     """``h = 2 / (σ² + 1e-4)`` with ``σ ≈ ‖W‖₂`` (Meunier et al. 2022, Eq. 8)."""
-    return 2.0 / (sigma ** 2 + EPS_STEP)
+    return 2.0 / (sigma**2 + EPS_STEP)
 
 
-def dense_cpl(x: jax.Array, weight: jax.Array, bias: jax.Array,
-              sigma: jax.Array) -> jax.Array:
+def dense_cpl(x: jax.Array, weight: jax.Array, bias: jax.Array, sigma: jax.Array) -> jax.Array:
     """Dense CPL ``z = x − 2/(σ²+1e-4) · Wᵀ ReLU(W x + b)`` on ``x[..., d]``.
 
     ``weight`` is ``(inner, d)``, ``bias`` is ``(inner,)`` and ``sigma`` an
@@ -127,15 +138,22 @@ def dense_cpl(x: jax.Array, weight: jax.Array, bias: jax.Array,
     if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"input last axis {x.shape[-1:]} must equal the weight's d="
-            f"{weight.shape[1]} (weight shape (inner, d) = {weight.shape}).")
+            f"{weight.shape[1]} (weight shape (inner, d) = {weight.shape})."
+        )
     if bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {bias.shape}.")
     pre = x @ weight.T + bias
     return x - cpl_step_size(sigma) * (jax.nn.relu(pre) @ weight)
 
 
-def conv_cpl(x: jax.Array, kernel: jax.Array, bias: jax.Array, sigma: jax.Array,
-             stride: int = 1, padding: str = "SAME") -> jax.Array:
+def conv_cpl(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    sigma: jax.Array,
+    stride: int = 1,
+    padding: str = "SAME",
+) -> jax.Array:
     """Convolutional CPL ``z = x − 2/(σ²+1e-4) · Wᵀ ReLU(W x + b)`` (NHWC).
 
     ``W`` is :func:`conv` with the HWIO ``kernel`` (``I`` = channels of ``x``,
@@ -165,5 +183,5 @@ def sum_pool_lipschitz(x: jax.Array, window: int) -> jax.Array:
         raise ValueError(f"pool window must be a positive int, got {window!r}.")
     n, h, w, c = x.shape
     hk, wk = h // window, w // window
-    x = x[:, :hk * window, :wk * window].reshape(n, hk, window, wk, window, c)
+    x = x[:, : hk * window, : wk * window].reshape(n, hk, window, wk, window, c)
     return x.sum(axis=(2, 4)) / window

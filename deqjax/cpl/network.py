@@ -10,7 +10,7 @@ mutable the refined vector is used for this call but not stored.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -32,17 +32,19 @@ def _state(module: nn.Module, shape, name: str = "u"):
     if not module.is_initializing() and not module.has_variable(COLLECTION, name):
         raise ValueError(
             f"{module.__class__.__name__} has no '{COLLECTION}' variable: pass the "
-            f"'{COLLECTION}' collection returned by init() to apply().")
+            f"'{COLLECTION}' collection returned by init() to apply()."
+        )
     var = module.variable(COLLECTION, name, _unit_normal, module, shape)
     if var.value.shape != tuple(shape):
         raise ValueError(
             f"'{COLLECTION}' state of {module.__class__.__name__} has shape "
             f"{var.value.shape} but this input needs {tuple(shape)}; the spectral norm"
-            " depends on the input size, so re-run init() with the new input shape.")
+            " depends on the input size, so re-run init() with the new input shape."
+        )
     return var
 
 
-def _n_iters(module, n_power_iters: Optional[int]) -> int:
+def _n_iters(module, n_power_iters: int | None) -> int:
     n = module.power_iters if n_power_iters is None else n_power_iters
     if module.is_initializing():
         n = max(n, 1)
@@ -57,7 +59,7 @@ class DenseCPL(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x, n_power_iters: Optional[int] = None):
+    def __call__(self, x, n_power_iters: int | None = None):
         d = x.shape[-1]
         w = self.param("kernel", self.kernel_init, (self.inner, d))
         b = self.param("bias", nn.initializers.zeros, (self.inner,))
@@ -79,15 +81,16 @@ class ConvCPL(nn.Module):
     kernel_init: Callable = nn.initializers.lecun_normal()
 
     @nn.compact
-    def __call__(self, x, n_power_iters: Optional[int] = None):
+    def __call__(self, x, n_power_iters: int | None = None):
         if x.ndim != 4:
             raise ValueError(f"ConvCPL input must be NHWC (rank 4), got {x.shape}.")
         k = self.kernel_size
         w = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.inner))
         b = self.param("bias", nn.initializers.zeros, (self.inner,))
         u = _state(self, (1,) + x.shape[1:])
-        sigma, u_new = conv_spectral_norm(w, u.value, _n_iters(self, n_power_iters),
-                                          self.stride, self.padding)
+        sigma, u_new = conv_spectral_norm(
+            w, u.value, _n_iters(self, n_power_iters), self.stride, self.padding
+        )
         if self.is_mutable_collection(COLLECTION):
             u.value = u_new
         return conv_cpl(x, w, b, sigma, self.stride, self.padding)
@@ -100,8 +103,7 @@ class RowNormalizedDense(nn.Module):
 
     @nn.compact
     def __call__(self, h):
-        w = self.param("kernel", nn.initializers.lecun_normal(),
-                       (self.features, h.shape[-1]))
+        w = self.param("kernel", nn.initializers.lecun_normal(), (self.features, h.shape[-1]))
         b = self.param("bias", nn.initializers.zeros, (self.features,))
         return h @ row_normalize(w).T + b
 
@@ -153,23 +155,26 @@ class CPLNet(nn.Module):
 
     def setup(self):
         if self.last_layer not in LAST_LAYERS:
-            raise ValueError(
-                f"unknown last_layer {self.last_layer!r}; use one of {LAST_LAYERS}.")
-        self.convs = [ConvCPL(self.conv_inner, self.kernel_size, 1, self.padding,
-                              self.power_iters) for _ in range(self.depth)]
-        self.denses = [DenseCPL(self.linear_width, self.power_iters)
-                       for _ in range(self.depth_linear)]
+            raise ValueError(f"unknown last_layer {self.last_layer!r}; use one of {LAST_LAYERS}.")
+        self.convs = [
+            ConvCPL(self.conv_inner, self.kernel_size, 1, self.padding, self.power_iters)
+            for _ in range(self.depth)
+        ]
+        self.denses = [
+            DenseCPL(self.linear_width, self.power_iters) for _ in range(self.depth_linear)
+        ]
         if self.last_layer == "row_normalized":
             self.last = RowNormalizedDense(self.num_classes)
 
-    def features(self, x, n_power_iters: Optional[int] = None):
+    def features(self, x, n_power_iters: int | None = None):
         """The 1-Lipschitz feature map (everything before the last layer)."""
         if x.ndim != 4:
             raise ValueError(f"CPLNet input must be NHWC (rank 4), got {x.shape}.")
         if x.shape[-1] > self.conv_channels:
             raise ValueError(
                 f"input has {x.shape[-1]} channels > conv_channels="
-                f"{self.conv_channels}; increase conv_channels.")
+                f"{self.conv_channels}; increase conv_channels."
+            )
         x = _pad_last(x, self.conv_channels)
         for layer in self.convs:
             x = layer(x, n_power_iters)
@@ -179,8 +184,8 @@ class CPLNet(nn.Module):
             x = layer(x, n_power_iters)
         return x
 
-    def __call__(self, x, n_power_iters: Optional[int] = None):
+    def __call__(self, x, n_power_iters: int | None = None):
         h = self.features(x, n_power_iters)
         if self.last_layer == "truncate":
-            return _pad_last(h, self.num_classes)[:, :self.num_classes]
+            return _pad_last(h, self.num_classes)[:, : self.num_classes]
         return self.last(h)

@@ -11,7 +11,7 @@ explicit state: it is passed in, updated under ``stop_gradient`` and returned, a
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +26,12 @@ def _normalize(u: jax.Array) -> jax.Array:
     return u / jnp.maximum(jnp.linalg.norm(u.ravel()), _TINY)
 
 
-def power_iteration(op: Callable[[jax.Array], jax.Array],
-                    op_T: Callable[[jax.Array], jax.Array],
-                    u: jax.Array, n_iters: int) -> tuple[jax.Array, jax.Array]:
+def power_iteration(
+    op: Callable[[jax.Array], jax.Array],
+    op_T: Callable[[jax.Array], jax.Array],
+    u: jax.Array,
+    n_iters: int,
+) -> tuple[jax.Array, jax.Array]:
     """Estimate ``‖op‖₂`` by ``n_iters`` steps of ``u ← opᵀ(op(u)) / ‖·‖``.
 
     Args:
@@ -52,21 +55,23 @@ def power_iteration(op: Callable[[jax.Array], jax.Array],
     return sigma, u
 
 
-def dense_spectral_norm(weight: jax.Array, u: jax.Array,
-                        n_iters: int) -> tuple[jax.Array, jax.Array]:
+def dense_spectral_norm(
+    weight: jax.Array, u: jax.Array, n_iters: int
+) -> tuple[jax.Array, jax.Array]:
     """``‖W‖₂`` of a ``(inner, d)`` matrix by power iteration; ``u`` has shape ``(d,)``."""
     if weight.ndim != 2:
         raise ValueError(f"weight must be a matrix (inner, d), got {weight.shape}.")
     if u.shape != (weight.shape[1],):
         raise ValueError(
             f"power-iteration state has shape {u.shape} but the weight {weight.shape}"
-            f" needs ({weight.shape[1]},); re-initialise the 'power_iteration' state.")
+            f" needs ({weight.shape[1]},); re-initialise the 'power_iteration' state."
+        )
     return power_iteration(lambda v: weight @ v, lambda w: weight.T @ w, u, n_iters)
 
 
-def conv_spectral_norm(kernel: jax.Array, u: jax.Array, n_iters: int,
-                       stride: int = 1,
-                       padding: str = "SAME") -> tuple[jax.Array, jax.Array]:
+def conv_spectral_norm(
+    kernel: jax.Array, u: jax.Array, n_iters: int, stride: int = 1, padding: str = "SAME"
+) -> tuple[jax.Array, jax.Array]:
     """Spectral norm of the whole conv operator at the input size of ``u``.
 
     ``u`` has shape ``(1, H, W, C)`` — one input of the layer — so ``σ`` is the
@@ -76,10 +81,13 @@ def conv_spectral_norm(kernel: jax.Array, u: jax.Array, n_iters: int,
     if u.ndim != 4 or u.shape[0] != 1:
         raise ValueError(
             f"conv power-iteration state must have shape (1, H, W, C), got {u.shape};"
-            " re-initialise the 'power_iteration' state.")
+            " re-initialise the 'power_iteration' state."
+        )
     check_conv_args(u, kernel)
     shape = u.shape
     return power_iteration(
         lambda v: conv(v, kernel.astype(v.dtype), stride, padding),
         lambda w: conv_transpose(w, kernel.astype(w.dtype), shape, stride, padding),
-        u, n_iters)
+        u,
+        n_iters,
+    )

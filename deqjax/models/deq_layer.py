@@ -6,16 +6,20 @@ cell's parameters, and solves ``z* = f(z*, u)`` per example with ``jax.vmap``.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-import dataclasses
-
 from deqjax.deq import DEQConfig, damped_steps, deq_fixed_point, jacobian_frobenius_sq
-from deqjax.deq_gradients import DEFENCES, GRADIENTS, defended_state, estimate_state, straight_through
+from deqjax.deq_gradients import (
+    DEFENCES,
+    GRADIENTS,
+    defended_state,
+    estimate_state,
+    straight_through,
+)
 
 
 def cell_as_function(cell: nn.Module, method: str | None = None):
@@ -39,9 +43,12 @@ def implicit_function(cell: nn.Module, implicit_gradient: bool):
     dynamics have no root) has no implicit gradient: asking for one is an error."""
     if implicit_gradient and not getattr(cell, "has_equilibrium", True):
         raise ValueError(
-            f"{type(cell).__name__} has no equilibrium to differentiate implicitly (its dynamics have no "
-            "root; the model's output is the state after the solver budget): use backward='phantom' or "
-            "'unroll', and attack views other than 'implicit'")
+            f"{type(cell).__name__} has no equilibrium to "
+            "differentiate implicitly (its dynamics have no "
+            "root; the model's output is the state after "
+            "the solver budget): use backward='phantom' or "
+            "'unroll', and attack views other than 'implicit'"
+        )
     return cell_as_function(cell, "implicit_map") if hasattr(cell, "implicit_map") else None
 
 
@@ -58,11 +65,25 @@ class DEQ(nn.Module):
     config: DEQConfig = DEQConfig()
 
     @nn.compact
-    def __call__(self, u, *, z0=None, backward_probe=None, return_trajectory: bool = False,
-                 config: DEQConfig | None = None, jacobian_key=None, jacobian_samples: int = 1,
-                 gradient: str | None = None, state_index: int = -1, attack_steps: int = 5,
-                 attack_damping: float = 0.5, defence: str = "none", exit_state: int = -1,
-                 random_steps_key=None, random_steps_max: int = 0):
+    def __call__(
+        self,
+        u,
+        *,
+        z0=None,
+        backward_probe=None,
+        return_trajectory: bool = False,
+        config: DEQConfig | None = None,
+        jacobian_key=None,
+        jacobian_samples: int = 1,
+        gradient: str | None = None,
+        state_index: int = -1,
+        attack_steps: int = 5,
+        attack_damping: float = 0.5,
+        defence: str = "none",
+        exit_state: int = -1,
+        random_steps_key=None,
+        random_steps_max: int = 0,
+    ):
         """Solve per example.
 
         ``gradient`` (one of :data:`deqjax.deq_gradients.GRADIENTS`) picks the
@@ -96,30 +117,54 @@ class DEQ(nn.Module):
             if random_steps_max < 1:
                 raise ValueError("random intermediate states need random_steps_max >= 1")
             num_steps = jax.random.randint(random_steps_key, (), 1, random_steps_max + 1)
-            fwd = dataclasses.replace(config.forward, max_iter=random_steps_max, tol=0.0, return_state="last")
+            fwd = dataclasses.replace(
+                config.forward, max_iter=random_steps_max, tol=0.0, return_state="last"
+            )
             config = dataclasses.replace(config, forward=fwd, backward="phantom")
 
         implicit_f = implicit_function(self.cell, config.backward == "implicit")
 
         def one(z0_i, u_i, probe_i):
-            return deq_fixed_point(f, z0_i, (params, u_i), config, backward_probe=probe_i,
-                                   return_trajectory=return_trajectory, num_steps=num_steps,
-                                   implicit_f=implicit_f)
+            return deq_fixed_point(
+                f,
+                z0_i,
+                (params, u_i),
+                config,
+                backward_probe=probe_i,
+                return_trajectory=return_trajectory,
+                num_steps=num_steps,
+                implicit_f=implicit_f,
+            )
 
         if gradient is not None or defence != "none":
-            z, stats = self._attack_view(f, params, u, z0, config, gradient or config.backward,
-                                         state_index, attack_steps, attack_damping, defence, exit_state)
+            z, stats = self._attack_view(
+                f,
+                params,
+                u,
+                z0,
+                config,
+                gradient or config.backward,
+                state_index,
+                attack_steps,
+                attack_damping,
+                defence,
+                exit_state,
+            )
         else:
             z, stats = jax.vmap(one)(z0, u, backward_probe)
         if jacobian_key is not None:
             keys = jax.random.split(jacobian_key, u.shape[0])
-            est = jax.vmap(lambda z_i, u_i, k: jacobian_frobenius_sq(
-                f, jax.lax.stop_gradient(z_i), (params, u_i), k, jacobian_samples))(z, u, keys)
+            est = jax.vmap(
+                lambda z_i, u_i, k: jacobian_frobenius_sq(
+                    f, jax.lax.stop_gradient(z_i), (params, u_i), k, jacobian_samples
+                )
+            )(z, u, keys)
             self.sow("losses", "jacobian_frobenius_sq", jnp.mean(est) / z[0].size)
         return z, stats
 
-    def _attack_view(self, f, params, u, z0, config, gradient, state_index, steps, damping,
-                     defence, exit_state):
+    def _attack_view(
+        self, f, params, u, z0, config, gradient, state_index, steps, damping, defence, exit_state
+    ):
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
         if defence not in DEFENCES:
@@ -129,22 +174,44 @@ class DEQ(nn.Module):
 
         def one(z0_i, u_i):
             args = (params, u_i)
-            need_traj = defence != "none" or gradient in ("intermediate", "ensemble", "simultaneous_adjoint")
+            need_traj = defence != "none" or gradient in (
+                "intermediate",
+                "ensemble",
+                "simultaneous_adjoint",
+            )
             if gradient in ("implicit", "unroll"):
                 cfg = dataclasses.replace(config, backward=gradient)
-                z_sur, stats = deq_fixed_point(f, z0_i, args, cfg, return_trajectory=need_traj,
-                                               implicit_f=implicit_f)
+                z_sur, stats = deq_fixed_point(
+                    f, z0_i, args, cfg, return_trajectory=need_traj, implicit_f=implicit_f
+                )
                 z_star = jax.lax.stop_gradient(z_sur)
             else:
-                cfg = dataclasses.replace(config, backward="implicit")  # forward only: args are stopped
-                z_star, stats = deq_fixed_point(f, z0_i, jax.lax.stop_gradient(args), cfg,
-                                                return_trajectory=need_traj, implicit_f=implicit_f)
+                cfg = dataclasses.replace(
+                    config, backward="implicit"
+                )  # forward only: args are stopped
+                z_star, stats = deq_fixed_point(
+                    f,
+                    z0_i,
+                    jax.lax.stop_gradient(args),
+                    cfg,
+                    return_trajectory=need_traj,
+                    implicit_f=implicit_f,
+                )
                 z_sur = None
             z_value = defended_state(z_star, stats.trajectory, defence, exit_state)
             if z_sur is not None:
                 return straight_through(z_value, z_sur), stats
-            return estimate_state(f, z_value, z_star, stats.trajectory, args, gradient,
-                                  state_index=state_index, steps=steps, damping=damping), stats
+            return estimate_state(
+                f,
+                z_value,
+                z_star,
+                stats.trajectory,
+                args,
+                gradient,
+                state_index=state_index,
+                steps=steps,
+                damping=damping,
+            ), stats
 
         return jax.vmap(one)(z0, u)
 
@@ -153,8 +220,11 @@ class DEQ(nn.Module):
         phantom state; used by input entropy reduction)."""
         params = self.cell.variables["params"]
         f = cell_as_function(self.cell)
-        return jax.vmap(lambda z_i, u_i: damped_steps(f, jax.lax.stop_gradient(z_i), (params, u_i),
-                                                      steps, damping))(z, u)
+        return jax.vmap(
+            lambda z_i, u_i: damped_steps(
+                f, jax.lax.stop_gradient(z_i), (params, u_i), steps, damping
+            )
+        )(z, u)
 
     def cell_function(self):
         """The per-example cell ``f(z, (params, u))`` (for attacks on intermediate states)."""

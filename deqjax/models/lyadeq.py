@@ -32,7 +32,7 @@ Two regimes (maths, see :mod:`deqjax.lyapunov`):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -41,7 +41,13 @@ import jax.numpy as jnp
 from deqjax.deq import DEQConfig
 from deqjax.lyapunov import icnn_init, lyapunov_value, project_dynamics, stability_check
 from deqjax.models.deq_layer import DEQ
-from deqjax.models.mdeq import DEQClassifierMethods, Injection, MDEQCell, check_images, pool_features
+from deqjax.models.mdeq import (
+    DEQClassifierMethods,
+    Injection,
+    MDEQCell,
+    check_images,
+    pool_features,
+)
 from deqjax.orthogonal import OrthogonalDense
 from deqjax.solvers import SolverConfig, solve
 
@@ -67,11 +73,14 @@ class LyapunovCell(nn.Module):
         icnn = jax.tree.map(lambda p: p.astype(z.dtype), icnn)
         f_z = self.base_cell(z, u)
         if f_z.shape != z.shape:
-            raise ValueError(f"the base cell must map the state shape {z.shape} to itself, got {f_z.shape}")
+            raise ValueError(
+                f"the base cell must map the state shape {z.shape} to itself, got {f_z.shape}"
+            )
 
         def one(z_i, fz_i):
             v, grad_v = jax.value_and_grad(
-                lambda s: lyapunov_value(icnn, s, self.eta, self.d, self.activation))(z_i)
+                lambda s: lyapunov_value(icnn, s, self.eta, self.d, self.activation)
+            )(z_i)
             return z_i + project_dynamics(fz_i - z_i, grad_v, v, self.alpha)
 
         return jax.vmap(one)(z, f_z)
@@ -105,8 +114,9 @@ class LyaHead(nn.Module):
     def __call__(self, z):
         feats = pool_features(nn.GroupNorm(self.groups, name="gn")(z), self.kind)
         if self.orthogonal:
-            feats = OrthogonalDense(self.orth_features or feats.shape[-1], self.orthogonal_kind,
-                                    name="orthogonal")(feats)
+            feats = OrthogonalDense(
+                self.orth_features or feats.shape[-1], self.orthogonal_kind, name="orthogonal"
+            )(feats)
         return nn.Dense(self.num_classes, name="dense")(feats)
 
 
@@ -132,15 +142,33 @@ class LyaDEQClassifier(DEQClassifierMethods, nn.Module):
 
     def setup(self):
         self.injection = Injection(self.width)
-        cell = LyapunovCell(MDEQCell(self.width, self.inner, self.groups), tuple(self.icnn_widths),
-                            self.alpha, self.eta, self.d)
+        cell = LyapunovCell(
+            MDEQCell(self.width, self.inner, self.groups),
+            tuple(self.icnn_widths),
+            self.alpha,
+            self.eta,
+            self.d,
+        )
         self.equilibrium = DEQ(cell, self.deq)
-        self.head = LyaHead(self.num_classes, self.groups, self.head_kind, self.orthogonal,
-                            self.orthogonal_kind, self.orth_features)
+        self.head = LyaHead(
+            self.num_classes,
+            self.groups,
+            self.head_kind,
+            self.orthogonal,
+            self.orthogonal_kind,
+            self.orth_features,
+        )
 
 
-def lyadeq_stability_check(model: nn.Module, variables, x, key, n_perturb: int = 16,
-                           scale: float = 0.1, config: SolverConfig | None = None):
+def lyadeq_stability_check(
+    model: nn.Module,
+    variables,
+    x,
+    key,
+    n_perturb: int = 16,
+    scale: float = 0.1,
+    config: SolverConfig | None = None,
+):
     """:func:`deqjax.lyapunov.stability_check` for every image of the batch ``x``
     on a :class:`LyaDEQClassifier` (or any model with ``inject`` and an ``equilibrium``
     DEQ). Each ``z*`` is solved from zeros with ``config`` (default: the model's

@@ -14,7 +14,6 @@ Equilibrium Models".
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from deqjax.deq import DEQConfig
@@ -39,7 +38,9 @@ class Injection(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return FastConv(self.width, 3, strides=2, name="conv")(x)  # nn.Conv's params, fast input-VJP
+        return FastConv(self.width, 3, strides=2, name="conv")(
+            x
+        )  # nn.Conv's params, fast input-VJP
 
 
 HEADS = ("gap", "pool_flatten")
@@ -73,10 +74,14 @@ class Head(nn.Module):
 def check_images(x, channels: int | None = None):
     """Trace-time shape/dtype checks on an image batch ``(B, H, W, C)``."""
     if x.ndim != 4:
-        raise ValueError(f"expected images of shape (batch, height, width, channels), got {x.shape}; "
-                         "add a batch axis with x[None] for one image")
+        raise ValueError(
+            f"expected images of shape (batch, height, width, channels), got {x.shape}; "
+            "add a batch axis with x[None] for one image"
+        )
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255")
+        raise ValueError(
+            f"expected float images in [0, 1], got dtype {x.dtype}; divide uint8 images by 255"
+        )
     if channels is not None and x.shape[-1] != channels:
         raise ValueError(f"expected {channels} channel(s), got {x.shape[-1]}")
 
@@ -85,15 +90,28 @@ class DEQClassifierMethods:
     """The calling convention of deqjax's DEQ classifiers, shared by every model whose
     ``setup`` defines ``injection``, ``equilibrium`` (a :class:`DEQ`) and ``head``."""
 
-    def __call__(self, x, *, backward_probe=None, return_trajectory: bool = False,
-                 config: DEQConfig | None = None, jacobian_key=None, **attack_view):
+    def __call__(
+        self,
+        x,
+        *,
+        backward_probe=None,
+        return_trajectory: bool = False,
+        config: DEQConfig | None = None,
+        jacobian_key=None,
+        **attack_view,
+    ):
         """Returns ``(logits, stats)``. ``attack_view``: ``gradient``, ``state_index``,
         ``attack_steps``, ``attack_damping``, ``defence``, ``exit_state``,
         ``random_steps_key``, ``random_steps_max`` of :class:`~deqjax.models.DEQ`."""
         check_images(x)
-        z, stats = self.equilibrium(self.injection(x), backward_probe=backward_probe,
-                                    return_trajectory=return_trajectory, config=config,
-                                    jacobian_key=jacobian_key, **attack_view)
+        z, stats = self.equilibrium(
+            self.injection(x),
+            backward_probe=backward_probe,
+            return_trajectory=return_trajectory,
+            config=config,
+            jacobian_key=jacobian_key,
+            **attack_view,
+        )
         return self.head(z), stats
 
     def inject(self, x):

@@ -69,8 +69,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from deqjax.otad.interpolation import (check_neighbours, check_strong_convexity_smoothness,
-                                       interpolate_potentials)
+from deqjax.otad.interpolation import (
+    check_neighbours,
+    check_strong_convexity_smoothness,
+    interpolate_potentials,
+)
 from deqjax.otad.qp import simplex_qp
 
 FORMS = ("authors", "envelope")
@@ -93,8 +96,9 @@ def cip_pieces(x, xs, zs, u, l=0.0, L=2.0, form: str = "authors"):
     check_neighbours(xs, zs)
     check_strong_convexity_smoothness(l, L)
     if x.shape != xs.shape[1:]:
-        raise ValueError(f"test embedding x must have shape {xs.shape[1:]} (one row "
-                         f"of xs); got {x.shape}")
+        raise ValueError(
+            f"test embedding x must have shape {xs.shape[1:]} (one row of xs); got {x.shape}"
+        )
     if u.shape != xs.shape[:1]:
         raise ValueError(f"potentials u must have shape ({xs.shape[0]},); got {u.shape}")
     dx = x[None, :] - xs
@@ -103,10 +107,13 @@ def cip_pieces(x, xs, zs, u, l=0.0, L=2.0, form: str = "authors"):
         if l != 0:
             raise NotImplementedError(
                 "the authors' test-time problem is stated for l = 0 only; use "
-                "form='envelope', which is the general l > 0 condition of Taylor et al.")
+                "form='envelope', which is the general l > 0 condition of Taylor et al."
+            )
         if zs.shape[1] != xs.shape[1]:
-            raise ValueError("form='authors' needs features and embeddings of the same "
-                             f"dimension; got d={xs.shape[1]}, d_z={zs.shape[1]}")
+            raise ValueError(
+                "form='authors' needs features and embeddings of the same "
+                f"dimension; got d={xs.shape[1]}, d_z={zs.shape[1]}"
+            )
         return u - 0.5 * L * sq, zs + L * dx, 1.0 / L
     if form == "envelope":
         if l != 0 and zs.shape[1] != xs.shape[1]:
@@ -132,15 +139,23 @@ def cip_dual(beta, W, a, *, maxiter: int = 500):
     return lam @ W, value, lam
 
 
-def cip_feature(x, xs, zs, u, l=0.0, L=2.0, form: str = "authors", *,
-                maxiter: int = 500):
+def cip_feature(x, xs, zs, u, l=0.0, L=2.0, form: str = "authors", *, maxiter: int = 500):
     """New feature ``g(x)`` for given potentials u (fixed L). Returns (g, value, lam)."""
     return cip_dual(*cip_pieces(x, xs, zs, u, l, L, form), maxiter=maxiter)
 
 
-def convex_integration(x, xs, zs, l=0.0, L=2.0, form: str = "authors", *,
-                       n_relax: int = 5, factor: float = 2.0,
-                       maxiter: int = 500) -> CIPResult:
+def convex_integration(
+    x,
+    xs,
+    zs,
+    l=0.0,
+    L=2.0,
+    form: str = "authors",
+    *,
+    n_relax: int = 5,
+    factor: float = 2.0,
+    maxiter: int = 500,
+) -> CIPResult:
     """Full OTAD CIP for one test embedding: LP potentials (L relaxed upward if
     infeasible, see :func:`interpolate_potentials`) then the test-time problem at
     ``L_used``. Differentiable in x, xs, zs; vmap over test points for batches."""

@@ -65,7 +65,8 @@ def check_strong_convexity_smoothness(l, L) -> None:
     if not (L_ > 0 and 0 <= l_ < L_):
         raise ValueError(
             f"need 0 <= l < L for an l-strongly convex, L-smooth potential; got "
-            f"l={l_}, L={L_}. Pick a smoothness L larger than the modulus l.")
+            f"l={l_}, L={L_}. Pick a smoothness L larger than the modulus l."
+        )
 
 
 def check_neighbours(xs, zs) -> None:
@@ -73,7 +74,8 @@ def check_neighbours(xs, zs) -> None:
     if xs.ndim != 2 or zs.ndim != 2 or xs.shape[0] != zs.shape[0]:
         raise ValueError(
             f"neighbours must be xs (K, d) and zs (K, d_z) with the same K; got "
-            f"xs {xs.shape}, zs {zs.shape}. Flatten the embeddings per point.")
+            f"xs {xs.shape}, zs {zs.shape}. Flatten the embeddings per point."
+        )
     if xs.shape[0] < 1:
         raise ValueError("need at least one neighbour (K >= 1)")
 
@@ -91,10 +93,11 @@ def interpolation_margins(xs, zs, l=0.0, L=2.0):
     if l != 0 and xs.shape[1] != zs.shape[1]:
         raise ValueError(
             f"l > 0 needs features and embeddings of the same dimension; got "
-            f"d={xs.shape[1]}, d_z={zs.shape[1]}")
+            f"d={xs.shape[1]}, d_z={zs.shape[1]}"
+        )
     c = 1.0 / (2.0 * (1.0 - l / L))
-    dx = xs[:, None, :] - xs[None, :, :]            # x_i - x_j
-    dz = zs[:, None, :] - zs[None, :, :]            # z_i - z_j
+    dx = xs[:, None, :] - xs[None, :, :]  # x_i - x_j
+    dz = zs[:, None, :] - zs[None, :, :]  # z_i - z_j
     lin = jnp.einsum("jd,ijd->ij", zs, dx)
     quad = jnp.sum(dz * dz, -1) / L
     if l != 0:
@@ -135,8 +138,9 @@ def solve_potentials(xs, zs, l=0.0, L=2.0):
     return least_potentials(interpolation_margins(xs, zs, l, L))
 
 
-def interpolate_potentials(xs, zs, l=0.0, L=2.0, *, n_relax: int = 5,
-                           factor: float = 2.0) -> Potentials:
+def interpolate_potentials(
+    xs, zs, l=0.0, L=2.0, *, n_relax: int = 5, factor: float = 2.0
+) -> Potentials:
     """LP potentials with L relaxed upward until the LP is feasible (OTAD).
 
     Candidates ``L_r = L * factor**r``, r = 0..n_relax, are solved in parallel

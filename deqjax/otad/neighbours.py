@@ -23,8 +23,10 @@ import jax.numpy as jnp
 def pairwise_sq_dists(queries, keys):
     """(B, N) squared Euclidean distances between rows of queries and keys."""
     if queries.ndim != 2 or keys.ndim != 2 or queries.shape[1] != keys.shape[1]:
-        raise ValueError(f"need queries (B, d) and keys (N, d) with the same d; got "
-                         f"{queries.shape} and {keys.shape}. Flatten the points first.")
+        raise ValueError(
+            f"need queries (B, d) and keys (N, d) with the same d; got "
+            f"{queries.shape} and {keys.shape}. Flatten the points first."
+        )
     qq = jnp.sum(queries * queries, axis=1)[:, None]
     kk = jnp.sum(keys * keys, axis=1)[None, :]
     return jnp.maximum(qq - 2.0 * queries @ keys.T + kk, 0.0)
@@ -48,8 +50,10 @@ def triplet_loss(anchor, positive, negative, margin: float = 1.0):
     Pulls same-class pairs together and pushes other-class pairs at least
     ``margin`` further (squared distances, FaceNet)."""
     if not (anchor.shape == positive.shape == negative.shape) or anchor.ndim != 2:
-        raise ValueError(f"anchor, positive, negative must all be (B, d); got "
-                         f"{anchor.shape}, {positive.shape}, {negative.shape}")
+        raise ValueError(
+            f"anchor, positive, negative must all be (B, d); got "
+            f"{anchor.shape}, {positive.shape}, {negative.shape}"
+        )
     dp = jnp.sum((anchor - positive) ** 2, axis=-1)
     dn = jnp.sum((anchor - negative) ** 2, axis=-1)
     return jnp.mean(jnp.maximum(dp - dn + margin, 0.0))
@@ -60,8 +64,9 @@ def batch_hard_triplet_loss(embeddings, labels, margin: float = 1.0):
     farthest same-label point and the nearest other-label point in the batch.
     Anchors with no positive or no negative contribute zero."""
     if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
-        raise ValueError(f"need embeddings (B, d) and labels (B,); got "
-                         f"{embeddings.shape}, {labels.shape}")
+        raise ValueError(
+            f"need embeddings (B, d) and labels (B,); got {embeddings.shape}, {labels.shape}"
+        )
     d2 = pairwise_sq_dists(embeddings, embeddings)
     same = labels[:, None] == labels[None, :]
     eye = jnp.eye(labels.shape[0], dtype=bool)

@@ -26,10 +26,15 @@ class NeuralCIP(nn.Module):
 
     @nn.compact
     def __call__(self, x, xs, zs):
-        if (xs.ndim < 2 or x.shape != xs.shape[:-2] + xs.shape[-1:]
-                or zs.shape[:-1] != xs.shape[:-1]):
-            raise ValueError(f"need x (..., d), xs (..., K, d), zs (..., K, d_z); got "
-                             f"{x.shape}, {xs.shape}, {zs.shape}")
+        if (
+            xs.ndim < 2
+            or x.shape != xs.shape[:-2] + xs.shape[-1:]
+            or zs.shape[:-1] != xs.shape[:-1]
+        ):
+            raise ValueError(
+                f"need x (..., d), xs (..., K, d), zs (..., K, d_z); got "
+                f"{x.shape}, {xs.shape}, {zs.shape}"
+            )
         dx = x[..., None, :] - xs
         h = nn.relu(nn.Dense(self.hidden)(jnp.concatenate([dx, zs], axis=-1)))
         h = nn.relu(nn.Dense(self.hidden)(h))

@@ -75,8 +75,11 @@ def _solve(p, Q, maxiter: int, polish_rounds: int):
         lam, S = state
         cand, nu = _kkt_solve(p, Q, S)
         grad = p - Q @ cand
-        ok = (jnp.all(jnp.isfinite(cand)) & jnp.all(cand >= -tol)
-              & jnp.all(jnp.where(S, True, grad <= nu + tol)))
+        ok = (
+            jnp.all(jnp.isfinite(cand))
+            & jnp.all(cand >= -tol)
+            & jnp.all(jnp.where(S, True, grad <= nu + tol))
+        )
         lam = jnp.where(ok, jnp.maximum(cand, 0.0), lam)
         S_new = (S & (cand > 0)) | (~S & (grad > nu + tol))
         S_new = jnp.where(jnp.any(S_new), S_new, S)

@@ -16,7 +16,7 @@ cost of the residual flow. Embeddings and features are returned *flattened*
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -67,8 +67,10 @@ class OTResNet(nn.Module):
         if self.block not in BLOCKS:
             raise ValueError(f"unknown residual block {self.block!r}; choose one of {BLOCKS}")
         self.stem = nn.Conv(self.width, (3, 3), strides=(2, 2), padding="SAME")
-        self.branches = [ResidualBranch(self.block, self.hidden, self.zero_init_residual)
-                         for _ in range(self.num_blocks)]
+        self.branches = [
+            ResidualBranch(self.block, self.hidden, self.zero_init_residual)
+            for _ in range(self.num_blocks)
+        ]
         self.classifier = nn.Dense(self.num_classes)
 
     @property
@@ -79,8 +81,10 @@ class OTResNet(nn.Module):
     def embed(self, images):
         """x^0: stride-2 conv, ReLU, 2x2 average pool, flattened -> (B, d)."""
         if images.ndim != 4 or tuple(images.shape[1:]) != tuple(self.image_shape):
-            raise ValueError(f"images must be (B, {', '.join(map(str, self.image_shape))})"
-                             f" in [0, 1]; got shape {images.shape}")
+            raise ValueError(
+                f"images must be (B, {', '.join(map(str, self.image_shape))})"
+                f" in [0, 1]; got shape {images.shape}"
+            )
         h = nn.avg_pool(nn.relu(self.stem(images)), (2, 2), strides=(2, 2))
         return h.reshape(h.shape[0], -1)
 
@@ -102,15 +106,14 @@ class OTResNet(nn.Module):
     def __call__(self, images):
         x0 = self.embed(images)
         xK, cost = self.flow(x0)
-        return {"logits": self.head(xK), "transport_cost": jnp.mean(cost),
-                "x0": x0, "xK": xK}
+        return {"logits": self.head(xK), "transport_cost": jnp.mean(cost), "x0": x0, "xK": xK}
 
 
 def transport_cost(states):
     """Pure transport cost of a discrete flow: ``states`` (N+1, B, ...) ->
     batch mean of ``sum_k |x^{k+1} - x^k|^2``."""
     diffs = jnp.diff(states, axis=0).reshape(states.shape[0] - 1, states.shape[1], -1)
-    return jnp.mean(jnp.sum(diffs ** 2, axis=(0, 2)))
+    return jnp.mean(jnp.sum(diffs**2, axis=(0, 2)))
 
 
 def otad_loss(logits, labels, transport, lam: float = 1.0):
@@ -119,7 +122,8 @@ def otad_loss(logits, labels, transport, lam: float = 1.0):
     logits (B, C); labels (B,) integer classes; transport a scalar from
     :class:`OTResNet` or :func:`transport_cost`."""
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"need logits (B, C) and integer labels (B,); got "
-                         f"{logits.shape}, {labels.shape}")
+        raise ValueError(
+            f"need logits (B, C) and integer labels (B,); got {logits.shape}, {labels.shape}"
+        )
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return jnp.mean(ce) + lam * transport

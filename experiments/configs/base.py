@@ -8,15 +8,29 @@ import ml_collections
 
 def deq_defaults() -> ml_collections.ConfigDict:
     """Solver and gradient settings of a DEQ (see deqjax.deq.DEQConfig)."""
-    return ml_collections.ConfigDict(dict(
-        solver="anderson", max_iter=20, tol=1e-3, stop_mode="rel", damping=1.0,
-        anderson_m=5, anderson_ridge=1e-4, anderson_beta=1.0, broyden_memory=0,
-        backward="implicit", adjoint_solver="anderson", adjoint_max_iter=20, adjoint_tol=1e-3,
-        phantom_steps=5, phantom_damping=0.5,
-        eval_max_iter=40,  # the forward budget at evaluation
-        jac_reg=0.0, jac_reg_samples=1,  # Hutchinson Jacobian regulariser weight
-        random_states_max=0,  # > 0: random intermediate states in training, n ~ U{1..this}
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            solver="anderson",
+            max_iter=20,
+            tol=1e-3,
+            stop_mode="rel",
+            damping=1.0,
+            anderson_m=5,
+            anderson_ridge=1e-4,
+            anderson_beta=1.0,
+            broyden_memory=0,
+            backward="implicit",
+            adjoint_solver="anderson",
+            adjoint_max_iter=20,
+            adjoint_tol=1e-3,
+            phantom_steps=5,
+            phantom_damping=0.5,
+            eval_max_iter=40,  # the forward budget at evaluation
+            jac_reg=0.0,
+            jac_reg_samples=1,  # Hutchinson Jacobian regulariser weight
+            random_states_max=0,  # > 0: random intermediate states in training, n ~ U{1..this}
+        )
+    )
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -27,38 +41,79 @@ def base_config() -> ml_collections.ConfigDict:
     c.limit_test = 0
     c.seed = 0
 
-    c.model = ml_collections.ConfigDict(dict(
-        name="mdeq", width=32, inner=64, groups=8, depth=6, head="pool_flatten"))
+    c.model = ml_collections.ConfigDict(
+        dict(name="mdeq", width=32, inner=64, groups=8, depth=6, head="pool_flatten")
+    )
     c.deq = deq_defaults()
 
-    c.train = ml_collections.ConfigDict(dict(
-        epochs=3, batch_size=64, optimizer="adam", learning_rate=2e-3, weight_decay=0.0,
-        schedule="cosine", warmup_steps=50, grad_clip=1.0,
-        loss="ce",  # ce | hinge | pgd_at | trades | mixed (see experiments/train.py)
-        hinge_margin=0.7,
-        checkpoint_every_steps=200, keep_checkpoints=2,
-        nonconvergence_warning=0.05,  # warn when more than this fraction did not converge
-        progress=True))
+    c.train = ml_collections.ConfigDict(
+        dict(
+            epochs=3,
+            batch_size=64,
+            optimizer="adam",
+            learning_rate=2e-3,
+            weight_decay=0.0,
+            schedule="cosine",
+            warmup_steps=50,
+            grad_clip=1.0,
+            loss="ce",  # ce | hinge | pgd_at | trades | mixed (see experiments/train.py)
+            hinge_margin=0.7,
+            checkpoint_every_steps=200,
+            keep_checkpoints=2,
+            nonconvergence_warning=0.05,  # warn when more than this fraction did not converge
+            progress=True,
+        )
+    )
     # The inner attack of adversarial training (train.loss = pgd_at | trades | mixed).
-    c.adv = ml_collections.ConfigDict(dict(
-        eps=0.3, step=0.05, steps=7, norm="linf", beta=6.0, mixed_weight=0.5,
-        attack_gradient="phantom"))  # DEQ gradient path of the inner attack: implicit | phantom
+    c.adv = ml_collections.ConfigDict(
+        dict(
+            eps=0.3,
+            step=0.05,
+            steps=7,
+            norm="linf",
+            beta=6.0,
+            mixed_weight=0.5,
+            attack_gradient="phantom",
+        )
+    )  # DEQ gradient path of the inner attack: implicit | phantom
     # Input entropy reduction at inference (DEQs; SPEC §5): R rounds of T_f solver steps,
     # `steps` sign-gradient steps of size `step_size` on the input between rounds.
-    c.entropy_reduction = ml_collections.ConfigDict(dict(
-        enabled=False, rounds=3, round_steps=8, steps=5, eps=0.1, step_size=0.025,
-        phantom_steps=5, phantom_damping=0.5))
+    c.entropy_reduction = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            rounds=3,
+            round_steps=8,
+            steps=5,
+            eps=0.1,
+            step_size=0.025,
+            phantom_steps=5,
+            phantom_damping=0.5,
+        )
+    )
     # Data parallelism over every device (experiments/parallel.py); shard_params splits
     # parameters and optimiser state over a second mesh axis of model_axis_size devices.
     c.parallel = ml_collections.ConfigDict(dict(shard_params=False, model_axis_size=0))
     c.eval = ml_collections.ConfigDict(dict(batch_size=250))
     # The robustness report (experiments/evaluate.py; run after training when
     # robustness.after_training). Worst case over attacks and, for DEQs, gradient views.
-    c.robustness = ml_collections.ConfigDict(dict(
-        after_training=True, norm="linf", eps="0.05,0.1,0.2,0.3", attacks="pgd,apgd-ce,square",
-        n_examples=100, n_iter=20, n_queries=300, restarts=1, batch_size=100, seed=0,
-        # DEQ gradient views (all: implicit,phantom,unroll,intermediate,ensemble,simultaneous_adjoint)
-        gradients="implicit,intermediate,simultaneous_adjoint",
-        state_indices="4",  # intermediate states attacked (one view each)
-        attack_steps=5, attack_damping=0.5))  # K_a and λ of the intermediate-state views
+    c.robustness = ml_collections.ConfigDict(
+        dict(
+            after_training=True,
+            norm="linf",
+            eps="0.05,0.1,0.2,0.3",
+            attacks="pgd,apgd-ce,square",
+            n_examples=100,
+            n_iter=20,
+            n_queries=300,
+            restarts=1,
+            batch_size=100,
+            seed=0,
+            # DEQ gradient views (all: implicit, phantom, unroll, intermediate, ensemble,
+            # simultaneous_adjoint)
+            gradients="implicit,intermediate,simultaneous_adjoint",
+            state_indices="4",  # intermediate states attacked (one view each)
+            attack_steps=5,
+            attack_damping=0.5,
+        )
+    )  # K_a and λ of the intermediate-state views
     return c

@@ -9,6 +9,7 @@ def get_config():
     c = trades_config()
     c.deq.random_states_max = 8
     c.deq.update(backward="phantom", phantom_steps=5, phantom_damping=0.5)
-    c.entropy_reduction.update(enabled=True, rounds=3, round_steps=8, steps=10, eps=8 / 255,
-                               step_size=2 / 255)
+    c.entropy_reduction.update(
+        enabled=True, rounds=3, round_steps=8, steps=10, eps=8 / 255, step_size=2 / 255
+    )
     return c

@@ -14,6 +14,7 @@ from experiments.configs.base import base_config
 
 def get_config():
     c = base_config()
-    c.robustness.update(dict(eps="0.1,0.2", n_iter=10, n_queries=100,
-                             gradients="implicit,simultaneous_adjoint"))
+    c.robustness.update(
+        dict(eps="0.1,0.2", n_iter=10, n_queries=100, gradients="implicit,simultaneous_adjoint")
+    )
     return c

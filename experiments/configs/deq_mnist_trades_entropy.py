@@ -8,5 +8,7 @@ from experiments.configs.deq_mnist_trades import get_config as trades_config
 
 def get_config():
     c = trades_config()
-    c.entropy_reduction.update(enabled=True, rounds=3, round_steps=8, steps=5, eps=0.1, step_size=0.025)
+    c.entropy_reduction.update(
+        enabled=True, rounds=3, round_steps=8, steps=5, eps=0.1, step_size=0.025
+    )
     return c

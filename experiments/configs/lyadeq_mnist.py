@@ -9,8 +9,15 @@ from experiments.configs.base import base_config
 
 
 def lyapunov_block(**kw):
-    block = dict(alpha=0.0, eta=0.01, d=1.0, icnn_widths="64", orthogonal=True,
-                 orthogonal_kind="householder", orth_features=128)
+    block = dict(
+        alpha=0.0,
+        eta=0.01,
+        d=1.0,
+        icnn_widths="64",
+        orthogonal=True,
+        orthogonal_kind="householder",
+        orth_features=128,
+    )
     block.update(kw)
     return ml_collections.ConfigDict(block)
 

@@ -4,7 +4,8 @@ Neural CIP included (model ``otad_nn``). Exact k-NN over 50k training embeddings
 dense but fine at this size; at larger scale replace it by approximate search (see
 deqjax/otad/neighbours.py). Not run here (no CIFAR data on this machine).
 
-    python -m experiments.train --config experiments/configs/otad_cifar10.py --workdir runs/otad_cifar10
+    python -m experiments.train --config experiments/configs/otad_cifar10.py \
+        --workdir runs/otad_cifar10
     python -m experiments.otad_evaluate --workdir runs/otad_cifar10
 """
 

@@ -30,20 +30,29 @@ def otad_block(c):
     c.model.image_shape = (28, 28, 1)
     c.otad = dict(
         transport_weight=0.1,  # lambda of CE + lambda * sum_k |x^{k+1} - x^k|^2
-        k=10, l=0.0, L=2.0,  # neighbours, strong convexity, smoothness
+        k=10,
+        l=0.0,
+        L=2.0,  # neighbours, strong convexity, smoothness
         form="envelope",  # envelope | authors
-        n_relax=5, factor=2.0,  # L relaxation: L * factor**r, r = 0..n_relax
+        n_relax=5,
+        factor=2.0,  # L relaxation: L * factor**r, r = 0..n_relax
         maxiter=200,  # FISTA iterations of the dual QP (then exact active-set polish)
         neighbours="embedding",  # embedding (x^0) | input (pixels)
         index_size=0,  # training points in the index (0 = all)
         fit_batch_size=500,
         # neural CIP (model otad_nn): MSE on CIP-solver targets
-        cip_hidden=64, cip_steps=1500, cip_batch_size=128, cip_learning_rate=3e-3,
-        cip_noise=0.3, cip_noisy_copies=1,
+        cip_hidden=64,
+        cip_steps=1500,
+        cip_batch_size=128,
+        cip_learning_rate=3e-3,
+        cip_noise=0.3,
+        cip_noisy_copies=1,
         # the evaluation (experiments/otad_evaluate.py): robustness.norm/eps first,
         # then also_norm/also_eps ('' = skip); views per test-time model
-        also_norm="l2", also_eps="1.0,2.0",
-        views_cip="bpda,cip_implicit", views_nn="autodiff,bpda",
+        also_norm="l2",
+        also_eps="1.0,2.0",
+        views_cip="bpda,cip_implicit",
+        views_nn="autodiff,bpda",
     )
     return c
 

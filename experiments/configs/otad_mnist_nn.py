@@ -3,7 +3,8 @@ neural CIP trained (MSE) on CIP-solver targets, which is differentiable end to e
 therefore attacked white-box as well as with BPDA. One workdir reports the plain
 ResNet, OTAD (CIP solver) and OTAD-NN on the same trained network.
 
-    python -m experiments.train --config experiments/configs/otad_mnist_nn.py --workdir runs/otad_mnist_nn
+    python -m experiments.train --config experiments/configs/otad_mnist_nn.py \
+        --workdir runs/otad_mnist_nn
     python -m experiments.otad_evaluate --workdir runs/otad_mnist_nn
 """
 

@@ -19,16 +19,21 @@ divided by it, and how much σ still moves when the iterations are doubled.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deqjax.cpl import (COLLECTION, CPLNet, certified_accuracy, certified_radius,
-                        conv_spectral_norm, cpl_step_size, dense_spectral_norm,
-                        row_normalize)
+from deqjax.cpl import (
+    COLLECTION,
+    CPLNet,
+    certified_accuracy,
+    certified_radius,
+    conv_spectral_norm,
+    cpl_step_size,
+    dense_spectral_norm,
+    row_normalize,
+)
 from experiments import models
 
 
@@ -52,23 +57,38 @@ class CPLClassifier(nn.Module):
     power_iters: int = 1
 
     def setup(self):
-        self.net = CPLNet(self.depth, self.depth_linear, self.conv_channels, self.conv_inner,
-                          self.linear_width, self.num_classes, self.last_layer, self.kernel_size,
-                          self.pool, self.padding, self.power_iters)
+        self.net = CPLNet(
+            self.depth,
+            self.depth_linear,
+            self.conv_channels,
+            self.conv_inner,
+            self.linear_width,
+            self.num_classes,
+            self.last_layer,
+            self.kernel_size,
+            self.pool,
+            self.padding,
+            self.power_iters,
+        )
 
-    def __call__(self, x, n_power_iters: Optional[int] = None):
+    def __call__(self, x, n_power_iters: int | None = None):
         return self.net(x, n_power_iters), None
 
 
 # --- spectral norms of the stored network ------------------------------------------
 
+
 def _layers(module: CPLClassifier, variables):
     """``[(name, kind, kernel, u)]`` of every CPL, in network order."""
     params, state = variables["params"]["net"], variables[COLLECTION]["net"]
-    out = [(f"convs_{i}", "conv", params[f"convs_{i}"]["kernel"], state[f"convs_{i}"]["u"])
-           for i in range(module.depth)]
-    out += [(f"denses_{i}", "dense", params[f"denses_{i}"]["kernel"], state[f"denses_{i}"]["u"])
-            for i in range(module.depth_linear)]
+    out = [
+        (f"convs_{i}", "conv", params[f"convs_{i}"]["kernel"], state[f"convs_{i}"]["u"])
+        for i in range(module.depth)
+    ]
+    out += [
+        (f"denses_{i}", "dense", params[f"denses_{i}"]["kernel"], state[f"denses_{i}"]["u"])
+        for i in range(module.depth_linear)
+    ]
     return out
 
 
@@ -116,11 +136,12 @@ def lipschitz_upper_bound(module: CPLClassifier, variables, n_iters: int, image_
             upper = conv_norm_upper_bound(kernel, h, w, module.padding)
         else:
             upper = jnp.linalg.norm(kernel, 2)
-        per[name] = float(jnp.maximum(1.0, cpl_step_size(sig[name]) * upper ** 2 - 1.0))
+        per[name] = float(jnp.maximum(1.0, cpl_step_size(sig[name]) * upper**2 - 1.0))
     return {"bound": float(np.prod(list(per.values()) or [1.0])), "per_layer": per}
 
 
 # --- the report section ----------------------------------------------------------
+
 
 def certify_hook(spec: models.ModelSpec, state, x, y, eps_list, r) -> dict:
     """Certified accuracy of the evaluated network (Meunier et al. 2022, Sec. 6).
@@ -137,7 +158,7 @@ def certify_hook(spec: models.ModelSpec, state, x, y, eps_list, r) -> dict:
     variables = {"params": state.params, **state.model_state}
     apply = jax.jit(lambda a: module.apply(variables, a, **spec.eval_kwargs)[0])
     bs = int(r.batch_size)
-    logits = jnp.concatenate([apply(x[i:i + bs]) for i in range(0, len(x), bs)])
+    logits = jnp.concatenate([apply(x[i : i + bs]) for i in range(0, len(x), bs)])
     y = jnp.asarray(y)
     weight = None
     if module.last_layer == "row_normalized":
@@ -147,30 +168,45 @@ def certify_hook(spec: models.ModelSpec, state, x, y, eps_list, r) -> dict:
     correct = jnp.argmax(logits, -1) == y
     acc = certified_accuracy(radii, correct, eps_list)
     acc_provable = certified_accuracy(radii / max(1.0, lip["bound"]), correct, eps_list)
-    s1, s2 = (jax.jit(lambda v, n=n: layer_sigmas(module, v, n))(variables)
-              for n in (n_iters, 2 * n_iters))
+    s1, s2 = (
+        jax.jit(lambda v, n=n: layer_sigmas(module, v, n))(variables)
+        for n in (n_iters, 2 * n_iters)
+    )
     gap = max([float((s2[k] - s1[k]) / s1[k]) for k in s1] or [0.0])
-    return {"certified_accuracy": {str(float(e)): v for e, v in acc.items()},
-            "certified_radius_mean": float(jnp.mean(radii)),
-            "certified_radius_median": float(jnp.median(radii)),
-            "certified_accuracy_provable": {str(float(e)): v for e, v in acc_provable.items()},
-            "lipschitz_upper_bound": lip["bound"],
-            "power_iteration": {"eval_iters": n_iters, "max_rel_sigma_change_at_2x_iters": gap}}
+    return {
+        "certified_accuracy": {str(float(e)): v for e, v in acc.items()},
+        "certified_radius_mean": float(jnp.mean(radii)),
+        "certified_radius_median": float(jnp.median(radii)),
+        "certified_accuracy_provable": {str(float(e)): v for e, v in acc_provable.items()},
+        "lipschitz_upper_bound": lip["bound"],
+        "power_iteration": {"eval_iters": n_iters, "max_rel_sigma_change_at_2x_iters": gap},
+    }
 
 
 def _build(config, num_classes: int) -> models.ModelSpec:
     m = config.model
     module = CPLClassifier(
-        depth=int(m.depth), depth_linear=int(m.depth_linear), conv_channels=int(m.conv_channels),
-        conv_inner=int(m.conv_inner), linear_width=int(m.linear_width), num_classes=num_classes,
-        last_layer=str(m.last_layer), kernel_size=int(m.get("kernel_size", 3)),
-        pool=int(m.pool), padding=str(m.get("padding", "SAME")))
+        depth=int(m.depth),
+        depth_linear=int(m.depth_linear),
+        conv_channels=int(m.conv_channels),
+        conv_inner=int(m.conv_inner),
+        linear_width=int(m.linear_width),
+        num_classes=num_classes,
+        last_layer=str(m.last_layer),
+        kernel_size=int(m.get("kernel_size", 3)),
+        pool=int(m.pool),
+        padding=str(m.get("padding", "SAME")),
+    )
     eval_iters = int(m.eval_power_iters)
     if eval_iters < 1:
         raise ValueError(f"model.eval_power_iters must be >= 1, got {eval_iters}")
-    return models.ModelSpec(module=module, is_deq=False, mutable=(COLLECTION,),
-                            eval_kwargs={"n_power_iters": eval_iters},
-                            report_hooks=(certify_hook,))
+    return models.ModelSpec(
+        module=module,
+        is_deq=False,
+        mutable=(COLLECTION,),
+        eval_kwargs={"n_power_iters": eval_iters},
+        report_hooks=(certify_hook,),
+    )
 
 
 models.register("cpl", _build)

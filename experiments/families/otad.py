@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deqjax.otad import (FORMS, NeuralCIP, OTResNet, cip_targets, knn, neural_cip_loss)
+from deqjax.otad import FORMS, NeuralCIP, OTResNet, cip_targets, knn, neural_cip_loss
 from experiments import models
 
 FAMILY = ("otad_resnet", "otad", "otad_nn")
@@ -67,14 +67,16 @@ class OTADNet(OTResNet):
 def check_otad_config(config) -> None:
     """ValueError for a config that cannot describe an OTAD run."""
     if config.model.name not in FAMILY:
-        raise ValueError(f"model.name {config.model.name!r} is not an OTAD model; "
-                         f"choose one of {FAMILY}")
+        raise ValueError(
+            f"model.name {config.model.name!r} is not an OTAD model; choose one of {FAMILY}"
+        )
     o = config.otad
     if o.form not in FORMS:
         raise ValueError(f"unknown otad.form {o.form!r}; choose one of {FORMS}")
     if o.neighbours not in NEIGHBOUR_SPACES:
-        raise ValueError(f"unknown otad.neighbours {o.neighbours!r}; choose one of "
-                         f"{NEIGHBOUR_SPACES}")
+        raise ValueError(
+            f"unknown otad.neighbours {o.neighbours!r}; choose one of {NEIGHBOUR_SPACES}"
+        )
     if not (0 <= float(o.l) < float(o.L)):
         raise ValueError(f"need 0 <= otad.l < otad.L; got l={o.l}, L={o.L}")
     if int(o.k) < 1:
@@ -84,12 +86,20 @@ def check_otad_config(config) -> None:
 def _build(config, num_classes: int) -> models.ModelSpec:
     check_otad_config(config)
     m = config.model
-    module = OTADNet(num_classes=num_classes, width=int(m.width), num_blocks=int(m.num_blocks),
-                     block=str(m.block), hidden=int(m.hidden),
-                     zero_init_residual=bool(m.zero_init_residual),
-                     image_shape=tuple(int(s) for s in m.image_shape))
-    return models.ModelSpec(module=module, is_deq=False,
-                            regularizers={"transport_cost": float(config.otad.transport_weight)})
+    module = OTADNet(
+        num_classes=num_classes,
+        width=int(m.width),
+        num_blocks=int(m.num_blocks),
+        block=str(m.block),
+        hidden=int(m.hidden),
+        zero_init_residual=bool(m.zero_init_residual),
+        image_shape=tuple(int(s) for s in m.image_shape),
+    )
+    return models.ModelSpec(
+        module=module,
+        is_deq=False,
+        regularizers={"transport_cost": float(config.otad.transport_weight)},
+    )
 
 
 for _name in FAMILY:
@@ -97,6 +107,7 @@ for _name in FAMILY:
 
 
 # --- the post-training step: index and neural CIP ----------------------------------
+
 
 class OTADFit(NamedTuple):
     """What the test-time models need besides the network parameters.
@@ -122,11 +133,10 @@ def search_keys(module: OTADNet, params, images, space: str):
     raise ValueError(f"unknown neighbour space {space!r}; choose one of {NEIGHBOUR_SPACES}")
 
 
-def compute_index(module: OTADNet, params, images, space: str = "embedding",
-                  batch_size: int = 500):
+def compute_index(module: OTADNet, params, images, space: str = "embedding", batch_size: int = 500):
     """``(x0, z, keys)`` of training images, computed in jitted chunks."""
     feats = jax.jit(lambda p, x: module.apply({"params": p}, x, method="features"))
-    outs = [feats(params, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    outs = [feats(params, images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     x0 = np.concatenate([np.asarray(a) for a, _ in outs])
     z = np.concatenate([np.asarray(b) for _, b in outs])
     keys = x0 if space == "embedding" else np.asarray(images).reshape(len(images), -1)
@@ -144,8 +154,15 @@ def neighbours_excluding(query_keys, keys, self_idx, k: int):
 
 def cip_kwargs(o) -> dict:
     """Keyword arguments of :func:`deqjax.otad.otad_logits` from ``config.otad``."""
-    return dict(k=int(o.k), l=float(o.l), L=float(o.L), form=str(o.form),
-                n_relax=int(o.n_relax), factor=float(o.factor), maxiter=int(o.maxiter))
+    return dict(
+        k=int(o.k),
+        l=float(o.l),
+        L=float(o.L),
+        form=str(o.form),
+        n_relax=int(o.n_relax),
+        factor=float(o.factor),
+        maxiter=int(o.maxiter),
+    )
 
 
 def fit_neural_cip(module: OTADNet, params, fit: OTADFit, images, o, seed: int = 0):
@@ -171,17 +188,28 @@ def fit_neural_cip(module: OTADNet, params, fit: OTADFit, images, o, seed: int =
     self_idx = np.tile(np.arange(n), len(reps))
     fx0, fz = jnp.asarray(fit.x0), jnp.asarray(fit.z)
     embed = jax.jit(lambda p, x: module.apply({"params": p}, x, method="embed"))
-    targets_fn = jax.jit(lambda x0, idx: cip_targets(
-        x0, fx0[idx], fz[idx], l=float(o.l), L=float(o.L), form=str(o.form),
-        n_relax=int(o.n_relax), factor=float(o.factor), maxiter=int(o.maxiter)))
+    targets_fn = jax.jit(
+        lambda x0, idx: cip_targets(
+            x0,
+            fx0[idx],
+            fz[idx],
+            l=float(o.l),
+            L=float(o.L),
+            form=str(o.form),
+            n_relax=int(o.n_relax),
+            factor=float(o.factor),
+            maxiter=int(o.maxiter),
+        )
+    )
     nb = jax.jit(lambda q, s: neighbours_excluding(q, jnp.asarray(fit.keys), s, k))
     X0, IDX, TGT = [], [], []
     for i in range(0, len(q_images), bs):
-        xb = jnp.asarray(q_images[i:i + bs])
+        xb = jnp.asarray(q_images[i : i + bs])
         x0 = embed(params, xb)
         q = x0 if o.neighbours == "embedding" else xb.reshape(len(xb), -1)
-        idx = nb(q, jnp.asarray(self_idx[i:i + bs]))
-        X0.append(np.asarray(x0)); IDX.append(np.asarray(idx))
+        idx = nb(q, jnp.asarray(self_idx[i : i + bs]))
+        X0.append(np.asarray(x0))
+        IDX.append(np.asarray(idx))
         TGT.append(np.asarray(targets_fn(x0, idx)))
     X0, IDX, TGT = map(np.concatenate, (X0, IDX, TGT))
     perm = np.random.default_rng(seed).permutation(len(X0))
@@ -195,8 +223,9 @@ def fit_neural_cip(module: OTADNet, params, fit: OTADFit, images, o, seed: int =
 
     @jax.jit
     def step(cp, st, x0, idx, tgt):
-        loss, g = jax.value_and_grad(lambda p: neural_cip_loss(
-            net.apply(p, x0, fx0[idx], fz[idx]), tgt))(cp)
+        loss, g = jax.value_and_grad(
+            lambda p: neural_cip_loss(net.apply(p, x0, fx0[idx], fz[idx]), tgt)
+        )(cp)
         upd, st = opt.update(g, st, cp)
         return optax.apply_updates(cp, upd), st, loss
 
@@ -209,8 +238,12 @@ def fit_neural_cip(module: OTADNet, params, fit: OTADFit, images, o, seed: int =
     rel = float(jnp.linalg.norm(pred - TGT[val]) / jnp.linalg.norm(TGT[val]))
     head = jax.jit(lambda g: module.apply({"params": params}, g, method="head"))
     agree = float(jnp.mean(jnp.argmax(head(pred), -1) == jnp.argmax(head(TGT[val]), -1)))
-    return cip_params, {"cip_train_mse": float(loss), "cip_val_rel_error": rel,
-                        "cip_val_class_agreement": agree, "cip_queries": int(len(X0))}
+    return cip_params, {
+        "cip_train_mse": float(loss),
+        "cip_val_rel_error": rel,
+        "cip_val_class_agreement": agree,
+        "cip_queries": int(len(X0)),
+    }
 
 
 def fit(workdir: str, *, quiet: bool = True) -> dict:
@@ -225,16 +258,22 @@ def fit(workdir: str, *, quiet: bool = True) -> dict:
     o, t0 = config.otad, time.time()
     n = int(o.index_size) or len(ds.train_images)
     images, labels = ds.train_images[:n], ds.train_labels[:n]
-    x0, z, keys = compute_index(spec.module, state.params, images, o.neighbours,
-                                int(o.fit_batch_size))
+    x0, z, keys = compute_index(
+        spec.module, state.params, images, o.neighbours, int(o.fit_batch_size)
+    )
     np.savez(os.path.join(workdir, INDEX_FILE), x0=x0, z=z, keys=keys, labels=labels)
-    stats = {"index_size": n, "embedding_dim": int(x0.shape[1]), "neighbours": o.neighbours,
-             "mean_transport_displacement": float(np.mean(np.linalg.norm(z - x0, axis=1))),
-             "index_seconds": time.time() - t0}
+    stats = {
+        "index_size": n,
+        "embedding_dim": int(x0.shape[1]),
+        "neighbours": o.neighbours,
+        "mean_transport_displacement": float(np.mean(np.linalg.norm(z - x0, axis=1))),
+        "index_seconds": time.time() - t0,
+    }
     if config.model.name == "otad_nn":
         t1 = time.time()
-        cip_params, s = fit_neural_cip(spec.module, state.params,
-                                       OTADFit(x0, z, keys, labels), images, o, int(config.seed))
+        cip_params, s = fit_neural_cip(
+            spec.module, state.params, OTADFit(x0, z, keys, labels), images, o, int(config.seed)
+        )
         with open(os.path.join(workdir, CIP_FILE), "wb") as fh:
             fh.write(flax.serialization.to_bytes(cip_params))
         stats.update(s, cip_seconds=time.time() - t1)
@@ -249,8 +288,10 @@ def load_fit(workdir: str, config) -> OTADFit:
     """Read what :func:`fit` stored (FileNotFoundError naming the fix if missing)."""
     path = os.path.join(workdir, INDEX_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run `python -m experiments.otad_fit "
-                                f"--workdir {workdir}` after training")
+        raise FileNotFoundError(
+            f"{path} not found: run `python -m experiments.otad_fit "
+            f"--workdir {workdir}` after training"
+        )
     d = np.load(path)
     cip_params = None
     if config.model.name == "otad_nn":
@@ -259,8 +300,7 @@ def load_fit(workdir: str, config) -> OTADFit:
             raise FileNotFoundError(f"{cpath} not found: run experiments.otad_fit again")
         k = int(config.otad.k)
         net = NeuralCIP(hidden=int(config.otad.cip_hidden))
-        template = net.init(jax.random.PRNGKey(0), d["x0"][:1], d["x0"][None, :k],
-                            d["z"][None, :k])
+        template = net.init(jax.random.PRNGKey(0), d["x0"][:1], d["x0"][None, :k], d["z"][None, :k])
         with open(cpath, "rb") as fh:
             cip_params = flax.serialization.from_bytes(template, fh.read())
     return OTADFit(d["x0"], d["z"], d["keys"], d["labels"], cip_params)
