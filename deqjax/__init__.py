@@ -4,6 +4,7 @@ The core is pure functions on arrays and pytrees (usable inside your own
 ``jit``/``vmap``/``grad``); Flax modules in :mod:`deqjax.models` wrap them.
 """
 
+from deqjax.bpda import adaptive_views, bpda, bpda_purified, straight_through
 from deqjax.conv import conv2d, conv2d_transpose
 from deqjax.deq import (
     ADJOINT_SOLVERS,
@@ -26,7 +27,7 @@ from deqjax.lyapunov import (
     stability_check,
 )
 from deqjax.orthogonal import ORTHOGONAL_KINDS, OrthogonalDense, orthogonal_init, orthogonal_matrix
-from deqjax.regulation import bpda_defended_logits, entropy_reduction, prediction_entropy
+from deqjax.regulation import RandomSteps, entropy_reduction, prediction_entropy
 from deqjax.solvers import SOLVERS, SolverConfig, SolverStats, solve
 
 __version__ = "0.1.0"

@@ -11,6 +11,11 @@
 * Mixed clean/adversarial loss: (1 − w)·CE(f_θ(x), y) + w·CE(f_θ(x_adv), y)
   (Goodfellow et al. 2015 use w = 0.5).
 
+Each loss is split into its inner maximisation (``*_adversarial_examples``) and its
+outer objective of logits (``*_objective``), so a training loop can compute the clean
+and adversarial logits in one forward pass (``experiments/train.py`` does) and still
+use exactly this maths; ``*_loss`` composes the two for a plain ``apply_fn``.
+
 Gradient paths: the inner attack sees ``stop_gradient(params)`` (only x is
 differentiated) and may use a separate ``attack_apply_fn`` (e.g. a DEQ with an
 unrolled/phantom backward for the attack and the implicit one for training); the
@@ -26,6 +31,25 @@ from jax import lax
 
 from deqjax.attacks import _common as C
 from deqjax.attacks.fgsm_pgd import pgd
+
+
+def pgd_at_objective(logits_adv, y):
+    """Madry et al.'s outer objective: mean_i CE(f_θ(x_adv_i), y_i)."""
+    return jnp.mean(C.ce_loss(logits_adv, y))
+
+
+def trades_objective(logits, logits_adv, y, beta):
+    """TRADES' outer objective: mean_i [CE(f_θ(x_i), y_i) + β·KL(p_θ(x_i) ‖ p_θ(x_adv_i))]."""
+    return jnp.mean(C.ce_loss(logits, y) + beta * _kl(logits, logits_adv))
+
+
+def mixed_objective(logits, logits_adv, y, weight):
+    """(1 − weight)·mean CE(clean) + weight·mean CE(adversarial), weight ∈ [0, 1]."""
+    if not isinstance(weight, jax.Array) and not (0.0 <= float(weight) <= 1.0):
+        raise ValueError(f"weight must be in [0, 1], got {weight}.")
+    return (1.0 - weight) * jnp.mean(C.ce_loss(logits, y)) + weight * jnp.mean(
+        C.ce_loss(logits_adv, y)
+    )
 
 
 def _attack_logits(apply_fn, attack_apply_fn, params):
@@ -88,15 +112,13 @@ def pgd_at_loss(
         attack_apply_fn=attack_apply_fn,
         rand_init=rand_init,
     )
-    return jnp.mean(C.ce_loss(apply_fn(params, x_adv), y))
+    return pgd_at_objective(apply_fn(params, x_adv), y)
 
 
 def mixed_adversarial_loss(
     apply_fn, params, x, y, key, *, eps, step, steps, norm="linf", weight=0.5, attack_apply_fn=None
 ):
     """(1 − weight)·CE(clean) + weight·CE(PGD adversarial); weight ∈ [0, 1]."""
-    if not isinstance(weight, jax.Array) and not (0.0 <= float(weight) <= 1.0):
-        raise ValueError(f"weight must be in [0, 1], got {weight}.")
     x_adv = pgd_adversarial_examples(
         apply_fn,
         params,
@@ -109,9 +131,7 @@ def mixed_adversarial_loss(
         norm=norm,
         attack_apply_fn=attack_apply_fn,
     )
-    clean = jnp.mean(C.ce_loss(apply_fn(params, x), y))
-    adv = jnp.mean(C.ce_loss(apply_fn(params, x_adv), y))
-    return (1.0 - weight) * clean + weight * adv
+    return mixed_objective(apply_fn(params, x), apply_fn(params, x_adv), y, weight)
 
 
 def _kl(logits_p, logits_q):
@@ -170,5 +190,4 @@ def trades_loss(
         norm=norm,
         attack_apply_fn=attack_apply_fn,
     )
-    logits = apply_fn(params, x)
-    return jnp.mean(C.ce_loss(logits, y) + beta * _kl(logits, apply_fn(params, x_adv)))
+    return trades_objective(apply_fn(params, x), apply_fn(params, x_adv), y, beta)

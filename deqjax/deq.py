@@ -100,6 +100,11 @@ class DEQConfig:
             return_state="best",
         )  # its residual is the returned iterate's
 
+    def with_forward(self, **changes) -> DEQConfig:
+        """This config with forward-solver settings changed, e.g.
+        ``config.with_forward(max_iter=8)`` (another budget)."""
+        return dataclasses.replace(self, forward=dataclasses.replace(self.forward, **changes))
+
 
 def damped_steps(f: Callable, z: jax.Array, args: Any, steps: int, damping: float) -> jax.Array:
     """``steps`` damped iterations ``z ← (1 − λ) z + λ f(z, args)``, unrolled (differentiable)."""

@@ -29,6 +29,7 @@ estimator's. Estimators (for one example; ``trajectory`` holds ``z_1 … z_n``):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -37,15 +38,54 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deqjax.bpda import straight_through
 from deqjax.deq import damped_steps
 
 GRADIENTS = ("implicit", "phantom", "unroll", "intermediate", "ensemble", "simultaneous_adjoint")
 DEFENCES = ("none", "early_exit", "state_ensemble")
+# estimators that need the solver trajectory z_1 … z_n
+TRAJECTORY_GRADIENTS = ("intermediate", "ensemble", "simultaneous_adjoint")
 
 
-def straight_through(value: jax.Array, surrogate: jax.Array) -> jax.Array:
-    """``value`` in the forward pass, ``surrogate``'s gradient in the backward pass."""
-    return value + (surrogate - lax.stop_gradient(surrogate))
+@dataclasses.dataclass(frozen=True)
+class AttackView:
+    """How an attack sees a DEQ: the gradient estimator it follows and the state the
+    model classifies (hashable, static; validated at construction).
+
+    Attributes:
+      gradient: one of :data:`GRADIENTS`; ``None`` = the model config's own backward.
+      state_index: ``i`` of the ``"intermediate"`` estimator (``z_i``, 0-based, negative
+        counts from the end).
+      steps: K_a, damped steps of the intermediate/phantom/ensemble estimators.
+      damping: λ of those steps.
+      defence: ``"none"``, ``"early_exit"`` (classify ``z_{exit_state}``) or
+        ``"state_ensemble"`` (classify the average state).
+      exit_state: the early-exit state index.
+    """
+
+    gradient: str | None = None
+    state_index: int = -1
+    steps: int = 5
+    damping: float = 0.5
+    defence: str = "none"
+    exit_state: int = -1
+
+    def __post_init__(self):
+        if self.gradient is not None and self.gradient not in GRADIENTS:
+            raise ValueError(f"unknown gradient {self.gradient!r}; choose one of {GRADIENTS}")
+        if self.defence not in DEFENCES:
+            raise ValueError(f"unknown defence {self.defence!r}; choose one of {DEFENCES}")
+        for name in ("state_index", "steps", "exit_state"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"AttackView.{name} must be an int, got {v!r}")
+        if self.steps < 1:
+            raise ValueError(f"AttackView.steps (K_a) must be >= 1, got {self.steps}")
+        if not 0 < self.damping <= 1:
+            raise ValueError(f"AttackView.damping (λ) must be in (0, 1], got {self.damping}")
+
+    def needs_trajectory(self, gradient: str) -> bool:
+        return self.defence != "none" or gradient in TRAJECTORY_GRADIENTS
 
 
 def intermediate_state_surrogate(

@@ -1,9 +1,13 @@
-"""Regulating the neural dynamics of DEQs at inference: input entropy reduction.
+"""Regulating the neural dynamics of DEQs: random intermediate states (training) and
+input entropy reduction (inference).
 
 Yang et al. 2023, "Improving Adversarial Robustness of Deep Equilibrium Models with
-Explicit Regulations Along the Neural Dynamics" (SPEC §5). (The training-time
-regulation, random intermediate states, is the ``random_steps_key`` option of
-:class:`deqjax.models.DEQ`.)
+Explicit Regulations Along the Neural Dynamics" (SPEC §5).
+
+**Random intermediate states.** At every training forward draw ``n ~ U{1, …, n_max}``,
+run exactly n solver steps and use ``z_n`` with the phantom gradient instead of the
+final state: :class:`RandomSteps`, passed as ``random_steps=`` to
+:class:`deqjax.models.DEQ` (one draw per batch).
 
 Input entropy reduction splits the solver budget into ``R`` rounds of ``T_f`` steps.
 Between rounds the input is moved to lower the prediction entropy
@@ -22,16 +26,33 @@ The function is pure in its callables (closures over model variables), so the
 defended prediction is an ordinary JAX function: jit-able, and differentiable end to
 end for the adaptive attack (``sign`` has zero derivative, so the exact gradient only
 flows through the projection and the final solve; BPDA — the identity in place of the
-input purification — is offered by :func:`bpda_defended_logits`).
+input purification — is :func:`deqjax.bpda.bpda_purified`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+
+class RandomSteps(NamedTuple):
+    """One draw of the random intermediate state for a batch: ``key`` (a PRNG key) and
+    ``max_steps`` = n_max (a static int >= 1)."""
+
+    key: jax.Array
+    max_steps: int
+
+    def draw(self) -> jax.Array:
+        """``n ~ U{1, …, max_steps}`` (an int32 scalar)."""
+        if not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(
+                f"random intermediate states need max_steps >= 1 (an int), got {self.max_steps!r}"
+            )
+        return jax.random.randint(self.key, (), 1, self.max_steps + 1)
 
 
 def prediction_entropy(logits: jax.Array) -> jax.Array:
@@ -88,17 +109,3 @@ def entropy_reduction(
 
         x_p = lax.fori_loop(0, int(steps), update, x_p)
     return head(z), x_p
-
-
-def bpda_defended_logits(defence: Callable, model: Callable, x: jax.Array) -> jax.Array:
-    """BPDA (Athalye et al. 2018) for an input-purifying defence.
-
-    ``defence(x) -> (logits, x_purified)``; ``model(x) -> logits`` the undefended model.
-    Forward: the defended logits. Backward: the purification is replaced by the
-    identity, i.e. the gradient of ``model`` at the purified input,
-    ``x_st = x + stop_gradient(x_purified − x)``.
-    """
-    logits, x_p = defence(x)
-    x_st = x + lax.stop_gradient(x_p - x)
-    plain = model(x_st)
-    return lax.stop_gradient(logits) + (plain - lax.stop_gradient(plain))

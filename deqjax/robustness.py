@@ -70,17 +70,21 @@ def evaluate_robustness(
     batch_size: int = 100,
     progress=None,
     mesh: jax.sharding.Mesh | None = None,
+    score: Callable | None = None,
 ) -> dict:
     """Clean and robust accuracy per attack, per gradient view, and the worst case.
 
     Args:
-      views: ``{gradient name: logits_fn}``; the first view scores every attack.
+      views: ``{gradient name: logits_fn}`` (the attacked views; gradient-free attacks
+        run once, through the first).
       x, y: examples in [0, 1] and their labels (host arrays).
       eps_list: radii; ``norm``: ``"linf"`` or ``"l2"``.
       attacks: names from :data:`GRADIENT_ATTACKS` and :data:`GRADIENT_FREE_ATTACKS`.
       progress: optional callable ``progress(description, done, total)`` told what
         runs next (``done`` of ``total`` attack runs finished).
       mesh: devices to split each chunk over (its first axis); default all devices.
+      score: the model's logits function that scores clean inputs and every attack's
+        output (a defended model's own forward); default the first view.
 
     Returns a JSON-ready dict: ``clean_accuracy``, ``nonfinite_logits`` (count),
     ``robust_accuracy[eps][attack/view]``, ``worst_case[eps]``, ``sanity`` flags and
@@ -95,7 +99,7 @@ def evaluate_robustness(
     C.check_norm(norm)
     x, y = np.asarray(x), np.asarray(y)
     names = list(views)
-    score = views[names[0]]
+    score = views[names[0]] if score is None else score
     if mesh is None:
         mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
     axis = mesh.axis_names[0]

@@ -46,9 +46,31 @@ def define_distributed_flags(flags) -> None:
     flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
 
 
+def configure_logging(verbose: bool) -> None:
+    """The terminal is for progress bars, warnings and results: deqjax's own messages
+    at INFO (process 0; others ERROR), everyone else's (absl, orbax's checkpoint
+    chatter) at WARNING unless ``--verbose`` or absl's ``--verbosity`` asks for more."""
+    import logging
+
+    from absl import flags
+    from absl import logging as absl_logging
+
+    from experiments import parallel
+
+    verbose = verbose or ("verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present)
+    level = logging.INFO if verbose else logging.WARNING
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+    logging.getLogger().setLevel(level)
+    logging.getLogger("absl").setLevel(level)
+    own = logging.INFO if parallel.is_main_process() else logging.ERROR
+    logging.getLogger("deqjax").setLevel(own)
+
+
 def with_distributed(main):
     """``main`` preceded by ``jax.distributed.initialize`` when the flags or the
-    environment (SLURM, TPU pod) ask for several processes."""
+    environment (SLURM, TPU pod) ask for several processes, and by
+    :func:`configure_logging`."""
 
     def wrapped(argv):
         from absl import flags
@@ -57,9 +79,57 @@ def with_distributed(main):
 
         f = flags.FLAGS
         parallel.maybe_initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
+        configure_logging(f.verbose)
         return main(argv)
 
     return wrapped
+
+
+def flag(name: str):
+    """The value of a parsed command-line flag."""
+    from absl import flags
+
+    return getattr(flags.FLAGS, name)
+
+
+def report_overrides() -> dict:
+    """The robustness options given on the command line (``--eps=…`` etc.)."""
+    from experiments.report import REPORT_KEYS
+
+    return {k: flag(k) for k in REPORT_KEYS if flag(k) is not None}
+
+
+def run_workdir(main, workdir_help: str, extra_flags=None) -> None:
+    """The CLI of a script over a trained workdir: ``--workdir``, the distributed flags
+    and ``--verbose`` (plus ``extra_flags(flags)``)."""
+    from absl import app, flags
+
+    flags.DEFINE_string("workdir", None, workdir_help)
+    flags.mark_flags_as_required(["workdir"])
+    _define_common_flags(flags)
+    if extra_flags is not None:
+        extra_flags(flags)
+    app.run(with_distributed(main))
+
+
+def run_report(main, workdir_help: str, extra_flags=None) -> None:
+    """:func:`run_workdir` plus one ``--KEY`` per robustness option
+    (:data:`experiments.report.REPORT_KEYS`, overriding the config's ``robustness``
+    block)."""
+    from experiments.report import REPORT_KEYS
+
+    def flags_too(flags):
+        for key in REPORT_KEYS:
+            flags.DEFINE_string(key, None, f"override robustness.{key}")
+        if extra_flags is not None:
+            extra_flags(flags)
+
+    run_workdir(main, workdir_help, flags_too)
+
+
+def _define_common_flags(flags) -> None:
+    define_distributed_flags(flags)
+    flags.DEFINE_bool("verbose", False, "also show INFO logs of absl/orbax")
 
 
 def run(main, extra_flags=None) -> None:
@@ -87,7 +157,7 @@ def run(main, extra_flags=None) -> None:
     )
     flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and reports")
     flags.mark_flags_as_required(["config", "workdir"])
-    define_distributed_flags(flags)
+    _define_common_flags(flags)
     if extra_flags is not None:
         extra_flags(flags)
     app.run(with_distributed(main))

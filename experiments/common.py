@@ -138,6 +138,23 @@ def write_text(path: str, text: str) -> None:
     p.write_text(text)
 
 
+def read_bytes(path: str) -> bytes | None:
+    """A binary file's content (local or ``gs://``), None if it does not exist."""
+    from etils import epath
+
+    p = epath.Path(path)
+    return p.read_bytes() if p.exists() else None
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a binary file (local or ``gs://``)."""
+    from etils import epath
+
+    p = epath.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """``get_config()`` of a config file (for evaluate.py reading a workdir)."""
     import importlib.util

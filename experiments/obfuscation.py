@@ -18,7 +18,6 @@ the naive attack overestimates robustness).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -26,8 +25,10 @@ import os
 import jax
 
 from deqjax.robustness import evaluate_robustness
-from experiments import common
-from experiments.evaluate import _split, load_run
+from experiments import cli, common, parallel
+from experiments.spec import split_list
+from experiments.views import deq_views
+from experiments.workdir import load_run
 
 NAIVE = "implicit"
 WHOLE_PATH_VIEWS = ("implicit", "phantom", "unroll", "ensemble", "simultaneous_adjoint")
@@ -36,28 +37,25 @@ WHOLE_PATH_VIEWS = ("implicit", "phantom", "unroll", "ensemble", "simultaneous_a
 def sweep_views(
     spec, state, eval_max_iter: int, state_indices, attack_steps, attack_damping
 ) -> dict:
-    """``{view name: logits_fn}`` for one evaluation solver budget."""
-    variables = {"params": state.params, **state.model_state}
-    cfg = spec.eval_kwargs["config"]
-    cfg = dataclasses.replace(
-        cfg, forward=dataclasses.replace(cfg.forward, max_iter=int(eval_max_iter))
+    """``{view name: logits_fn}`` for one evaluation solver budget: every whole-path
+    view, and ``z{i}_K{k}_lam{λ}`` for every intermediate state, K_a and λ."""
+    cfg = spec.eval_kwargs["config"].with_forward(max_iter=int(eval_max_iter))
+    k0, lam0 = int(attack_steps[0]), float(attack_damping[0])
+    views = deq_views(
+        spec, state, WHOLE_PATH_VIEWS, attack_steps=k0, attack_damping=lam0, config=cfg
     )
-    kwargs = {**spec.eval_kwargs, "config": cfg}
-
-    def view(**kw):
-        return lambda x: spec.module.apply(variables, x, **kwargs, **kw)[0]
-
-    views = {
-        g: view(
-            gradient=g, attack_steps=int(attack_steps[0]), attack_damping=float(attack_damping[0])
-        )
-        for g in WHOLE_PATH_VIEWS
-    }
     for i, k, lam in itertools.product(state_indices, attack_steps, attack_damping):
         i = min(int(i), int(eval_max_iter) - 1)  # trajectory rows 0 … budget − 1
-        views[f"z{i}_K{k}_lam{lam}"] = view(
-            gradient="intermediate", state_index=i, attack_steps=int(k), attack_damping=float(lam)
-        )
+        (view,) = deq_views(
+            spec,
+            state,
+            ["intermediate"],
+            state_indices=[i],
+            attack_steps=int(k),
+            attack_damping=float(lam),
+            config=cfg,
+        ).values()
+        views[f"z{i}_K{k}_lam{lam}"] = view
     return views
 
 
@@ -75,11 +73,12 @@ def obfuscation_sweep(
     batch_size=100,
     quiet=False,
 ) -> dict:
-    config, spec, state, ds = load_run(workdir)
+    config, spec, state, ds, _ = load_run(workdir)
+    mesh, _ = parallel.mesh_from_config(config)
     if not spec.is_deq:
         raise ValueError(f"{workdir} holds a {config.model.name!r} model: the sweep needs a DEQ")
-    budgets = [int(b) for b in _split(eval_max_iter)] or [int(config.deq.eval_max_iter)]
-    eps_list = [float(e) for e in _split(eps)]
+    budgets = [int(b) for b in split_list(eval_max_iter)] or [int(config.deq.eval_max_iter)]
+    eps_list = [float(e) for e in split_list(eps)]
     x, y = ds.test_images[: int(n_examples)], ds.test_labels[: int(n_examples)]
     out = {
         "workdir": workdir,
@@ -91,7 +90,12 @@ def obfuscation_sweep(
     }
     for budget in budgets:
         views = sweep_views(
-            spec, state, budget, _split(state_indices), _split(attack_steps), _split(attack_damping)
+            spec,
+            state,
+            budget,
+            split_list(state_indices),
+            split_list(attack_steps),
+            split_list(attack_damping),
         )
         rep = evaluate_robustness(
             views,
@@ -104,6 +108,7 @@ def obfuscation_sweep(
             n_iter=int(n_iter),
             restarts=1,
             batch_size=int(batch_size),
+            mesh=mesh,
         )
         acc = {
             str(e): {k.removeprefix("pgd/"): v for k, v in rep["robust_accuracy"][str(e)].items()}
@@ -170,27 +175,21 @@ def to_markdown(out: dict) -> str:
 
 
 def main(argv):
-    from absl import flags
-
     del argv
-    f = flags.FLAGS
     obfuscation_sweep(
-        f.workdir,
-        eps=f.eps,
-        state_indices=f.state_indices,
-        attack_steps=f.attack_steps,
-        attack_damping=f.attack_damping,
-        eval_max_iter=f.eval_max_iter,
-        n_examples=f.n_examples,
-        n_iter=f.n_iter,
-        seed=f.seed,
+        cli.flag("workdir"),
+        eps=cli.flag("eps"),
+        state_indices=cli.flag("state_indices"),
+        attack_steps=cli.flag("attack_steps"),
+        attack_damping=cli.flag("attack_damping"),
+        eval_max_iter=cli.flag("eval_max_iter"),
+        n_examples=cli.flag("n_examples"),
+        n_iter=cli.flag("n_iter"),
+        seed=cli.flag("seed"),
     )
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("workdir", None, "a training workdir of a DEQ model")
+def _flags(flags):
     flags.DEFINE_string("eps", "0.1,0.2,0.3", "L∞ radii")
     flags.DEFINE_string("state_indices", "1,2,4,8", "intermediate states attacked")
     flags.DEFINE_string("attack_steps", "5", "K_a values (unrolled steps after z_i)")
@@ -199,5 +198,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("n_examples", 100, "test examples")
     flags.DEFINE_integer("n_iter", 10, "PGD steps")
     flags.DEFINE_integer("seed", 0, "PRNG seed")
-    flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+
+
+if __name__ == "__main__":
+    cli.run_workdir(main, "a training workdir of a DEQ model", _flags)

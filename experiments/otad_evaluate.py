@@ -4,21 +4,22 @@ arXiv:2408.00329; SPEC sections 6 and 7).
 
     python -m experiments.otad_evaluate --workdir runs/otad_mnist_nn [--n_examples=100] [--refit]
 
-Runs :func:`experiments.families.otad.fit` first when its files are missing.
-For every model and norm (``robustness.norm/eps``, then ``otad.also_norm/also_eps``)
-writes ``report_{model}_{norm}.json/.md/.png`` with
-:func:`experiments.evaluate.write_markdown`/``plot``, and a comparison table of the
-worst cases in ``otad_report.md`` and ``otad_report.json``.
+Runs :func:`experiments.otad_fit.fit` first when its files are missing. For every model
+and norm (``robustness.norm/eps``, then ``otad.also_norm/also_eps``) writes
+``report_{model}_{norm}.json/.md/.png`` with :func:`experiments.report.write`, and a
+comparison table of the worst cases in ``otad_report.md`` and ``otad_report.json``.
 
-Gradient views (all views of a model compute the same logits; an example counts as
-robust only if it survives every attack through every view):
+Models and views (:func:`experiments.families.otad.model_views`; every view of a model
+computes that model's logits, and an example counts as robust only if it survives every
+attack through every view):
 
-* ``resnet``: ``autodiff`` -- the plain network;
-* ``otad``: ``bpda`` -- forward = OTAD logits, backward = the original network's
-  gradient (straight-through ``stop_gradient(cip) + net - stop_gradient(net)``,
-  Athalye et al. 2018); ``cip_implicit`` -- autodiff through the CIP solver
-  (implicit gradient of the dual QP; neighbour selection is piecewise constant);
-* ``otad_nn``: ``autodiff`` -- full white-box through the neural CIP; ``bpda``.
+* ``otad_resnet``: ``autodiff`` -- the plain network;
+* ``otad`` / ``otad_nn``: the adaptive views of :func:`deqjax.bpda.adaptive_views`
+  (``robustness.protocols``): ``autodiff`` -- through the CIP solver (implicit gradient
+  of the dual QP; the neighbour selection is piecewise constant) or white-box through
+  the neural CIP; ``bpda_autodiff`` -- value of the OTAD model, gradient of the
+  original network (BPDA, Athalye et al. 2018); ``transfer_autodiff`` -- attacks on the
+  original network, scored on the OTAD model.
 """
 
 from __future__ import annotations
@@ -28,87 +29,14 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from deqjax import data as data_lib
-from deqjax.otad import NeuralCIP, neural_otad_logits, otad_logits
-from deqjax.robustness import evaluate_robustness
-from experiments import evaluate as evaluate_lib
+from deqjax.otad import otad_logits
+from experiments import cli, common, parallel, report
 from experiments.families import otad as fam
-
-VIEWS = {"otad": ("bpda", "cip_implicit"), "otad_nn": ("autodiff", "bpda")}
-
-
-def bpda(forward, backward):
-    """Straight-through logits: the value of ``forward(x)``, the gradient of
-    ``backward(x)`` (BPDA, Athalye, Carlini & Wagner 2018). Exact in value, since
-    ``b - stop_gradient(b) == 0`` in floating point."""
-
-    def fn(x):
-        b = backward(x)
-        return jax.lax.stop_gradient(forward(jax.lax.stop_gradient(x))) + (
-            b - jax.lax.stop_gradient(b)
-        )
-
-    return fn
-
-
-def model_logits(spec, state, fit: fam.OTADFit, config) -> dict:
-    """``{"resnet", "otad"[, "otad_nn"]}``: batched logits functions of images."""
-    module, variables = spec.module, {"params": state.params}
-    o = config.otad
-    index_x0, index_z = jnp.asarray(fit.x0), jnp.asarray(fit.z)
-    keys = None if o.neighbours == "embedding" else jnp.asarray(fit.keys)
-
-    def query(x):
-        return None if keys is None else x.reshape(x.shape[0], -1)
-
-    out = {"resnet": lambda x: module.apply(variables, x)[0]}
-    kw = fam.cip_kwargs(o)
-    out["otad"] = lambda x: otad_logits(
-        module, variables, index_x0, index_z, x, **kw, index_keys=keys, query_keys=query(x)
-    )[0]
-    if fit.cip_params is not None:
-        net = NeuralCIP(hidden=int(o.cip_hidden))
-        out["otad_nn"] = lambda x: neural_otad_logits(
-            module,
-            variables,
-            net,
-            fit.cip_params,
-            index_x0,
-            index_z,
-            x,
-            k=int(o.k),
-            index_keys=keys,
-            query_keys=query(x),
-        )
-    return out
-
-
-def model_views(logits: dict, config) -> dict:
-    """``{model: {view: logits_fn}}`` (module docstring); views from ``config.otad``."""
-    net = logits["resnet"]
-    chosen = {
-        "otad": evaluate_lib._split(config.otad.views_cip),
-        "otad_nn": evaluate_lib._split(config.otad.views_nn),
-    }
-    out = {"resnet": {"autodiff": net}}
-    for name in ("otad", "otad_nn"):
-        if name not in logits:
-            continue
-        make = {
-            "bpda": bpda(logits[name], net),
-            "autodiff": logits[name],
-            "cip_implicit": logits[name],
-        }
-        bad = [v for v in chosen[name] if v not in VIEWS[name]]
-        if bad or not chosen[name]:
-            raise ValueError(
-                f"views {bad or chosen[name]} not available for {name}; choose from {VIEWS[name]}"
-            )
-        out[name] = {v: make[v] for v in chosen[name]}
-    return out
+from experiments.otad_fit import fit
+from experiments.views import model_views
+from experiments.workdir import load_config, load_run
 
 
 def cip_records(spec, state, fit, config, x, batch_size: int) -> dict:
@@ -161,75 +89,45 @@ def evaluate(
 ) -> dict:
     """Reports of every model of the workdir (module docstring); returns
     ``{model: {norm: report}}`` plus ``"cip"`` (solver statistics) and ``"fit"``."""
-    config, spec, state, ds = evaluate_lib.load_run(workdir)
+    config = load_config(workdir)
     fam.check_otad_config(config)
-    r = ml_collections.ConfigDict(config.robustness.to_dict())
-    for k, v in (overrides or {}).items():
-        if k not in r:
-            raise ValueError(f"unknown robustness option {k!r}; choose from {sorted(r.keys())}")
-        r[k] = type(r[k])(v) if not isinstance(r[k], str) else str(v)
-    if config.model.name != "otad_resnet" and (
-        refit or not os.path.exists(os.path.join(workdir, fam.INDEX_FILE))
-    ):
-        fam.fit(workdir, quiet=quiet)
-    if config.model.name == "otad_resnet":
-        fit = fam.OTADFit(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1))
-    else:
-        fit = fam.load_fit(workdir, config)
-    n = min(int(r.n_examples), len(ds.test_images))
-    x, y = ds.test_images[:n], ds.test_labels[:n]
-    data_lib.validate_images(x, "test images")
-    data_lib.validate_labels(y, ds.num_classes, "test labels")
-    logits = model_logits(spec, state, fit, config)
-    if config.model.name == "otad_resnet":
-        logits = {"resnet": logits["resnet"]}
-    views = model_views(logits, config)
+    needs_fit = config.model.name != "otad_resnet"
+    if needs_fit and (refit or common.read_bytes(os.path.join(workdir, fam.INDEX_FILE)) is None):
+        fit(workdir, quiet=quiet)
+    run = load_run(workdir)
+    mesh, _ = parallel.mesh_from_config(config)
+    r = report.robustness_options(config, overrides)
+    x, y = report.test_examples(run, r)
+    evaluated = model_views(run, r)
     if models is not None:
-        views = {m: v for m, v in views.items() if m in models}
+        evaluated = {m: v for m, v in evaluated.items() if m in models}
     out = {"model": config.model.name}
-    if "otad" in logits:
-        out["cip"] = cip_records(spec, state, fit, config, x, int(r.batch_size))
-    fit_path = os.path.join(workdir, fam.FIT_FILE)
-    if os.path.exists(fit_path):
-        out["fit"] = json.load(open(fit_path))
-    for name, v in views.items():
+    if "otad" in evaluated:
+        fit_data = fam.load_fit(workdir, config)
+        out["cip"] = cip_records(run.spec, run.state, fit_data, config, x, int(r.batch_size))
+    fit_stats = common.read_text(os.path.join(workdir, fam.FIT_FILE))
+    if fit_stats is not None:
+        out["fit"] = json.loads(fit_stats)
+    for name, ev in evaluated.items():
         out[name] = {}
         for norm, eps in _norm_runs(config, r):
-            eps_list = [float(e) for e in evaluate_lib._split(eps)]
-            rep = evaluate_robustness(
-                v,
-                x,
-                y,
-                jax.random.PRNGKey(r.seed),
-                eps_list=eps_list,
-                norm=norm,
-                attacks=evaluate_lib._split(r.attacks),
-                n_iter=r.n_iter,
-                n_queries=r.n_queries,
-                restarts=r.restarts,
-                batch_size=r.batch_size,
-            )
+            eps_list = [float(e) for e in report.split_list(eps)]
+            rep = report.score(run, ev, r, x, y, norm=norm, eps_list=eps_list, mesh=mesh)
             rep["model"] = name
             if name == "otad" and "cip" in out:
                 rep["cip"] = out["cip"]
-            base = os.path.join(workdir, f"report_{name}_{norm}")
-            with open(base + ".json", "w") as fh:
-                json.dump(rep, fh, indent=2)
-            evaluate_lib.write_markdown(rep, base + ".md")
-            evaluate_lib.plot(rep, base + ".png")
+            report.write(rep, os.path.join(workdir, f"report_{name}_{norm}"))
             out[name][norm] = rep
-    with open(os.path.join(workdir, "otad_report.json"), "w") as fh:
-        json.dump(out, fh, indent=2)
+    common.write_text(os.path.join(workdir, "otad_report.json"), json.dumps(out, indent=2))
     text = comparison_markdown(out)
-    with open(os.path.join(workdir, "otad_report.md"), "w") as fh:
-        fh.write(text)
+    common.write_text(os.path.join(workdir, "otad_report.md"), text)
     if not quiet:
         print(text, flush=True)
     return out
 
 
 LABELS = {
-    "resnet": "ResNet (no OTAD)",
+    "otad_resnet": "ResNet (no OTAD)",
     "otad": "OTAD (CIP solver)",
     "otad_nn": "OTAD-NN (neural CIP)",
 }
@@ -238,7 +136,7 @@ LABELS = {
 def comparison_markdown(out: dict) -> str:
     """One table per norm: clean and worst-case accuracy per model, then per view."""
     lines = []
-    names = [m for m in ("resnet", "otad", "otad_nn") if m in out]
+    names = [m for m in ("otad_resnet", "otad", "otad_nn") if m in out]
     norms = list(out[names[0]]) if names else []
     for norm in norms:
         eps = out[names[0]][norm]["eps"]
@@ -303,20 +201,15 @@ def comparison_markdown(out: dict) -> str:
 
 
 def main(argv):
-    from absl import flags
-
     del argv
-    f = flags.FLAGS
-    overrides = {k: getattr(f, k) for k in evaluate_lib.REPORT_KEYS if getattr(f, k) is not None}
-    evaluate(f.workdir, overrides, refit=f.refit)
+    evaluate(cli.flag("workdir"), cli.report_overrides(), refit=cli.flag("refit"))
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_string("workdir", None, "a training workdir of an OTAD config")
-    flags.DEFINE_bool("refit", False, "rebuild the index (and neural CIP) first")
-    for key in evaluate_lib.REPORT_KEYS:
-        flags.DEFINE_string(key, None, f"override robustness.{key}")
-    flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    cli.run_report(
+        main,
+        "a training workdir of an OTAD config",
+        extra_flags=lambda flags: flags.DEFINE_bool(
+            "refit", False, "rebuild the index (and neural CIP) first"
+        ),
+    )

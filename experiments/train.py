@@ -21,39 +21,60 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from tqdm import tqdm
 
 from deqjax import adversarial
 from deqjax import data as data_lib
-from experiments import common, models, parallel
+from deqjax.attacks import ce_loss
+from deqjax.cpl import multiclass_hinge_loss
+from deqjax.regulation import RandomSteps
+from experiments import cli, common, models, parallel
+from experiments.evaluate import evaluate as robustness_report
+from experiments.spec import ModelSpec, deq_config
 
 log = logging.getLogger("deqjax.train")
 
 
 LOSSES = ("ce", "hinge", "pgd_at", "trades", "mixed")
+# Adversarial training (the maths is deqjax.adversarial's): the inner attack that makes
+# x_adv inside the step, and the outer objective of (clean logits, adversarial logits).
+_INNER_ATTACK = {"pgd_at": "pgd", "mixed": "pgd", "trades": "trades"}
+_OBJECTIVE = {
+    "pgd_at": lambda z, z_adv, y, adv: adversarial.pgd_at_objective(z_adv, y),
+    "trades": lambda z, z_adv, y, adv: adversarial.trades_objective(z, z_adv, y, adv.beta),
+    "mixed": lambda z, z_adv, y, adv: adversarial.mixed_objective(z, z_adv, y, adv.mixed_weight),
+}
 
 
 def _classification_loss(kind, logits, y, margin):
     if kind == "hinge":
-        from deqjax.cpl import multiclass_hinge_loss
-
         return jnp.mean(multiclass_hinge_loss(logits, y, margin))
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return jnp.mean(ce_loss(logits, y))
 
 
-def make_loss_fn(spec: models.ModelSpec, config):
+def _adversarial_examples(kind, apply_fn, params, x, y, key, adv):
+    kw = dict(eps=adv.eps, step=adv.step, steps=adv.steps, norm=adv.norm)
+    if _INNER_ATTACK[kind] == "pgd":
+        return adversarial.pgd_adversarial_examples(apply_fn, params, x, y, key, **kw)
+    return adversarial.trades_adversarial_examples(apply_fn, params, x, key, **kw)
+
+
+def make_loss_fn(spec: ModelSpec, config):
     """``loss(params, model_state, x, y, key, probe) -> (loss, (aux, new_model_state))``.
 
     ``train.loss``: ``ce`` / ``hinge`` on clean inputs, or adversarial training with
     an inner attack inside the step: ``pgd_at`` (Madry et al. 2018), ``trades``
     (Zhang et al. 2019, β = ``adv.beta``) or ``mixed`` (clean/adversarial weight
-    ``adv.mixed_weight``). For DEQs the inner attack differentiates the model with
-    ``adv.attack_gradient`` (``implicit`` or ``phantom``) while the weight update uses
-    ``deq.backward``. With ``deq.random_states_max = n_max > 0`` every training
-    forward uses random intermediate states (one draw for the inner attack, one for
-    the weight update, per batch; SPEC §5). Sown regularisers are added with their weights
-    (``deq.jac_reg`` for the Hutchinson Jacobian term, and any family-specific ones).
+    ``adv.mixed_weight``) — :mod:`deqjax.adversarial`'s inner attacks and objectives;
+    TRADES and mixed get the clean and adversarial logits from one forward pass. For
+    DEQs the inner attack differentiates the model with ``adv.attack_gradient``
+    (``implicit`` or ``phantom``) while the weight update uses ``deq.backward``. With
+    ``deq.random_states_max = n_max > 0`` every training forward uses random
+    intermediate states (one draw for the inner attack, one for the weight update, per
+    batch; SPEC §5). Sown regularisers are added with their weights (``deq.jac_reg`` for
+    the Hutchinson Jacobian term, and any family-specific ones).
     """
     kind = config.train.loss
     if kind not in LOSSES:
@@ -69,13 +90,13 @@ def make_loss_fn(spec: models.ModelSpec, config):
     attack_kwargs = dict(call_kwargs)
     if deq and adv is not None:
         attack_kwargs["config"] = dataclasses.replace(
-            models.deq_config(config.deq), backward=adv.attack_gradient
+            deq_config(config.deq), backward=adv.attack_gradient
         )
 
     n_random = int(config.deq.random_states_max) if deq else 0
 
     def attack_apply(model_state, key):
-        extra = {"random_steps_key": key, "random_steps_max": n_random} if n_random else {}
+        extra = {"random_steps": RandomSteps(key, n_random)} if n_random else {}
 
         def fn(params, x):
             return model.apply({"params": params, **model_state}, x, **attack_kwargs, **extra)[0]
@@ -87,9 +108,7 @@ def make_loss_fn(spec: models.ModelSpec, config):
         if deq:
             kwargs["backward_probe"] = probe
             if n_random:
-                kwargs.update(
-                    random_steps_key=jax.random.fold_in(key, 1), random_steps_max=n_random
-                )
+                kwargs["random_steps"] = RandomSteps(jax.random.fold_in(key, 1), n_random)
             if reg_weights["jacobian_frobenius_sq"] > 0:
                 kwargs["jacobian_key"] = key
         (logits, stats), new_vars = model.apply(
@@ -103,49 +122,22 @@ def make_loss_fn(spec: models.ModelSpec, config):
     def loss_fn(params, model_state, x, y, key, probe):
         attack_key, reg_key, states_key = jax.random.split(key, 3)
         aux = {}
-        if kind in ("pgd_at", "mixed"):
-            x_adv = adversarial.pgd_adversarial_examples(
-                attack_apply(model_state, states_key),
-                params,
-                x,
-                y,
-                attack_key,
-                eps=adv.eps,
-                step=adv.step,
-                steps=adv.steps,
-                norm=adv.norm,
-            )
-        elif kind == "trades":
-            x_adv = adversarial.trades_adversarial_examples(
-                attack_apply(model_state, states_key),
-                params,
-                x,
-                attack_key,
-                eps=adv.eps,
-                step=adv.step,
-                steps=adv.steps,
-                norm=adv.norm,
-            )
         if kind in ("ce", "hinge"):
             logits, stats, reg, new_vars = forward(params, model_state, x, reg_key, probe)
             loss = _classification_loss(base, logits, y, margin)
-        elif kind == "pgd_at":
-            logits, stats, reg, new_vars = forward(params, model_state, x_adv, reg_key, probe)
-            loss = _classification_loss(base, logits, y, margin)
         else:
-            both = jnp.concatenate([x, x_adv])
-            probe2 = jnp.concatenate([probe, jnp.zeros_like(probe)])
-            logits2, stats, reg, new_vars = forward(params, model_state, both, reg_key, probe2)
-            logits, logits_adv = logits2[: len(x)], logits2[len(x) :]
-            clean = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            if kind == "trades":
-                lp, lq = jax.nn.log_softmax(logits), jax.nn.log_softmax(logits_adv)
-                kl = jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1))
-                loss = clean + adv.beta * kl
-            else:
-                adv_ce = optax.softmax_cross_entropy_with_integer_labels(logits_adv, y).mean()
-                loss = (1 - adv.mixed_weight) * clean + adv.mixed_weight * adv_ce
-            aux["adversarial_accuracy"] = jnp.mean(jnp.argmax(logits_adv, -1) == y)
+            apply_fn = attack_apply(model_state, states_key)
+            x_adv = _adversarial_examples(kind, apply_fn, params, x, y, attack_key, adv)
+            if kind == "pgd_at":  # the outer loss sees the adversarial inputs only
+                logits, stats, reg, new_vars = forward(params, model_state, x_adv, reg_key, probe)
+                logits_adv = logits
+            else:  # clean and adversarial logits from one forward pass
+                both = jnp.concatenate([x, x_adv])
+                probe2 = jnp.concatenate([probe, jnp.zeros_like(probe)])
+                logits2, stats, reg, new_vars = forward(params, model_state, both, reg_key, probe2)
+                logits, logits_adv = logits2[: len(x)], logits2[len(x) :]
+                aux["adversarial_accuracy"] = jnp.mean(jnp.argmax(logits_adv, -1) == y)
+            loss = _OBJECTIVE[kind](logits, logits_adv, y, adv)
         for name, value in reg.items():
             w = reg_weights.get(name, 0.0)
             loss = loss + w * value
@@ -163,13 +155,14 @@ def make_loss_fn(spec: models.ModelSpec, config):
 
 
 def make_train_step(
-    spec: models.ModelSpec, optimizer, config, *, state_shardings=None, batch_sharding=None
+    spec: ModelSpec, optimizer, config, *, state_shardings=None, batch_sharding=None
 ):
     """The jitted step ``(state, x, y) -> (state, aux)``. With ``state_shardings`` and
     ``batch_sharding`` (see :mod:`experiments.parallel`) the step is partitioned over
     their mesh: the batch (and the inner attack of adversarial training) is split over
     the data axis, and the state keeps its layout from step to step."""
     loss_fn = make_loss_fn(spec, config)
+    skip_nonfinite = bool(config.train.skip_nonfinite)
 
     def train_step(state: common.TrainState, x, y):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
@@ -185,6 +178,14 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         aux["grad_norm"] = optax.global_norm(grads)
         model_state = {**state.model_state, **new_vars}
+        # a non-finite loss or gradient never becomes an update: the loop stops on it,
+        # or (train.skip_nonfinite) keeps the previous state and counts the batch
+        finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(aux["grad_norm"])
+        aux["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            model_state = keep(model_state, state.model_state)
         return common.TrainState(params, model_state, opt_state, state.step + 1, state.key), aux
 
     if state_shardings is None:
@@ -198,7 +199,27 @@ def make_train_step(
     )
 
 
-def make_eval_fn(spec: models.ModelSpec):
+def _nonfinite_message(ds, config, epoch: int, batch: int, step: int) -> str:
+    """Which step and batch produced a non-finite loss or gradient, and what to do."""
+    bs = config.train.batch_size
+    idx = data_lib.epoch_permutation(len(ds.train_images), config.seed, epoch)
+    idx = idx[batch * bs : (batch + 1) * bs]
+    bad = [int(i) for i in idx if not np.all(np.isfinite(ds.train_images[i]))]
+    where = (
+        f"{len(bad)} of its images have non-finite pixels (training indices {bad[:10]})"
+        if bad
+        else "its images are finite, so the model diverged (lower train.learning_rate, "
+        "set train.grad_clip, or check the solver: deq.max_iter / deq.tol)"
+    )
+    return (
+        f"non-finite loss or gradient at step {step} (epoch {epoch + 1}, batch {batch}: "
+        f"training examples {[int(i) for i in idx[:8]]}…); {where}. The update was not "
+        "applied and no checkpoint was written for this step. To skip such batches instead "
+        "(counted in metrics.jsonl as train_nonfinite), pass --config.train.skip_nonfinite=True."
+    )
+
+
+def make_eval_fn(spec: ModelSpec):
     @jax.jit
     def predict(params, model_state, x):
         logits, stats = spec.module.apply({"params": params, **model_state}, x, **spec.eval_kwargs)
@@ -265,7 +286,8 @@ def _read_metrics(path: str) -> list:
 def train(
     config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
 ) -> dict:
-    """Run (or resume) training; returns the final metrics.
+    """Run (or resume) training; returns the final metrics, with ``resumed_from`` (the
+    restored step, 0 for a fresh run) and ``steps_run`` (steps this call ran).
 
     Data-parallel over all devices of all processes (:mod:`experiments.parallel`).
     A checkpoint (state + the epoch's running metric sums) is saved every
@@ -304,7 +326,7 @@ def train(
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     rows = parallel.process_rows(batch_sh, t.batch_size)
 
-    step = int(state.step)
+    step = resumed_from = int(state.step)
     # Records past the checkpoint (written before a crash) are rewritten by this run.
     records = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= step]
     _write_metrics(metrics_path, records)
@@ -319,7 +341,13 @@ def train(
                 f"(checkpoint in {workdir}); rerun the same command to resume",
                 flush=True,
             )
-        return {"step": step, "interrupted": True, "preempted": preempted}
+        return {
+            "step": step,
+            "interrupted": True,
+            "preempted": preempted,
+            "resumed_from": resumed_from,
+            "steps_run": step - resumed_from,
+        }
 
     with guard:
         for epoch in range(start_epoch, t.epochs):
@@ -360,6 +388,12 @@ def train(
             for x, y in bar:
                 x, y = parallel.global_batch((x, y), batch_sh, t.batch_size)
                 state, aux = train_step(state, x, y)
+                if not t.skip_nonfinite and float(aux["nonfinite"]):
+                    raise FloatingPointError(
+                        _nonfinite_message(
+                            ds, config, epoch, step - epoch * steps_per_epoch, step + 1
+                        )
+                    )
                 step += 1
                 for k, v in aux.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -421,6 +455,7 @@ def train(
     mngr.wait_until_finished()
 
     final = {"step": step}
+    run_info = {"resumed_from": resumed_from, "steps_run": step - resumed_from}
     final.update(
         {
             f"test_{k}": v
@@ -433,26 +468,18 @@ def train(
         common.write_text(os.path.join(workdir, "final.json"), json.dumps(final, indent=2))
         print(f"test accuracy: {final['test_accuracy']:.4f}", flush=True)
     if config.robustness.after_training:
-        from experiments.evaluate import evaluate as robustness_report
-
         if main:
             print("robustness report (experiments.evaluate):", flush=True)
         final["robustness"] = robustness_report(workdir, quiet=not (t.progress and main))
         if not t.progress and main:
             print(common.read_text(os.path.join(workdir, "report.md")), flush=True)
-    return final
+    return {**final, **run_info}  # final.json holds what does not depend on restarts
 
 
 def main(argv):
-    from absl import flags
-
-    del argv
-    level = logging.INFO if parallel.is_main_process() else logging.ERROR  # logs from process 0
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
+    del argv  # logging is set up by cli (deqjax INFO on process 0, absl/orbax WARNING)
+    train(cli.flag("config"), cli.flag("workdir"))
 
 
 if __name__ == "__main__":
-    from experiments import cli
-
     cli.run(main)

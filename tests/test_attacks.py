@@ -308,17 +308,26 @@ def test_sanity_flags_host_logic():
     assert not rep.unreliable and set(rep.explanations) == set(rep.flags)
     # a defence scored both ways: the adaptive attack must not be weaker than transfer
     measured = {
-        "pgd/adaptive_bpda": 0.55,
-        "pgd/adaptive_autodiff": 0.56,
-        "pgd/nonadaptive_simultaneous_adjoint": 0.51,
+        "pgd/bpda_purified_implicit": 0.55,
+        "pgd/autodiff": 0.56,
+        "pgd/transfer_simultaneous_adjoint": 0.51,
         "square": 0.52,
-    }  # the README's ε = 0.1 row
+    }  # the README's ε = 0.1 row before adaptive views composed BPDA with every view
     rep = A.sanity_flags(per_attack=measured)
     assert (
         rep.flags["adaptive_weaker_than_transfer"]
-        and "adaptive_bpda 0.5500" in rep.explanations["adaptive_weaker_than_transfer"]
+        and "adaptive worst case 0.5200" in rep.explanations["adaptive_weaker_than_transfer"]
     )
-    rep = A.sanity_flags(per_attack={**measured, "pgd/adaptive_bpda": 0.50})
+    rep = A.sanity_flags(per_attack={**measured, "pgd/bpda_implicit": 0.50})
+    assert not rep.flags["adaptive_weaker_than_transfer"]
+    # per-example flags: the worst case of a group is per example, not the best single one
+    per_example = {
+        "pgd/autodiff": np.array([True, False, True]),
+        "pgd/bpda_implicit": np.array([False, True, True]),
+        "pgd/transfer_implicit": np.array([True, True, False]),
+    }
+    rep = A.sanity_flags(per_attack=per_example)
+    assert "adaptive worst case 0.3333" in rep.explanations["adaptive_weaker_than_transfer"]
     assert not rep.flags["adaptive_weaker_than_transfer"]
     assert (
         "adaptive_weaker_than_transfer"

@@ -22,6 +22,7 @@ from experiments.families.cpl import (
     layer_sigmas,
     lipschitz_upper_bound,
 )
+from experiments.workdir import load_run
 
 EPS = (0.05, 0.15, 0.3)
 LIP_TOL = 1 + 1e-4
@@ -51,7 +52,7 @@ def run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("cpl"))
     final = train_lib.train(tiny_config(), workdir)
     report = evaluate_lib.evaluate(workdir, quiet=True)
-    config, spec, state, ds = evaluate_lib.load_run(workdir)
+    config, spec, state, ds, _ = load_run(workdir)
     return dict(workdir=workdir, final=final, report=report, spec=spec, state=state, ds=ds)
 
 
@@ -115,8 +116,9 @@ def test_no_attack_beats_the_certificate(run):
     """Soundness per example: every example certified at ε survives the attacks at ε.
     Control: a certificate inflated ×3 is caught by the same attacks (so they are
     strong enough to see a bad one)."""
-    spec, state = run["spec"], run["state"]
-    view = evaluate_lib.gradient_views(spec, state, None)["autodiff"]
+    variables = {"params": run["state"].params, **run["state"].model_state}
+    spec = run["spec"]
+    view = lambda a: spec.module.apply(variables, a, **spec.eval_kwargs)[0]
     x, y = run["ds"].test_images[:60], jnp.asarray(run["ds"].test_labels[:60])
     radii = np.asarray(certified_radius(view(x), y, "truncate"))
     inflated_caught, attackers = 0, _attackers(view)

@@ -16,6 +16,7 @@ import pytest
 
 from deqjax import attacks
 from deqjax import data as data_lib
+from deqjax.deq_gradients import AttackView
 from experiments import models
 from experiments.configs import deq_mnist_trades
 
@@ -32,9 +33,10 @@ def test_intermediate_state_attack_beats_naive_implicit_pgd():
     x, y = jnp.asarray(ds.test_images[:100]), jnp.asarray(ds.test_labels[:100])
 
     def view(gradient):
-        return lambda xb: spec.module.apply(variables, xb, **spec.eval_kwargs, gradient=gradient)[0]
+        v = AttackView(gradient)
+        return lambda xb: spec.module.apply(variables, xb, **spec.eval_kwargs, view=v)[0]
 
-    model = view(None)
+    model = lambda xb: spec.module.apply(variables, xb, **spec.eval_kwargs)[0]
 
     @jax.jit
     def robust_accuracy(eps, key):

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from experiments import evaluate as evaluate_lib
+from experiments import report as report_lib
 from experiments import train as train_lib
-from tests.test_train import tiny_config
+from experiments.workdir import load_run
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +114,13 @@ def test_import_params_round_trip_and_mismatch(trained_tiny_deq, tmp_path):
 
     from experiments import import_params as import_lib
 
-    config, _, state, _ = evaluate_lib.load_run(trained_tiny_deq)
+    config, _, state, _, _ = load_run(trained_tiny_deq)
     path = str(tmp_path / "params.msgpack")
     with open(path, "wb") as fh:
         fh.write(flax.serialization.msgpack_serialize(jax.device_get(state.params)))
     workdir = str(tmp_path / "imported")
     import_lib.import_params(config, path, workdir)
-    _, _, imported, _ = evaluate_lib.load_run(workdir)
+    imported = load_run(workdir).state
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(imported.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     wider = tiny_config(epochs=1)
@@ -127,7 +129,7 @@ def test_import_params_round_trip_and_mismatch(trained_tiny_deq, tmp_path):
         import_lib.import_params(wider, path, str(tmp_path / "bad"))
 
 
-def test_markdown_says_whose_solver_statistics_these_are(tmp_path):
+def test_markdown_says_whose_solver_statistics_these_are():
     """On an entropy-defended model the reported solver statistics are the undefended
     forward's, and the report says so."""
     report = {
@@ -135,18 +137,16 @@ def test_markdown_says_whose_solver_statistics_these_are(tmp_path):
         "n_examples": 10,
         "norm": "linf",
         "eps": [0.1],
-        "robust_accuracy": {"0.1": {"pgd/adaptive_bpda": 0.5}},
+        "robust_accuracy": {"0.1": {"pgd/bpda_implicit": 0.5}},
         "worst_case": {"0.1": 0.5},
         "sanity": {"flags": {}, "explanations": {}},
         "solver": {"mean_steps": 12.0},
     }
-    assert "- solver `mean_steps`: 12" in evaluate_lib.write_markdown(
-        report, str(tmp_path / "a.md")
-    )
+    assert "- solver `mean_steps`: 12" in report_lib.markdown(report)
     report["solver_scope"] = (
         "undefended forward; the entropy defence re-solves in 3 rounds of 8 steps"
     )
-    text = evaluate_lib.write_markdown(report, str(tmp_path / "b.md"))
+    text = report_lib.markdown(report)
     assert (
         "- solver (undefended forward; the entropy defence "
         "re-solves in 3 rounds of 8 steps) `mean_steps`: 12" in text

@@ -3,7 +3,7 @@
 from experiments import evaluate as evaluate_lib
 from experiments import train as train_lib
 from experiments.configs import lyadeq_mnist
-from tests.test_train import tiny_config
+from tests.helpers import tiny_config
 
 
 def test_lyadeq_trains_and_reports_stability(tmp_path):

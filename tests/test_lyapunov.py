@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from deqjax.deq import DEQConfig
+from deqjax.deq_gradients import AttackView
 from deqjax.lyapunov import (
     check_positive_definite,
     icnn_apply,
@@ -323,7 +324,7 @@ def test_lyadeq_alpha_positive_refuses_implicit_gradient():
     with pytest.raises(ValueError, match="no equilibrium to differentiate implicitly"):
         model.apply({"params": params}, x)
     with pytest.raises(ValueError, match="no equilibrium to differentiate implicitly"):
-        model.apply({"params": params}, x, config=cfg, gradient="implicit")
+        model.apply({"params": params}, x, config=cfg, view=AttackView("implicit"))
     g = jax.grad(lambda xx: jnp.sum(model.apply({"params": params}, xx, config=phantom)[0]))(x)
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
 

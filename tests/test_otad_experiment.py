@@ -16,8 +16,9 @@ from experiments import models
 from experiments import otad_evaluate as oe
 from experiments import train as train_lib
 from experiments.configs import otad_mnist_nn
-from experiments.evaluate import load_run
 from experiments.families import otad as fam
+from experiments.otad_fit import fit
+from experiments.workdir import load_run
 
 
 def tiny_config():
@@ -31,7 +32,8 @@ def tiny_config():
     c.otad.cip_steps, c.otad.cip_batch_size, c.otad.cip_hidden = 40, 64, 16
     c.otad.also_norm = ""  # one norm keeps the compile count (and the test) short
     c.robustness.after_training = False
-    c.otad.views_cip = "bpda"  # cip_implicit compiles the QP's backward: see the bpda test
+    # autodiff through the CIP compiles the QP's backward: it is checked in the bpda test
+    c.robustness.protocols = "bpda"
     c.robustness.update(
         n_examples=16, n_iter=2, n_queries=10, batch_size=16, eps="0.1,0.3", attacks="fgsm"
     )
@@ -42,8 +44,8 @@ def tiny_config():
 def run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("otad"))
     final = train_lib.train(tiny_config(), workdir)
-    stats = fam.fit(workdir)
-    config, spec, state, ds = load_run(workdir)
+    stats = fit(workdir)
+    config, spec, state, ds, _ = load_run(workdir)
     return dict(
         workdir=workdir,
         final=final,
@@ -107,13 +109,15 @@ def _logits(run, **otad):
     if otad.get("neighbours") == "input":
         imgs = run["ds"].train_images[:256]
         fit = fit._replace(keys=imgs.reshape(len(imgs), -1))
-    return oe.model_logits(run["spec"], run["state"], fit, c), c
+    return fam.model_logits(run["spec"], run["state"], fit, c), c
 
 
 def test_bpda_value_is_cip_gradient_is_network(run):
     logits, c = _logits(run)
-    c.otad.views_cip = "bpda,cip_implicit"
-    views = oe.model_views(logits, c)
+    evaluated = fam.model_views(logits, ["autodiff", "bpda", "transfer"])
+    views = {m: e.views for m, e in evaluated.items()}
+    assert list(views["otad"]) == ["autodiff", "bpda_autodiff", "transfer_autodiff"]
+    assert evaluated["otad"].score is logits["otad"]
     x = jnp.asarray(run["ds"].test_images[:5])
     v = jax.random.normal(jax.random.PRNGKey(0), (5, 10))
 
@@ -121,11 +125,11 @@ def test_bpda_value_is_cip_gradient_is_network(run):
     def value_and_vjp(a):  # logits and the input gradient for the cotangent v
         out = {}
         for name, f in [
-            ("net", logits["resnet"]),
-            ("bpda", views["otad"]["bpda"]),
-            ("nn_bpda", views["otad_nn"]["bpda"]),
+            ("net", logits["otad_resnet"]),
+            ("bpda", views["otad"]["bpda_autodiff"]),
+            ("nn_bpda", views["otad_nn"]["bpda_autodiff"]),
             ("nn", views["otad_nn"]["autodiff"]),
-            ("implicit", views["otad"]["cip_implicit"]),
+            ("implicit", views["otad"]["autodiff"]),
         ]:
             val, pull = jax.vjp(f, a)
             out[name] = (val, pull(v)[0])
@@ -163,11 +167,11 @@ def test_cip_batched_under_jit_and_vmap_matches_one_by_one(run, space):
 def test_reports_for_the_three_models(run):
     out = oe.evaluate(run["workdir"], quiet=True)
     wd = run["workdir"]
-    assert set(out) >= {"resnet", "otad", "otad_nn", "cip", "fit"}
+    assert set(out) >= {"otad_resnet", "otad", "otad_nn", "cip", "fit"}
     for name, views in [
-        ("resnet", ["autodiff"]),
-        ("otad", ["bpda"]),
-        ("otad_nn", ["autodiff", "bpda"]),
+        ("otad_resnet", ["autodiff"]),
+        ("otad", ["bpda_autodiff"]),
+        ("otad_nn", ["bpda_autodiff"]),
     ]:
         for ext in ("json", "md", "png"):
             assert os.path.getsize(os.path.join(wd, f"report_{name}_linf.{ext}")) > 0
@@ -178,7 +182,7 @@ def test_reports_for_the_three_models(run):
             assert set(per) == {f"fgsm/{v}" for v in views}
             assert rep["worst_case"][eps] <= min(per.values()) + 1e-12
             assert rep["worst_case"][eps] <= rep["clean_accuracy"]
-    # OTAD clean accuracy is the CIP logits' accuracy, scored on the first view
+    # OTAD clean accuracy is the CIP logits' accuracy (the OTAD model scores every attack)
     x, y = run["ds"].test_images[:16], run["ds"].test_labels[:16]
     logits, _ = _logits(run)
     acc = float(np.mean(np.argmax(jax.jit(logits["otad"])(x), -1) == y))

@@ -7,6 +7,7 @@ Multi-device runs happen in subprocesses: ``XLA_FLAGS`` (simulated CPU devices) 
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,53 +20,12 @@ import pytest
 
 from experiments import evaluate as evaluate_lib
 from experiments import train as train_lib
-from experiments.configs import deq_mnist
+from experiments.workdir import load_run
+from tests.helpers import PARALLEL_OVERRIDES as OVERRIDES
+from tests.helpers import ROOT
+from tests.helpers import parallel_tiny_config as tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240
-
-# A tiny DEQ; the same values go to train() and, as --config.K=V, to the CLI.
-OVERRIDES = {
-    "limit_train": 64,
-    "limit_test": 32,
-    "model.width": 8,
-    "model.inner": 8,
-    "model.groups": 4,
-    "deq.max_iter": 4,
-    "deq.adjoint_max_iter": 4,
-    "deq.eval_max_iter": 4,
-    "train.batch_size": 16,
-    "train.progress": False,
-    "train.warmup_steps": 2,
-    "train.checkpoint_every_steps": 2,
-    "adv.steps": 2,
-    "eval.batch_size": 32,
-    "robustness.after_training": False,
-    "robustness.n_examples": 20,
-    "robustness.batch_size": 20,
-    "robustness.attacks": "pgd",
-    "robustness.n_iter": 2,
-    "robustness.eps": "0.1",
-    "robustness.gradients": "implicit",
-    "robustness.restarts": 1,
-}
-
-
-def tiny_config(epochs=1, loss="pgd_at", shard_params=False):
-    import ml_collections
-
-    c = deq_mnist.get_config()
-    for key, value in OVERRIDES.items():
-        node, *path = key.split(".")[::-1]
-        target = c
-        for part in reversed(path):
-            target = target[part]
-        target[node] = value
-    c.train.epochs, c.train.loss = epochs, loss
-    if shard_params:
-        c.parallel = ml_collections.ConfigDict({"shard_params": True, "model_axis_size": 2})
-    return c
-
 
 # Runs in a subprocess: [nproc, pid, port] then train 2 steps (+ robustness report).
 WORKER = r"""
@@ -77,7 +37,7 @@ if nproc > 1:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
                                process_id=pid, initialization_timeout=60)
 from experiments import evaluate as evaluate_lib, train as train_lib
-from tests.test_parallel import tiny_config
+from tests.helpers import parallel_tiny_config as tiny_config
 print("devices", jax.device_count(), "processes", jax.process_count(), flush=True)
 train_lib.train(tiny_config(shard_params=bool(shard)), workdir, stop_at_step=2)
 if report:
@@ -121,7 +81,7 @@ def _run_workers(args_list, n_devices):
 def _params(workdir):
     import jax
 
-    _, _, state, _ = evaluate_lib.load_run(str(workdir))
+    state = load_run(str(workdir)).state
     assert int(state.step) == 2
     return [np.asarray(v) for v in jax.tree.leaves(state.params)]
 
@@ -243,6 +203,9 @@ def test_sigterm_then_restart_equals_uninterrupted_run(tmp_path):
         _cli(part, 3), cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # the rerun resumed from the SIGTERM checkpoint: it logged so and ran only the rest
+    restored = int(re.search(r"resumed from step (\d+)", out.stdout + out.stderr).group(1))
+    assert 2 <= restored < 12, out.stdout[-2000:]
     for a, b in zip(_params_final(full), _params_final(part)):
         np.testing.assert_array_equal(a, b)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
@@ -256,7 +219,7 @@ def test_sigterm_then_restart_equals_uninterrupted_run(tmp_path):
 def _params_final(workdir):
     import jax
 
-    _, _, state, _ = evaluate_lib.load_run(str(workdir))
+    state = load_run(str(workdir)).state
     return [np.asarray(v) for v in jax.tree.leaves(state.params)]
 
 

@@ -14,13 +14,16 @@ of Croce & Hein 2020. Each flag is True when the evaluation looks *unreliable*:
 * ``accuracy_rises_with_eps``: robust accuracy increases with the radius.
 * ``loss_not_increasing``: for too many examples the attack loss at the end of
   the attack is not above its value at the start.
-* ``adaptive_weaker_than_transfer``: for a defended model evaluated both ways
-  (labels containing ``adaptive_`` and ``nonadaptive_``, as the input-entropy
-  defence's report writes them), the strongest adaptive attack leaves a higher robust
-  accuracy than the strongest transfer attack built on the undefended model. An
-  adaptive attack that knows the defence should never be weaker (Tramèr et al. 2020,
-  "On adaptive attacks to adversarial example defenses"): its gradient through the
-  defence is poor.
+* ``adaptive_weaker_than_transfer``: for a defended model evaluated both ways (view
+  names as :func:`deqjax.bpda.adaptive_views` writes them: ``autodiff``, ``bpda_*``
+  and ``bpda_purified_*`` are adaptive, ``transfer_*`` are attacks built on the
+  undefended model), the strongest adaptive attack leaves a higher robust accuracy than
+  the strongest transfer attack. An adaptive attack that knows the defence should never
+  be weaker (Tramèr et al. 2020, "On adaptive attacks to adversarial example
+  defenses"): its gradient through the defence is poor.
+* ``forward_not_converged``: fewer than ``min_converged`` (90%) of the evaluated
+  examples' forward solves reached the solver tolerance (DEQs): the implicit gradient
+  the attacks use is then the gradient of something the model does not compute.
 
 :func:`sanity_flags` is a host-side function of already computed results; the
 statistics helper :func:`input_gradient_stats` is pure and jit-able.
@@ -36,6 +39,25 @@ import numpy as np
 
 from deqjax.attacks import _common as C
 from deqjax.attacks.ensemble import GRADIENT_FREE
+
+TRANSFER_PREFIX = "transfer_"
+_ADAPTIVE_PREFIXES = ("autodiff", "bpda_")
+
+
+def _view_of(label: str) -> str:
+    """The gradient view of a report label ``attack/view`` (gradient-free attacks run
+    once, on the first — for a defence: the adaptive ``autodiff`` — view)."""
+    return label.split("/", 1)[1] if "/" in label else "autodiff"
+
+
+def is_transfer_view(label: str) -> bool:
+    """Whether a view name (or ``attack/view`` label) is a transfer attack."""
+    return _view_of(label).startswith(TRANSFER_PREFIX)
+
+
+def is_adaptive_view(label: str) -> bool:
+    """Whether a view name (or ``attack/view`` label) is an adaptive attack."""
+    return _view_of(label).startswith(_ADAPTIVE_PREFIXES)
 
 
 class SanityReport(NamedTuple):
@@ -68,6 +90,15 @@ def input_gradient_stats(logits_fn, x, y):
     )
 
 
+def _group_worst(results: dict) -> float:
+    """Worst case over a group of attacks: per example when given (B,) robust flags,
+    else the lowest accuracy."""
+    vals = [np.asarray(v) for v in results.values()]
+    if all(v.ndim == 1 for v in vals):
+        return float(np.logical_and.reduce([v.astype(bool) for v in vals]).mean())
+    return min(_acc(v) for v in vals)
+
+
 def _acc(v):
     v = np.asarray(v)
     return float(v.mean()) if v.ndim else float(v)
@@ -80,8 +111,10 @@ def sanity_flags(
     grad_stats=None,
     eps_curve=None,
     loss_traces=None,
+    converged_fraction=None,
     max_zero_frac=0.01,
     max_stuck_frac=0.5,
+    min_converged=0.9,
     tol=0.0,
 ) -> SanityReport:
     """Host-side reliability flags from results already computed.
@@ -94,6 +127,8 @@ def sanity_flags(
       loss_traces: {attack name: loss trace (T, B)} (e.g. ``pgd(..., return_trace=True)``).
       max_zero_frac: tolerated fraction of examples with zero input gradient.
       max_stuck_frac: tolerated fraction of examples whose loss did not increase.
+      converged_fraction: fraction of evaluated examples whose forward solve converged.
+      min_converged: the fraction below which ``forward_not_converged`` is raised.
       tol: slack on accuracy comparisons.
     Only the checks whose inputs are given are reported.
     """
@@ -112,24 +147,19 @@ def sanity_flags(
                     else "; ok"
                 )
             )
-        adaptive = {
-            k: _acc(v)
-            for k, v in per_attack.items()
-            if "/adaptive_" in k or k.startswith("adaptive_")
-        }
-        transfer = {k: _acc(v) for k, v in per_attack.items() if "nonadaptive_" in k}
+        adaptive = {k: v for k, v in per_attack.items() if is_adaptive_view(k)}
+        transfer = {k: v for k, v in per_attack.items() if is_transfer_view(k)}
         if adaptive and transfer:
-            (ka, va), (kt, vt) = (
-                min(adaptive.items(), key=lambda kv: kv[1]),
-                min(transfer.items(), key=lambda kv: kv[1]),
-            )
-            flags["adaptive_weaker_than_transfer"] = va > vt + tol
+            va, vt = _group_worst(adaptive), _group_worst(transfer)
+            weaker = va > vt + tol
+            flags["adaptive_weaker_than_transfer"] = weaker
             why["adaptive_weaker_than_transfer"] = (
-                f"strongest adaptive {ka} {va:.4f} vs strongest transfer {kt} {vt:.4f}"
+                f"adaptive worst case {va:.4f} ({len(adaptive)} attack/view pairs) vs transfer "
+                f"worst case {vt:.4f} ({len(transfer)})"
                 + (
-                    "; the adaptive attack's gradient through the defence is poor: strengthen it "
-                    "(more steps, BPDA variants, EOT)"
-                    if va > vt + tol
+                    "; the adaptive attacks' gradients through the defence are poor: strengthen "
+                    "them (more steps, BPDA over more views, EOT)"
+                    if weaker
                     else "; ok"
                 )
             )
@@ -151,6 +181,16 @@ def sanity_flags(
             + ", ".join(f"{a0:.4f}@{e0:g} -> {a1:.4f}@{e1:g}" for e0, a0, e1, a1 in rises)
             if rises
             else "robust accuracy is non-increasing in eps; ok"
+        )
+    if converged_fraction is not None:
+        c = float(converged_fraction)
+        flags["forward_not_converged"] = c < min_converged
+        why["forward_not_converged"] = f"{c:.1%} of the evaluated forward solves converged" + (
+            f" (< {min_converged:.0%}): the implicit gradient is the gradient of an equilibrium "
+            "the model does not reach; trust the unroll/intermediate views and Square, and "
+            "consider a larger solver budget or Jacobian regularisation"
+            if c < min_converged
+            else "; ok"
         )
     if loss_traces:
         stuck = {

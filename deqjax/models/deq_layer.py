@@ -12,14 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deqjax.bpda import straight_through
 from deqjax.deq import DEQConfig, damped_steps, deq_fixed_point, jacobian_frobenius_sq
-from deqjax.deq_gradients import (
-    DEFENCES,
-    GRADIENTS,
-    defended_state,
-    estimate_state,
-    straight_through,
-)
+from deqjax.deq_gradients import AttackView, defended_state, estimate_state
+from deqjax.regulation import RandomSteps
 
 
 def cell_as_function(cell: nn.Module, method: str | None = None):
@@ -75,26 +71,18 @@ class DEQ(nn.Module):
         config: DEQConfig | None = None,
         jacobian_key=None,
         jacobian_samples: int = 1,
-        gradient: str | None = None,
-        state_index: int = -1,
-        attack_steps: int = 5,
-        attack_damping: float = 0.5,
-        defence: str = "none",
-        exit_state: int = -1,
-        random_steps_key=None,
-        random_steps_max: int = 0,
+        view: AttackView | None = None,
+        random_steps: RandomSteps | None = None,
     ):
         """Solve per example.
 
-        ``gradient`` (one of :data:`deqjax.deq_gradients.GRADIENTS`) picks the
-        gradient path attacks see (value unchanged, see :mod:`deqjax.deq_gradients`):
-        ``state_index``, ``attack_steps`` (K_a) and ``attack_damping`` (λ) configure
-        the intermediate-state estimators. ``defence`` (``"early_exit"`` at
-        ``exit_state``, or ``"state_ensemble"``) changes the state that is returned.
+        ``view`` (an :class:`~deqjax.deq_gradients.AttackView`) picks the gradient
+        path attacks see — the value is unchanged, see :mod:`deqjax.deq_gradients` —
+        and the state that is returned (``defence``: early exit or state ensemble).
 
-        ``random_steps_key`` with ``random_steps_max = n_max`` (training only): draw
-        ``n ~ U{1, …, n_max}`` once for the batch, run exactly n solver steps and
-        return ``z_n`` with the phantom gradient (K = ``config.phantom_steps``,
+        ``random_steps`` (training only, :class:`~deqjax.regulation.RandomSteps`):
+        draw ``n ~ U{1, …, max_steps}`` once for the batch, run exactly n solver steps
+        and return ``z_n`` with the phantom gradient (K = ``config.phantom_steps``,
         λ = ``config.phantom_damping``) — the "random intermediate states" of Yang
         et al. 2023 (SPEC §5).
 
@@ -102,6 +90,10 @@ class DEQ(nn.Module):
         ``‖J_f(z*)‖_F² / dim(z)`` (batch mean) into the ``"losses"`` collection
         under ``"jacobian_frobenius_sq"`` (apply with ``mutable=["losses"]``)."""
         config = config or self.config
+        if not isinstance(config, DEQConfig):
+            raise TypeError(f"config must be a deqjax.DEQConfig, got {type(config).__name__}")
+        if view is not None and not isinstance(view, AttackView):
+            raise TypeError(f"view must be a deqjax.deq_gradients.AttackView, got {view!r}")
         z0 = jnp.zeros_like(u) if z0 is None else z0
         if z0.shape != u.shape:
             raise ValueError(f"z0 must have the injection's shape {u.shape}, got {z0.shape}")
@@ -113,44 +105,30 @@ class DEQ(nn.Module):
             backward_probe = jnp.zeros((u.shape[0], 2), u.dtype)
 
         num_steps = None
-        if random_steps_key is not None:
-            if random_steps_max < 1:
-                raise ValueError("random intermediate states need random_steps_max >= 1")
-            num_steps = jax.random.randint(random_steps_key, (), 1, random_steps_max + 1)
-            fwd = dataclasses.replace(
-                config.forward, max_iter=random_steps_max, tol=0.0, return_state="last"
-            )
-            config = dataclasses.replace(config, forward=fwd, backward="phantom")
-
-        implicit_f = implicit_function(self.cell, config.backward == "implicit")
-
-        def one(z0_i, u_i, probe_i):
-            return deq_fixed_point(
-                f,
-                z0_i,
-                (params, u_i),
-                config,
-                backward_probe=probe_i,
-                return_trajectory=return_trajectory,
-                num_steps=num_steps,
-                implicit_f=implicit_f,
+        if random_steps is not None:
+            num_steps = random_steps.draw()
+            config = dataclasses.replace(
+                config.with_forward(max_iter=random_steps.max_steps, tol=0.0, return_state="last"),
+                backward="phantom",
             )
 
-        if gradient is not None or defence != "none":
-            z, stats = self._attack_view(
-                f,
-                params,
-                u,
-                z0,
-                config,
-                gradient or config.backward,
-                state_index,
-                attack_steps,
-                attack_damping,
-                defence,
-                exit_state,
-            )
+        if view is not None:
+            z, stats = self._attack_view(f, params, u, z0, config, view)
         else:
+            implicit_f = implicit_function(self.cell, config.backward == "implicit")
+
+            def one(z0_i, u_i, probe_i):
+                return deq_fixed_point(
+                    f,
+                    z0_i,
+                    (params, u_i),
+                    config,
+                    backward_probe=probe_i,
+                    return_trajectory=return_trajectory,
+                    num_steps=num_steps,
+                    implicit_f=implicit_f,
+                )
+
             z, stats = jax.vmap(one)(z0, u, backward_probe)
         if jacobian_key is not None:
             keys = jax.random.split(jacobian_key, u.shape[0])
@@ -162,56 +140,49 @@ class DEQ(nn.Module):
             self.sow("losses", "jacobian_frobenius_sq", jnp.mean(est) / z[0].size)
         return z, stats
 
-    def _attack_view(
-        self, f, params, u, z0, config, gradient, state_index, steps, damping, defence, exit_state
-    ):
-        if gradient not in GRADIENTS:
-            raise ValueError(f"unknown gradient {gradient!r}; choose one of {GRADIENTS}")
-        if defence not in DEFENCES:
-            raise ValueError(f"unknown defence {defence!r}; choose one of {DEFENCES}")
-
+    def _attack_view(self, f, params, u, z0, config, view: AttackView):
+        gradient = view.gradient or config.backward
         implicit_f = implicit_function(self.cell, gradient == "implicit")
+        need_traj = view.needs_trajectory(gradient)
 
         def one(z0_i, u_i):
             args = (params, u_i)
-            need_traj = defence != "none" or gradient in (
-                "intermediate",
-                "ensemble",
-                "simultaneous_adjoint",
-            )
             if gradient in ("implicit", "unroll"):
-                cfg = dataclasses.replace(config, backward=gradient)
+                # the solve itself is differentiated (IFT, or backprop through its steps)
                 z_sur, stats = deq_fixed_point(
-                    f, z0_i, args, cfg, return_trajectory=need_traj, implicit_f=implicit_f
+                    f,
+                    z0_i,
+                    args,
+                    dataclasses.replace(config, backward=gradient),
+                    return_trajectory=need_traj,
+                    implicit_f=implicit_f,
                 )
                 z_star = jax.lax.stop_gradient(z_sur)
-            else:
-                cfg = dataclasses.replace(
-                    config, backward="implicit"
-                )  # forward only: args are stopped
+            else:  # forward only (args stopped); the estimator supplies the gradient
                 z_star, stats = deq_fixed_point(
                     f,
                     z0_i,
                     jax.lax.stop_gradient(args),
-                    cfg,
+                    dataclasses.replace(config, backward="implicit"),
                     return_trajectory=need_traj,
                     implicit_f=implicit_f,
                 )
                 z_sur = None
-            z_value = defended_state(z_star, stats.trajectory, defence, exit_state)
+            z_value = defended_state(z_star, stats.trajectory, view.defence, view.exit_state)
             if z_sur is not None:
                 return straight_through(z_value, z_sur), stats
-            return estimate_state(
+            z = estimate_state(
                 f,
                 z_value,
                 z_star,
                 stats.trajectory,
                 args,
                 gradient,
-                state_index=state_index,
-                steps=steps,
-                damping=damping,
-            ), stats
+                state_index=view.state_index,
+                steps=view.steps,
+                damping=view.damping,
+            )
+            return z, stats
 
         return jax.vmap(one)(z0, u)
 

@@ -17,8 +17,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from deqjax.deq import DEQConfig
+from deqjax.deq_gradients import AttackView
 from deqjax.models.deq_layer import DEQ
 from deqjax.models.layers import FastConv
+from deqjax.regulation import RandomSteps
 
 
 class MDEQCell(nn.Module):
@@ -98,11 +100,12 @@ class DEQClassifierMethods:
         return_trajectory: bool = False,
         config: DEQConfig | None = None,
         jacobian_key=None,
-        **attack_view,
+        view: AttackView | None = None,
+        random_steps: RandomSteps | None = None,
     ):
-        """Returns ``(logits, stats)``. ``attack_view``: ``gradient``, ``state_index``,
-        ``attack_steps``, ``attack_damping``, ``defence``, ``exit_state``,
-        ``random_steps_key``, ``random_steps_max`` of :class:`~deqjax.models.DEQ`."""
+        """Returns ``(logits, stats)``; the keyword arguments are those of
+        :class:`~deqjax.models.DEQ` (``view``: the gradient path an attack follows;
+        ``random_steps``: random intermediate states in training)."""
         check_images(x)
         z, stats = self.equilibrium(
             self.injection(x),
@@ -110,7 +113,8 @@ class DEQClassifierMethods:
             return_trajectory=return_trajectory,
             config=config,
             jacobian_key=jacobian_key,
-            **attack_view,
+            view=view,
+            random_steps=random_steps,
         )
         return self.head(z), stats
 

@@ -61,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
             checkpoint_every_steps=200,
             keep_checkpoints=2,
             nonconvergence_warning=0.05,  # warn when more than this fraction did not converge
+            skip_nonfinite=False,  # False: stop on a non-finite loss/gradient; True: skip it
             progress=True,
         )
     )
@@ -112,8 +113,13 @@ def base_config() -> ml_collections.ConfigDict:
             # simultaneous_adjoint)
             gradients="implicit,intermediate,simultaneous_adjoint",
             state_indices="4",  # intermediate states attacked (one view each)
-            attack_steps=5,
+            attack_steps=5,  # K_a and λ of the intermediate-state views
             attack_damping=0.5,
+            # a defended model (input entropy reduction, OTAD) is attacked through the
+            # whole defence (autodiff), by BPDA over every view above (bpda: gradient at
+            # x; bpda_purified: at the purified input) and by transfer from the
+            # undefended model (deqjax.bpda.adaptive_views)
+            protocols="autodiff,bpda,bpda_purified,transfer",
         )
-    )  # K_a and λ of the intermediate-state views
+    )
     return c

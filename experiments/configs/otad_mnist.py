@@ -48,11 +48,10 @@ def otad_block(c):
         cip_noise=0.3,
         cip_noisy_copies=1,
         # the evaluation (experiments/otad_evaluate.py): robustness.norm/eps first,
-        # then also_norm/also_eps ('' = skip); views per test-time model
+        # then also_norm/also_eps ('' = skip); the attacked views of each OTAD model
+        # are robustness.protocols (autodiff, bpda, transfer) around the network
         also_norm="l2",
         also_eps="1.0,2.0",
-        views_cip="bpda,cip_implicit",
-        views_nn="autodiff,bpda",
     )
     return c
 

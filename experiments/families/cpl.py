@@ -34,7 +34,7 @@ from deqjax.cpl import (
     dense_spectral_norm,
     row_normalize,
 )
-from experiments import models
+from experiments.spec import ModelSpec
 
 
 class CPLClassifier(nn.Module):
@@ -143,7 +143,7 @@ def lipschitz_upper_bound(module: CPLClassifier, variables, n_iters: int, image_
 # --- the report section ----------------------------------------------------------
 
 
-def certify_hook(spec: models.ModelSpec, state, x, y, eps_list, r) -> dict:
+def certify_hook(spec: ModelSpec, state, x, y, eps_list, r) -> dict:
     """Certified accuracy of the evaluated network (Meunier et al. 2022, Sec. 6).
 
     Logits come from the same call as the attack views (``spec.eval_kwargs``), so the
@@ -183,7 +183,8 @@ def certify_hook(spec: models.ModelSpec, state, x, y, eps_list, r) -> dict:
     }
 
 
-def _build(config, num_classes: int) -> models.ModelSpec:
+def build(config, num_classes: int) -> ModelSpec:
+    """The ``cpl`` family: :class:`CPLClassifier` with the certificate report section."""
     m = config.model
     module = CPLClassifier(
         depth=int(m.depth),
@@ -200,13 +201,10 @@ def _build(config, num_classes: int) -> models.ModelSpec:
     eval_iters = int(m.eval_power_iters)
     if eval_iters < 1:
         raise ValueError(f"model.eval_power_iters must be >= 1, got {eval_iters}")
-    return models.ModelSpec(
+    return ModelSpec(
         module=module,
         is_deq=False,
         mutable=(COLLECTION,),
         eval_kwargs={"n_power_iters": eval_iters},
         report_hooks=(certify_hook,),
     )
-
-
-models.register("cpl", _build)

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from deqjax.models.lyadeq import LyaDEQClassifier, lyadeq_stability_check
-from experiments import models
+from experiments.spec import ModelSpec, deq_config
 
 
 def stability_hook(spec, state, x, y, eps_list, r):
@@ -31,7 +31,8 @@ def stability_hook(spec, state, x, y, eps_list, r):
     }
 
 
-def _lyadeq(config, num_classes):
+def build(config, num_classes: int) -> ModelSpec:
+    """The ``lyadeq`` family: :class:`LyaDEQClassifier` with the stability report section."""
     m, ly = config.model, config.lyapunov
     module = LyaDEQClassifier(
         num_classes=num_classes,
@@ -46,14 +47,11 @@ def _lyadeq(config, num_classes):
         orthogonal=ly.orthogonal,
         orthogonal_kind=ly.orthogonal_kind,
         orth_features=ly.orth_features,
-        deq=models.deq_config(config.deq),
+        deq=deq_config(config.deq),
     )
-    return models.ModelSpec(
+    return ModelSpec(
         module,
         is_deq=True,
-        eval_kwargs={"config": models.deq_config(config.deq, evaluation=True)},
+        eval_kwargs={"config": deq_config(config.deq, evaluation=True)},
         report_hooks=(stability_hook,),
     )
-
-
-models.register("lyadeq", _lyadeq)

@@ -25,9 +25,8 @@ keys) as ``otad_index.npz`` and, for ``otad_nn``, the neural-CIP parameters as
 
 from __future__ import annotations
 
-import json
+import io
 import os
-import time
 from typing import NamedTuple
 
 import flax
@@ -36,8 +35,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deqjax.otad import FORMS, NeuralCIP, OTResNet, cip_targets, knn, neural_cip_loss
-from experiments import models
+from deqjax.bpda import adaptive_views
+from deqjax.otad import (
+    FORMS,
+    NeuralCIP,
+    OTResNet,
+    cip_targets,
+    knn,
+    neural_cip_loss,
+    neural_otad_logits,
+    otad_logits,
+)
+from experiments import common
+from experiments.spec import Evaluated, ModelSpec, split_list
 
 FAMILY = ("otad_resnet", "otad", "otad_nn")
 NEIGHBOUR_SPACES = ("embedding", "input")
@@ -83,7 +93,8 @@ def check_otad_config(config) -> None:
         raise ValueError(f"otad.k (neighbours) must be >= 1; got {o.k}")
 
 
-def _build(config, num_classes: int) -> models.ModelSpec:
+def build(config, num_classes: int) -> ModelSpec:
+    """The OTAD family (``otad_resnet``, ``otad``, ``otad_nn``: one trained network)."""
     check_otad_config(config)
     m = config.model
     module = OTADNet(
@@ -95,15 +106,12 @@ def _build(config, num_classes: int) -> models.ModelSpec:
         zero_init_residual=bool(m.zero_init_residual),
         image_shape=tuple(int(s) for s in m.image_shape),
     )
-    return models.ModelSpec(
+    return ModelSpec(
         module=module,
         is_deq=False,
         regularizers={"transport_cost": float(config.otad.transport_weight)},
+        views=views,
     )
-
-
-for _name in FAMILY:
-    models.register(_name, _build)
 
 
 # --- the post-training step: index and neural CIP ----------------------------------
@@ -246,61 +254,89 @@ def fit_neural_cip(module: OTADNet, params, fit: OTADFit, images, o, seed: int =
     }
 
 
-def fit(workdir: str, *, quiet: bool = True) -> dict:
-    """The post-training step of an ``otad``/``otad_nn`` workdir: index (+ neural CIP).
-
-    Writes ``otad_index.npz``, ``otad_neural_cip.msgpack`` (``otad_nn`` only) and
-    ``otad_fit.json`` (statistics) into ``workdir``; returns the statistics."""
-    from experiments.evaluate import load_run
-
-    config, spec, state, ds = load_run(workdir)
-    check_otad_config(config)
-    o, t0 = config.otad, time.time()
-    n = int(o.index_size) or len(ds.train_images)
-    images, labels = ds.train_images[:n], ds.train_labels[:n]
-    x0, z, keys = compute_index(
-        spec.module, state.params, images, o.neighbours, int(o.fit_batch_size)
-    )
-    np.savez(os.path.join(workdir, INDEX_FILE), x0=x0, z=z, keys=keys, labels=labels)
-    stats = {
-        "index_size": n,
-        "embedding_dim": int(x0.shape[1]),
-        "neighbours": o.neighbours,
-        "mean_transport_displacement": float(np.mean(np.linalg.norm(z - x0, axis=1))),
-        "index_seconds": time.time() - t0,
-    }
-    if config.model.name == "otad_nn":
-        t1 = time.time()
-        cip_params, s = fit_neural_cip(
-            spec.module, state.params, OTADFit(x0, z, keys, labels), images, o, int(config.seed)
-        )
-        with open(os.path.join(workdir, CIP_FILE), "wb") as fh:
-            fh.write(flax.serialization.to_bytes(cip_params))
-        stats.update(s, cip_seconds=time.time() - t1)
-    with open(os.path.join(workdir, FIT_FILE), "w") as fh:
-        json.dump(stats, fh, indent=2)
-    if not quiet:
-        print(json.dumps(stats, indent=2), flush=True)
-    return stats
-
-
 def load_fit(workdir: str, config) -> OTADFit:
-    """Read what :func:`fit` stored (FileNotFoundError naming the fix if missing)."""
+    """Read what :func:`experiments.otad_fit.fit` stored (FileNotFoundError naming the
+    fix if missing); local or ``gs://``."""
     path = os.path.join(workdir, INDEX_FILE)
-    if not os.path.exists(path):
+    data = common.read_bytes(path)
+    if data is None:
         raise FileNotFoundError(
             f"{path} not found: run `python -m experiments.otad_fit "
             f"--workdir {workdir}` after training"
         )
-    d = np.load(path)
+    d = np.load(io.BytesIO(data))
     cip_params = None
     if config.model.name == "otad_nn":
         cpath = os.path.join(workdir, CIP_FILE)
-        if not os.path.exists(cpath):
+        blob = common.read_bytes(cpath)
+        if blob is None:
             raise FileNotFoundError(f"{cpath} not found: run experiments.otad_fit again")
         k = int(config.otad.k)
         net = NeuralCIP(hidden=int(config.otad.cip_hidden))
         template = net.init(jax.random.PRNGKey(0), d["x0"][:1], d["x0"][None, :k], d["z"][None, :k])
-        with open(cpath, "rb") as fh:
-            cip_params = flax.serialization.from_bytes(template, fh.read())
+        cip_params = flax.serialization.from_bytes(template, blob)
     return OTADFit(d["x0"], d["z"], d["keys"], d["labels"], cip_params)
+
+
+# --- the evaluated models and their attacked views ------------------------------
+
+
+def model_logits(spec, state, fit: OTADFit, config) -> dict:
+    """``{"otad_resnet", "otad"[, "otad_nn"]}``: batched logits functions of images —
+    the trained network alone, with the CIP solver, and with the neural CIP."""
+    module, variables = spec.module, {"params": state.params}
+    o = config.otad
+    index_x0, index_z = jnp.asarray(fit.x0), jnp.asarray(fit.z)
+    keys = None if o.neighbours == "embedding" else jnp.asarray(fit.keys)
+
+    def query(x):
+        return None if keys is None else x.reshape(x.shape[0], -1)
+
+    out = {"otad_resnet": lambda x: module.apply(variables, x)[0]}
+    kw = cip_kwargs(o)
+    out["otad"] = lambda x: otad_logits(
+        module, variables, index_x0, index_z, x, **kw, index_keys=keys, query_keys=query(x)
+    )[0]
+    if fit.cip_params is not None:
+        net = NeuralCIP(hidden=int(o.cip_hidden))
+        out["otad_nn"] = lambda x: neural_otad_logits(
+            module,
+            variables,
+            net,
+            fit.cip_params,
+            index_x0,
+            index_z,
+            x,
+            k=int(o.k),
+            index_keys=keys,
+            query_keys=query(x),
+        )
+    return out
+
+
+def model_views(logits: dict, protocols) -> dict:
+    """``{model: Evaluated(score, views)}``: the plain network (``autodiff``) and each
+    OTAD model with the adaptive views of :func:`deqjax.bpda.adaptive_views` around the
+    network — ``autodiff`` (through the CIP solver's implicit QP gradient, or white-box
+    through the neural CIP), ``bpda_autodiff`` (value of the OTAD model, gradient of the
+    network) and ``transfer_autodiff`` (attacks on the network, scored on OTAD)."""
+    net = logits["otad_resnet"]
+    out = {"otad_resnet": Evaluated(net, {"autodiff": net})}
+    protocols = tuple(p for p in protocols if p != "bpda_purified")  # no input transform
+    for name in ("otad", "otad_nn"):
+        if name in logits:
+            views = adaptive_views(logits[name], {"autodiff": net}, protocols=protocols)
+            out[name] = Evaluated(logits[name], views)
+    return out
+
+
+def views(run, r) -> dict:
+    """The ``ModelSpec.views`` hook: every model a report of this workdir scores (the
+    OTAD models need the fit of :mod:`experiments.otad_fit`)."""
+    if run.config.model.name == "otad_resnet":
+        fit = OTADFit(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)), np.zeros(1))
+        logits = {"otad_resnet": model_logits(run.spec, run.state, fit, run.config)["otad_resnet"]}
+    else:
+        fit = load_fit(run.workdir, run.config)
+        logits = model_logits(run.spec, run.state, fit, run.config)
+    return model_views(logits, split_list(r.protocols))

@@ -1,0 +1,80 @@
+"""Configs and small utilities the test files share (kept here so no test file imports
+another)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from experiments.configs import deq_mnist, explicit_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(epochs: int = 2, name: str = "deq") -> ml_collections.ConfigDict:
+    """A DEQ (or its explicit twin) small enough to train in seconds on 256 examples."""
+    c = deq_mnist.get_config() if name == "deq" else explicit_mnist.get_config()
+    c.limit_train, c.limit_test = 256, 100
+    c.model.width, c.model.inner, c.model.groups = 8, 8, 4
+    c.deq.max_iter, c.deq.adjoint_max_iter, c.deq.eval_max_iter = 6, 6, 8
+    c.train.epochs, c.train.batch_size, c.train.progress = epochs, 32, False
+    c.train.warmup_steps, c.train.checkpoint_every_steps = 2, 5
+    c.eval.batch_size = 100
+    c.robustness.after_training = False
+    return c
+
+
+# A tiny DEQ for the scale-out tests; the same values go to train() and, as
+# --config.K=V, to the CLI.
+PARALLEL_OVERRIDES = {
+    "limit_train": 64,
+    "limit_test": 32,
+    "model.width": 8,
+    "model.inner": 8,
+    "model.groups": 4,
+    "deq.max_iter": 4,
+    "deq.adjoint_max_iter": 4,
+    "deq.eval_max_iter": 4,
+    "train.batch_size": 16,
+    "train.progress": False,
+    "train.warmup_steps": 2,
+    "train.checkpoint_every_steps": 2,
+    "adv.steps": 2,
+    "eval.batch_size": 32,
+    "robustness.after_training": False,
+    "robustness.n_examples": 20,
+    "robustness.batch_size": 20,
+    "robustness.attacks": "pgd",
+    "robustness.n_iter": 2,
+    "robustness.eps": "0.1",
+    "robustness.gradients": "implicit",
+    "robustness.restarts": 1,
+}
+
+
+def set_path(config: ml_collections.ConfigDict, key: str, value) -> None:
+    """``config[a][b] = value`` for ``key = "a.b"``."""
+    *path, last = key.split(".")
+    target = config
+    for part in path:
+        target = target[part]
+    target[last] = value
+
+
+def parallel_tiny_config(epochs=1, loss="pgd_at", shard_params=False):
+    """:data:`PARALLEL_OVERRIDES` on ``deq_mnist``."""
+    c = deq_mnist.get_config()
+    for key, value in PARALLEL_OVERRIDES.items():
+        set_path(c, key, value)
+    c.train.epochs, c.train.loss = epochs, loss
+    if shard_params:
+        c.parallel = ml_collections.ConfigDict({"shard_params": True, "model_axis_size": 2})
+    return c
+
+
+def read_metrics(workdir) -> list[dict]:
+    """The records of ``workdir/metrics.jsonl``."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
