@@ -1,18 +1,23 @@
 """Robustness evaluation: the per-example worst case over attacks AND gradient paths.
 
-A model is given as ``views``: a mapping from a gradient-path name to a logits
-function. Every view must compute the same logits (the model's); they differ only in
-the gradient an attack follows (for DEQs: implicit, phantom, intermediate states, …,
-see :mod:`deqjax.deq_gradients`; for an explicit network there is one view). For each
-ε, every gradient attack runs through every view, gradient-free attacks run once, and
-an example is robust only if it is classified correctly clean and under all of them
-(SPEC §3 and §7). Sanity flags (SPEC §7) come with every evaluation.
+A model is given as ``views``: a mapping from a view name to a logits function that
+attacks follow, and ``score``, the model's own logits function (default: the first
+view). A view usually computes the model's logits and differs only in its gradient
+(for DEQs: implicit, phantom, intermediate states, …, see :mod:`deqjax.deq_gradients`;
+for an explicit network there is one view); for a defended model it may be another
+model altogether (a transfer attack, see :func:`deqjax.bpda.adaptive_views`). For each
+ε, every gradient attack runs through every view, gradient-free attacks run once, every
+output is scored by ``score``, and an example is robust only if it is classified
+correctly clean and under all of them (SPEC §3 and §7). Sanity flags (SPEC §7) come with
+every evaluation.
 
 Scale: each chunk of ``batch_size`` examples is split over the devices of a mesh
 (``NamedSharding`` on the batch axis; all devices of all processes by default) and
 the attacks run under ``jax.jit`` on the sharded chunk. A short last chunk is padded
 to a multiple of the device count with copies of its last example, then discarded.
-Chunks, and the key of each (attack, ε), do not depend on the device count, and the
+Every view of one attack at one ε gets the same key (the same random starts), so views
+are compared on equal terms. Chunks, and the key of each (attack, ε), do not depend on
+the device count, and the
 random draws of the attacks are the same for any sharding (and for the padded rows'
 neighbours: draws are prefix-stable), so the report is the same on 1 or N devices
 (up to floating-point reduction order inside the model).
@@ -180,7 +185,9 @@ def evaluate_robustness(
         for j, (label, (a, run)) in enumerate(runs.items()):
             if progress:
                 progress(f"eps={eps:g} {label}", i * len(runs) + j, total)
-            k = jax.random.fold_in(jax.random.fold_in(key, i), j)
+            # every view of one attack gets the same key (same random starts): the
+            # views are compared on equal terms, not on their draws
+            k = jax.random.fold_in(jax.random.fold_in(key, i), list(attacks).index(a))
 
             def unpadded(xb, yb, m, run=run, eps=eps, k=k):
                 ok, trace = run(xb, yb, jnp.float32(eps), k)

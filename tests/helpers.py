@@ -39,7 +39,7 @@ PARALLEL_OVERRIDES = {
     "deq.eval_max_iter": 4,
     "train.batch_size": 16,
     "train.progress": False,
-    "train.warmup_steps": 2,
+    "train.warmup_steps": 1,
     "train.checkpoint_every_steps": 2,
     "adv.steps": 2,
     "eval.batch_size": 32,
@@ -78,3 +78,39 @@ def read_metrics(workdir) -> list[dict]:
     """The records of ``workdir/metrics.jsonl``."""
     with open(os.path.join(workdir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh]
+
+
+def loss_gradients(workdir: str) -> list:
+    """The training-loss gradient at a workdir's restored parameters on its first training
+    batch, computed on the config's mesh (batch sharded as in training; every process
+    reads only its rows) — so runs on different device/process counts can be compared
+    gradient by gradient, not only after Adam has normalised them away."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments import parallel, train
+    from experiments.workdir import load_run
+
+    run = load_run(workdir)
+    mesh, _ = parallel.mesh_from_config(run.config)
+    sharding, bs = parallel.batch_sharding(mesh), run.config.train.batch_size
+    ds = run.dataset
+    batch = next(
+        parallel.host_epoch_batches(
+            ds.train_images,
+            ds.train_labels,
+            bs,
+            seed=run.config.seed,
+            epoch=0,
+            rows=parallel.process_rows(sharding, bs),
+        )
+    )
+    x, y = parallel.global_batch(batch, sharding, bs)
+    loss_fn = train.make_loss_fn(run.spec, run.config)
+    key, probe = jax.random.PRNGKey(0), jnp.zeros((bs, 2))
+    grad = jax.jit(
+        jax.grad(lambda p: loss_fn(p, run.state.model_state, x, y, key, probe)[0]),
+        out_shardings=parallel.replicated(mesh),
+    )(run.state.params)
+    return [np.asarray(g) for g in jax.tree.leaves(grad)]

@@ -22,28 +22,35 @@ from experiments import evaluate as evaluate_lib
 from experiments import train as train_lib
 from experiments.workdir import load_run
 from tests.helpers import PARALLEL_OVERRIDES as OVERRIDES
-from tests.helpers import ROOT
+from tests.helpers import ROOT, loss_gradients
 from tests.helpers import parallel_tiny_config as tiny_config
 
 TIMEOUT = 240
 
-# Runs in a subprocess: [nproc, pid, port] then train 2 steps (+ robustness report).
+STEPS = 4  # warmup_steps=1: the first update has learning rate 0, the next three do not
+
+# Runs in a subprocess: [nproc, pid, port] then train STEPS steps (+ robustness report),
+# and save the loss gradient at the trained parameters (process 0 writes it).
 WORKER = r"""
 import json, sys
 import jax
+import numpy as np
 nproc, pid, port, workdir, shard, report = json.loads(sys.argv[1])
 if nproc > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nproc,
                                process_id=pid, initialization_timeout=60)
 from experiments import evaluate as evaluate_lib, train as train_lib
-from tests.helpers import parallel_tiny_config as tiny_config
+from tests.helpers import loss_gradients, parallel_tiny_config as tiny_config
 print("devices", jax.device_count(), "processes", jax.process_count(), flush=True)
-train_lib.train(tiny_config(shard_params=bool(shard)), workdir, stop_at_step=2)
+train_lib.train(tiny_config(epochs=2, shard_params=bool(shard)), workdir, stop_at_step=STEPS)
+grads = loss_gradients(workdir)
+if jax.process_index() == 0:
+    np.savez(workdir + "/grads.npz", *grads)
 if report:
     evaluate_lib.evaluate(workdir, quiet=True)
 print("done", flush=True)
-"""
+""".replace("STEPS", str(STEPS))
 
 
 def _env(n_devices):
@@ -82,8 +89,13 @@ def _params(workdir):
     import jax
 
     state = load_run(str(workdir)).state
-    assert int(state.step) == 2
+    assert int(state.step) == STEPS
     return [np.asarray(v) for v in jax.tree.leaves(state.params)]
+
+
+def _grads(workdir):
+    with np.load(os.path.join(str(workdir), "grads.npz")) as f:
+        return [f[f"arr_{i}"] for i in range(len(f.files))]
 
 
 def _free_port():
@@ -94,11 +106,13 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
-    """The reference: 2 adversarial-training steps and a PGD report on one device."""
+    """The reference: STEPS adversarial-training steps, the loss gradient at the result
+    and a PGD report, on one device."""
     workdir = tmp_path_factory.mktemp("one")
-    train_lib.train(tiny_config(), str(workdir), stop_at_step=2)
+    train_lib.train(tiny_config(epochs=2), str(workdir), stop_at_step=STEPS)
+    grads = loss_gradients(str(workdir))
     report = evaluate_lib.evaluate(str(workdir), quiet=True)
-    return workdir, _params(workdir), report
+    return workdir, _params(workdir), report, grads
 
 
 def _assert_same_params(a, b):
@@ -107,6 +121,17 @@ def _assert_same_params(a, b):
         np.testing.assert_allclose(
             u, v, rtol=1e-4, atol=1e-5
         )  # reduction order differs across devices
+
+
+def _assert_same_grads(a, b):
+    """Gradient by gradient, relative to each leaf's scale (a wrong gradient scale —
+    e.g. a sum over devices where a mean belongs — fails here, though Adam hides it in
+    the parameters)."""
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        scale = max(float(np.abs(u).max()), 1e-12)
+        np.testing.assert_allclose(u / scale, v / scale, atol=1e-3)
+    assert any(float(np.abs(u).max()) > 0 for u in a)
 
 
 # The cell convolution's kernel gradient (deqjax.conv.conv2d, a custom_vjp under
@@ -118,13 +143,16 @@ def _assert_same_params(a, b):
 def test_eight_devices_match_one_device(one_device, tmp_path):
     """Data-parallel PGD adversarial training (inner attack sharded) and the sharded
     attack report on 8 simulated devices equal one device; so does shard_params on a
-    (4 data × 2 model) mesh. The report's 20 examples are padded to 24 on 8 devices."""
-    _, ref, ref_report = one_device
+    (4 data × 2 model) mesh. The report's 20 examples are padded to 24 on 8 devices.
+    Compared after several real Adam steps, and gradient by gradient."""
+    _, ref, ref_report, ref_grads = one_device
     dp, sp = tmp_path / "dp", tmp_path / "sp"
     out = _run_workers([[1, 0, 0, str(dp), 0, 1], [1, 0, 0, str(sp), 1, 0]], 8)
     assert "devices 8" in out[0]
     _assert_same_params(_params(dp), ref)
     _assert_same_params(_params(sp), ref)
+    _assert_same_grads(_grads(dp), ref_grads)
+    _assert_same_grads(_grads(sp), ref_grads)
     report = json.load(open(dp / "report.json"))
     for key in ("clean_accuracy", "robust_accuracy", "worst_case", "n_examples"):
         assert report[key] == ref_report[key], key
@@ -146,11 +174,12 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(tmp_path):
 def test_two_processes_match_one_process(one_device, tmp_path):
     """Two processes (2 CPU devices each, gloo collectives) on 127.0.0.1, each reading
     only its half of every batch, train like one process and share one checkpoint."""
-    _, ref, _ = one_device
+    _, ref, _, ref_grads = one_device
     workdir, port = tmp_path / "mp", _free_port()
     out = _run_workers([[2, i, port, str(workdir), 0, 0] for i in range(2)], 2)
     assert "devices 4 processes 2" in out[0]
     _assert_same_params(_params(workdir), ref)
+    _assert_same_grads(_grads(workdir), ref_grads)
 
 
 def _cli(workdir, epochs):

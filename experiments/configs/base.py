@@ -110,8 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
             batch_size=100,
             seed=0,
             # DEQ gradient views (all: implicit, phantom, unroll, intermediate, ensemble,
-            # simultaneous_adjoint)
-            gradients="implicit,intermediate,simultaneous_adjoint",
+            # simultaneous_adjoint); unroll = backprop through exactly the steps the
+            # evaluation forward runs: the exact gradient of what the model computes
+            gradients="implicit,unroll,intermediate,simultaneous_adjoint",
             state_indices="4",  # intermediate states attacked (one view each)
             attack_steps=5,  # K_a and λ of the intermediate-state views
             attack_damping=0.5,

@@ -1,12 +1,13 @@
 """A small MDEQ on mnist_5k (the quick start): implicit gradient, Anderson solver.
 
-The robustness report after training is a quick one (~6 min on 2 CPU cores): ε ∈ {0.1,
-0.2}, PGD and APGD-CE with 10 steps through the implicit and simultaneous-adjoint
-gradient views, Square with 100 queries. The full report of base_config (4 radii,
-20 steps, the intermediate-state view, Square 300; ~45 min here) is one command away:
+The robustness report after training is a quick one: ε ∈ {0.1, 0.2}, PGD and APGD-CE
+with 10 steps through the implicit, unroll (exact: backprop through the evaluation
+forward's own steps) and simultaneous-adjoint gradient views, Square with 100 queries.
+The full report of base_config (4 radii, 20 steps, the intermediate-state view too,
+Square 300) is one command away:
 
     python -m experiments.evaluate --workdir runs/deq_mnist --eps=0.05,0.1,0.2,0.3 \\
-        --n_iter=20 --n_queries=300 --gradients=implicit,intermediate,simultaneous_adjoint
+        --n_iter=20 --n_queries=300 --gradients=implicit,unroll,intermediate,simultaneous_adjoint
 """
 
 from experiments.configs.base import base_config
@@ -15,6 +16,11 @@ from experiments.configs.base import base_config
 def get_config():
     c = base_config()
     c.robustness.update(
-        dict(eps="0.1,0.2", n_iter=10, n_queries=100, gradients="implicit,simultaneous_adjoint")
+        dict(
+            eps="0.1,0.2",
+            n_iter=10,
+            n_queries=100,
+            gradients="implicit,unroll,simultaneous_adjoint",
+        )
     )
     return c
