@@ -54,6 +54,17 @@ def _classification_loss(kind, logits, y, margin):
     return jnp.mean(ce_loss(logits, y))
 
 
+def sown_losses(sown) -> dict:
+    """``{name: total}`` of the values sown into the ``"losses"`` collection, keyed by the
+    sow name wherever in the module tree it was sown (the DEQ layer sows
+    ``jacobian_frobenius_sq`` inside its submodule, OTAD ``transport_cost`` at the top)."""
+    totals = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(sown)[0]:
+        name = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)][-1]
+        totals[name] = totals.get(name, 0.0) + jnp.sum(value)
+    return totals
+
+
 def _adversarial_examples(kind, apply_fn, params, x, y, key, adv):
     kw = dict(eps=adv.eps, step=adv.step, steps=adv.steps, norm=adv.norm)
     if _INNER_ATTACK[kind] == "pgd":
@@ -115,8 +126,7 @@ def make_loss_fn(spec: ModelSpec, config):
             {"params": params, **model_state}, x, mutable=mutable, **kwargs
         )
         new_vars = dict(new_vars)
-        sown = new_vars.pop("losses", {})
-        reg = {name: jnp.sum(jnp.asarray(jax.tree.leaves(tree))) for name, tree in sown.items()}
+        reg = sown_losses(new_vars.pop("losses", {}))
         return logits, stats, reg, new_vars
 
     def loss_fn(params, model_state, x, y, key, probe):

@@ -109,8 +109,8 @@ def loss_gradients(workdir: str) -> list:
     x, y = parallel.global_batch(batch, sharding, bs)
     loss_fn = train.make_loss_fn(run.spec, run.config)
     key, probe = jax.random.PRNGKey(0), jnp.zeros((bs, 2))
-    grad = jax.jit(
-        jax.grad(lambda p: loss_fn(p, run.state.model_state, x, y, key, probe)[0]),
+    grad = jax.jit(  # the batch is an argument: traced, as in the train step
+        jax.grad(lambda p, xx, yy: loss_fn(p, run.state.model_state, xx, yy, key, probe)[0]),
         out_shardings=parallel.replicated(mesh),
-    )(run.state.params)
+    )(run.state.params, x, y)
     return [np.asarray(g) for g in jax.tree.leaves(grad)]

@@ -101,3 +101,27 @@ def test_adversarial_training_step_runs_and_learns(loss, tmp_path):
     assert m[1]["train_loss"] < m[0]["train_loss"]
     if loss != "pgd_at":
         assert 0.0 <= m[0]["train_adversarial_accuracy"] <= m[0]["train_accuracy"] + 0.25
+
+
+def test_jacobian_regulariser_enters_the_loss():
+    """``deq.jac_reg = w`` adds w × the Hutchinson estimate sown inside the DEQ layer
+    (it was once keyed by the submodule's name and silently weighted 0)."""
+    import jax.numpy as jnp
+
+    from experiments import common, models
+
+    c = tiny_config()
+    spec = models.build(c, 10)
+    state = common.init_state(spec.module, common.build_optimizer(c.train, 10), (28, 28, 1), 0)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 28, 28, 1))
+    y, key, probe = jnp.arange(4), jax.random.PRNGKey(1), jnp.zeros((4, 2))
+    losses = {}
+    for w in (0.0, 2.0):
+        c.deq.jac_reg = w
+        loss, (aux, _) = train_lib.make_loss_fn(spec, c)(
+            state.params, state.model_state, x, y, key, probe
+        )
+        losses[w] = (float(loss), aux)
+    est = float(losses[2.0][1]["jacobian_frobenius_sq"])
+    assert est > 0 and "jacobian_frobenius_sq" not in losses[0.0][1]
+    np.testing.assert_allclose(losses[2.0][0] - losses[0.0][0], 2.0 * est, rtol=1e-4)
