@@ -15,12 +15,16 @@ function makes an attack score the defended model while it follows a surrogate's
 direction.
 
 * :func:`bpda` — value of the defended model at ``x``, gradient of a surrogate
-  (an undefended model's gradient view) at ``x``. With PGD (whose iterates depend on
-  the gradient only) and the same key, its iterates are exactly those of the
-  **transfer** attack built on the surrogate; its best-iterate selection is made on the
-  defended model, so per example it is never weaker than that transfer attack. This is
-  what makes an adaptive evaluation at least as strong as transfer by construction
-  (SPEC §7).
+  (an undefended model's gradient view) at ``x`` (Athalye et al.'s BPDA with the whole
+  defence as the non-differentiable layer). Note that the attack's loss derivative is
+  then taken at the *defended* logits, so its iterates are not the transfer attack's.
+* :func:`guided` — the attack follows the surrogate entirely (values and gradients: its
+  iterates are exactly those of the **transfer** attack with the same key) while the
+  defended model chooses the returned iterate, restart and target (the attacks'
+  ``select_fn``). Per example it is never weaker than the transfer attack of the same
+  view (PGD, APGD, APGD-T): every example the transfer attack breaks, it breaks. This
+  is what makes an adaptive evaluation at least as strong as transfer by construction
+  (SPEC §7), at the cost of one defended forward per iterate.
 * :func:`bpda_purified` — for a defence that transforms its input,
   ``defence(x) -> (logits, x′)``: value of the defended logits, gradient of the
   surrogate at the transformed input ``x′`` with the transformation's Jacobian replaced
@@ -41,13 +45,15 @@ from deqjax.attacks.eot import eot_logits_fn
 from deqjax.attacks.sanity import TRANSFER_PREFIX, is_adaptive_view, is_transfer_view
 
 # the families of views of a defended model (autodiff: through the whole defence)
-PROTOCOLS = ("autodiff", "bpda", "bpda_purified", "transfer")
+PROTOCOLS = ("autodiff", "bpda", "guided", "bpda_purified", "transfer")
 
 __all__ = [
     "PROTOCOLS",
     "adaptive_views",
     "bpda",
     "bpda_purified",
+    "guided",
+    "Guided",
     "is_adaptive_view",
     "is_transfer_view",
     "straight_through",
@@ -68,6 +74,24 @@ def bpda(defended: Callable, surrogate: Callable) -> Callable:
         return straight_through(lax.stop_gradient(defended(lax.stop_gradient(x))), surrogate(x))
 
     return logits_fn
+
+
+class Guided:
+    """A view whose attacks follow ``follow`` (called like it: ``view(x) = follow(x)``)
+    and return the iterate that ``select`` — the model being evaluated — finds worst.
+    :func:`deqjax.robustness.evaluate_robustness` passes ``select`` as ``select_fn`` to
+    the attacks that take it (PGD, APGD, APGD-T); other attacks see a transfer view."""
+
+    def __init__(self, follow: Callable, select: Callable):
+        self.follow, self.select = follow, select
+
+    def __call__(self, x):
+        return self.follow(x)
+
+
+def guided(defended: Callable, surrogate: Callable) -> Guided:
+    """Attack ``surrogate``, keep what fools ``defended`` (see the module docstring)."""
+    return Guided(surrogate, defended)
 
 
 def bpda_purified(defence: Callable, surrogate: Callable) -> Callable:
@@ -113,9 +137,9 @@ def adaptive_views(
         time — each view is a report row per attack; ``bpda_purified`` needs ``purify``).
 
     Returns ``{name: logits_fn}`` in this order: ``autodiff`` (through the whole
-    defence), ``bpda_<view>`` and ``bpda_purified_<view>`` for every undefended view, and
-    ``transfer_<view>`` (the undefended view itself: an attack built on the undefended
-    model, to be scored on the defended one).
+    defence), then for every undefended view ``bpda_<view>``, ``guided_<view>``,
+    ``bpda_purified_<view>`` and ``transfer_<view>`` (the undefended view itself: an
+    attack built on the undefended model, to be scored on the defended one).
     """
     if not undefended_views:
         raise ValueError("adaptive_views needs at least one gradient view of the undefended model")
@@ -132,6 +156,8 @@ def adaptive_views(
     views = {"autodiff": attacked} if "autodiff" in protocols else {}
     if "bpda" in protocols:
         views.update({f"bpda_{k}": bpda(attacked, v) for k, v in undefended_views.items()})
+    if "guided" in protocols:
+        views.update({f"guided_{k}": guided(attacked, v) for k, v in undefended_views.items()})
     if "bpda_purified" in protocols:
         views.update(
             {f"bpda_purified_{k}": bpda_purified(purify, v) for k, v in undefended_views.items()}

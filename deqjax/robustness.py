@@ -37,6 +37,8 @@ from deqjax.attacks import _common as C
 
 GRADIENT_ATTACKS = ("fgsm", "pgd", "pgd-dlr", "apgd-ce", "apgd-dlr", "apgd-t")
 GRADIENT_FREE_ATTACKS = ("square",)
+# attacks whose returned point another model can choose (``select_fn``)
+SELECTING_ATTACKS = ("pgd", "pgd-dlr", "apgd-ce", "apgd-dlr", "apgd-t")
 
 
 def _attack_fn(name: str, n_iter: int, n_queries: int, restarts: int, n_target_classes: int):
@@ -175,7 +177,11 @@ def evaluate_robustness(
     for a in attacks:
         fn = _attack_fn(a, n_iter, n_queries, restarts, n_target_classes)
         for v in names if a in GRADIENT_ATTACKS else names[:1]:
-            runs[f"{a}/{v}" if a in GRADIENT_ATTACKS else a] = (a, compile_attack(fn, views[v]))
+            attack = fn
+            select = getattr(views[v], "select", None)  # a guided view (deqjax.bpda.guided)
+            if select is not None and a in SELECTING_ATTACKS:
+                attack = functools.partial(fn, select_fn=select)
+            runs[f"{a}/{v}" if a in GRADIENT_ATTACKS else a] = (a, compile_attack(attack, views[v]))
 
     curve, traces = [], {}
     total = len(eps_list) * len(runs)

@@ -64,14 +64,36 @@ def _schedule(steps):
     return jnp.asarray(is_ck), jnp.asarray(length), jnp.asarray(mom)
 
 
-def apgd_core(logits_fn, x, y, key, loss_fn, extra=(), *, eps, norm, steps, rand_init=True):
+def apgd_core(
+    logits_fn,
+    x,
+    y,
+    key,
+    loss_fn,
+    extra=(),
+    *,
+    eps,
+    norm,
+    steps,
+    rand_init=True,
+    select_fn=None,
+):
     """APGD maximising per-example ``loss_fn(logits, y, *extra)``; returns
-    ``(x_adv, loss_trace (steps+1, B))``. Inputs must be validated by the caller."""
+    ``(x_adv, loss_trace (steps+1, B))``. Inputs must be validated by the caller.
+    ``select_fn`` (default ``logits_fn``) chooses the returned iterate; the iterates
+    themselves depend on ``logits_fn`` only."""
     lg = C.loss_and_grad(logits_fn, loss_fn)
     is_ck, length, mom = _schedule(steps)
     x0 = C.random_start(key, x, eps, norm) if rand_init else x
     f0, z0, g0 = lg(x0, y, *extra)
-    m0 = C.margin(z0, y)
+
+    def selected(xk, fk, zk):  # loss and margin that choose the returned iterate
+        if select_fn is None:
+            return fk, C.margin(zk, y)
+        zs = select_fn(lax.stop_gradient(xk))
+        return loss_fn(zs, y, *extra), C.margin(zs, y)
+
+    fs0, m0 = selected(x0, f0, z0)
     eta0 = jnp.full(x.shape[:1], 2.0 * eps, x.dtype)
     zeros = jnp.zeros(x.shape[:1], x.dtype)
     init = dict(
@@ -87,7 +109,7 @@ def apgd_core(logits_fn, x, y, key, loss_fn, extra=(), *, eps, norm, steps, rand
         fb_last=f0,
         red_last=jnp.zeros(x.shape[:1], bool),
         xr=x0,
-        fr=f0,
+        fr=fs0,
         mr=m0,
     )
 
@@ -97,7 +119,7 @@ def apgd_core(logits_fn, x, y, key, loss_fn, extra=(), *, eps, norm, steps, rand
         zk = C.project(s["xc"] + eta * C.ascent_direction(s["g"], norm), x, eps, norm)
         xn = C.project(s["xc"] + a * (zk - s["xc"]) + (1 - a) * (s["xc"] - s["xp"]), x, eps, norm)
         fn, zn, gn = lg(xn, y, *extra)
-        mn = C.margin(zn, y)
+        fs, ms = selected(xn, fn, zn)
         succ = s["succ"] + (fn > s["f"]).astype(x.dtype)
         imp = fn > s["fb"]
         xb, fb, gb = (
@@ -106,11 +128,11 @@ def apgd_core(logits_fn, x, y, key, loss_fn, extra=(), *, eps, norm, steps, rand
             C.bwhere(imp, gn, s["gb"]),
         )
         # returned point: lowest-margin misclassified, else highest loss
-        better = jnp.where((mn < 0) | (s["mr"] < 0), mn < s["mr"], fn > s["fr"])
+        better = jnp.where((ms < 0) | (s["mr"] < 0), ms < s["mr"], fs > s["fr"])
         xr, fr, mr = (
             C.bwhere(better, xn, s["xr"]),
-            jnp.where(better, fn, s["fr"]),
-            jnp.where(better, mn, s["mr"]),
+            jnp.where(better, fs, s["fr"]),
+            jnp.where(better, ms, s["mr"]),
         )
         # checkpoint: halve the step and restart from the best point
         cond1 = succ < RHO * L
@@ -138,7 +160,9 @@ def apgd_core(logits_fn, x, y, key, loss_fn, extra=(), *, eps, norm, steps, rand
     return s["xr"], jnp.concatenate([f0[None], trace], axis=0)
 
 
-def _apgd_single(logits_fn, x, y, key, *, eps, norm, steps, loss, rand_init, return_trace):
+def _apgd_single(
+    logits_fn, x, y, key, *, eps, norm, steps, loss, rand_init, return_trace, select_fn=None
+):
     x, y, nc = C.validate(logits_fn, x, y, eps, norm)
     steps = C.check_positive_int("steps", steps)
     x_adv, trace = apgd_core(
@@ -151,6 +175,7 @@ def _apgd_single(logits_fn, x, y, key, *, eps, norm, steps, loss, rand_init, ret
         norm=norm,
         steps=steps,
         rand_init=rand_init,
+        select_fn=select_fn,
     )
     return (x_adv, trace) if return_trace else x_adv
 
@@ -168,10 +193,13 @@ def apgd(
     restarts=1,
     rand_init=True,
     return_trace=False,
+    select_fn=None,
 ):
     """APGD-CE / APGD-DLR (Croce & Hein 2020). ``steps`` gradient steps per restart
     (static); ``restarts`` vmapped independent restarts, per-example worst case kept.
-    Returns x_adv in [0, 1] ∩ B_eps(x) (and the (steps+1, B) loss trace if asked)."""
+    Returns x_adv in [0, 1] ∩ B_eps(x) (and the (steps+1, B) loss trace if asked).
+    ``select_fn``: the logits that choose the returned iterate and restart (default
+    ``logits_fn``; see :func:`deqjax.attacks.pgd`)."""
     return run_with_restarts(
         _apgd_single,
         restarts,
@@ -185,10 +213,13 @@ def apgd(
         loss=loss,
         rand_init=rand_init,
         return_trace=return_trace,
+        select_fn=select_fn,
     )
 
 
-def _apgd_t_single(logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, rand_init):
+def _apgd_t_single(
+    logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, rand_init, select_fn=None
+):
     x, y, nc = C.validate(logits_fn, x, y, eps, norm)
     steps = C.check_positive_int("steps", steps)
     k = C.check_positive_int("n_target_classes", n_target_classes)
@@ -215,8 +246,9 @@ def _apgd_t_single(logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, 
             norm=norm,
             steps=steps,
             rand_init=rand_init,
+            select_fn=select_fn,
         )
-        return C.keep_worst(logits_fn, x_worst, xa, y), None
+        return C.keep_worst(select_fn or logits_fn, x_worst, xa, y), None
 
     x_worst, _ = lax.scan(body, x, (jnp.arange(2, k + 2), keys))
     return x_worst
@@ -234,9 +266,12 @@ def apgd_targeted(
     n_target_classes=9,
     restarts=1,
     rand_init=True,
+    select_fn=None,
 ):
     """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss against each of the
-    top-``n_target_classes`` other classes (capped at C−1); per-example worst case."""
+    top-``n_target_classes`` other classes (capped at C−1); per-example worst case.
+    ``select_fn``: the logits that choose the returned iterate, target and restart
+    (default ``logits_fn``; see :func:`deqjax.attacks.pgd`)."""
     return run_with_restarts(
         _apgd_t_single,
         restarts,
@@ -249,4 +284,5 @@ def apgd_targeted(
         steps=steps,
         n_target_classes=n_target_classes,
         rand_init=rand_init,
+        select_fn=select_fn,
     )

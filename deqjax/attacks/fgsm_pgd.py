@@ -49,7 +49,20 @@ def step_sizes(step_size, steps, schedule):
 
 
 def _pgd_single(
-    logits_fn, x, y, key, *, eps, norm, steps, step_size, schedule, rand_init, loss, return_trace
+    logits_fn,
+    x,
+    y,
+    key,
+    *,
+    eps,
+    norm,
+    steps,
+    step_size,
+    schedule,
+    rand_init,
+    loss,
+    return_trace,
+    select_fn=None,
 ):
     x, y, nc = C.validate(logits_fn, x, y, eps, norm)
     steps = C.check_positive_int("steps", steps)
@@ -67,11 +80,18 @@ def _pgd_single(
         better = jnp.where((mn < 0) | (bm < 0), mn < bm, fn > bf)
         return C.bwhere(better, xn, bx), jnp.where(better, fn, bf), jnp.where(better, mn, bm)
 
+    def selected(xk, fk, zk):
+        """Loss and logits that choose the returned iterate (select_fn's, if given)."""
+        if select_fn is None:
+            return fk, zk
+        zs = select_fn(lax.stop_gradient(xk))
+        return loss_fn(zs, y), zs
+
     def body(carry, alpha):
         # the gradient at x_k moves to x_{k+1}; x_k's loss/logits update the best point
         xk, bx, bf, bm = carry
         fk, zk, gk = lg(xk, y)
-        bx, bf, bm = keep_best(xk, fk, zk, bx, bf, bm)
+        bx, bf, bm = keep_best(xk, *selected(xk, fk, zk), bx, bf, bm)
         xn = C.project(xk + alpha * C.ascent_direction(gk, norm), x, eps, norm)
         return (xn, bx, bf, bm), fk
 
@@ -82,7 +102,7 @@ def _pgd_single(
     # the last iterate needs its loss and logits only: no unused final gradient
     z_last = logits_fn(x_last)
     f_last = loss_fn(z_last, y)
-    bx, _, _ = keep_best(x_last, f_last, z_last, bx, bf, bm)
+    bx, _, _ = keep_best(x_last, *selected(x_last, f_last, z_last), bx, bf, bm)
     trace = jnp.concatenate([trace, f_last[None]], axis=0)
     if return_trace:
         return bx, trace
@@ -104,6 +124,7 @@ def pgd(
     loss="ce",
     restarts=1,
     return_trace=False,
+    select_fn=None,
 ):
     """Projected gradient descent attack (Madry et al. 2018).
 
@@ -116,6 +137,10 @@ def pgd(
       rand_init: uniform random start in the ball. loss: "ce" | "dlr".
       restarts: independent vmapped restarts, per-example worst case kept.
       return_trace: also return the attack loss at every iterate, shape (steps+1, B).
+      select_fn: logits function that chooses the returned iterate and restart (default
+        ``logits_fn``). The iterates depend on ``logits_fn`` only, so an attack guided by
+        a surrogate keeps the iterate best for the model ``select_fn`` computes
+        (:func:`deqjax.bpda.guided`); one extra forward of ``select_fn`` per iterate.
 
     Returns:
       x_adv (B, ...) in [0, 1] with ‖x_adv − x‖ ≤ eps (and the trace if asked).
@@ -135,4 +160,5 @@ def pgd(
         rand_init=rand_init,
         loss=loss,
         return_trace=return_trace,
+        select_fn=select_fn,
     )

@@ -38,7 +38,9 @@ def select_worst(logits_fn, xs, y, *others):
 def run_with_restarts(attack, n_restarts, logits_fn, x, y, key, **kwargs):
     """Run ``attack`` with ``n_restarts`` vmapped keys; keep the per-example worst case.
 
-    ``attack`` returns ``x_adv`` or a tuple ``(x_adv, trace)`` with trace (T, B).
+    ``attack`` returns ``x_adv`` or a tuple ``(x_adv, trace)`` with trace (T, B). A
+    ``select_fn`` in ``kwargs`` (the logits that choose the returned point, see
+    :func:`deqjax.attacks.pgd`) also chooses the restart.
     """
     n = check_positive_int("restarts", n_restarts)
     if n == 1:
@@ -47,9 +49,10 @@ def run_with_restarts(attack, n_restarts, logits_fn, x, y, key, **kwargs):
     y = jnp.asarray(y)
     keys = restart_keys(key, n)
     outs = jax.vmap(lambda k: attack(logits_fn, x, y, k, **kwargs))(keys)
+    chooser = kwargs.get("select_fn") or logits_fn
     if isinstance(outs, tuple):
-        return select_worst(logits_fn, outs[0], y, *outs[1:])
-    return select_worst(logits_fn, outs, y)
+        return select_worst(chooser, outs[0], y, *outs[1:])
+    return select_worst(chooser, outs, y)
 
 
 def with_restarts(attack, n_restarts: int):

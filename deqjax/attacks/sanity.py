@@ -15,8 +15,8 @@ of Croce & Hein 2020. Each flag is True when the evaluation looks *unreliable*:
 * ``loss_not_increasing``: for too many examples the attack loss at the end of
   the attack is not above its value at the start.
 * ``adaptive_weaker_than_transfer``: for a defended model evaluated both ways (view
-  names as :func:`deqjax.bpda.adaptive_views` writes them: ``autodiff``, ``bpda_*``
-  and ``bpda_purified_*`` are adaptive, ``transfer_*`` are attacks built on the
+  names as :func:`deqjax.bpda.adaptive_views` writes them: ``autodiff``, ``bpda_*``,
+  ``guided_*`` and ``bpda_purified_*`` are adaptive, ``transfer_*`` are attacks built on the
   undefended model), the strongest adaptive attack leaves a higher robust accuracy than
   the strongest transfer attack. An adaptive attack that knows the defence should never
   be weaker (Tramèr et al. 2020, "On adaptive attacks to adversarial example
@@ -41,7 +41,7 @@ from deqjax.attacks import _common as C
 from deqjax.attacks.ensemble import GRADIENT_FREE
 
 TRANSFER_PREFIX = "transfer_"
-_ADAPTIVE_PREFIXES = ("autodiff", "bpda_")
+_ADAPTIVE_PREFIXES = ("autodiff", "bpda_", "guided_")
 
 
 def _view_of(label: str) -> str:

@@ -118,9 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
             attack_damping=0.5,
             # a defended model (input entropy reduction, OTAD) is attacked through the
             # whole defence (autodiff), by BPDA over every view above (bpda: gradient at
-            # x; bpda_purified: at the purified input) and by transfer from the
+            # x; bpda_purified: at the purified input), guided by every view (the transfer
+            # attack's iterates, the defended model's choice) and by transfer from the
             # undefended model (deqjax.bpda.adaptive_views)
-            protocols="autodiff,bpda,bpda_purified,transfer",
+            protocols="autodiff,bpda,guided,bpda_purified,transfer",
         )
     )
     return c
