@@ -66,6 +66,8 @@ def load_run(workdir: str):
     state = common.restore_latest(common.checkpoint_manager(workdir), template)
     if state is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first")
+    if spec.prepare_eval is not None:
+        spec, state = spec.prepare_eval(spec, state, ds.image_shape)
     return config, spec, state, ds
 
 
@@ -163,10 +165,11 @@ def write_markdown(report: dict, path: str) -> str:
         + " | ".join(f"**{report['worst_case'][str(e)]:.3f}**" for e in eps)
         + " |"
     )
-    if "certified_accuracy" in report:
+    for key in sorted(k for k in report if k.startswith("certified_accuracy")):
+        suffix = key[len("certified_accuracy") :].strip("_")
         lines.append(
-            "| certified | "
-            + " | ".join(f"{report['certified_accuracy'][str(e)]:.3f}" for e in eps)
+            f"| certified{f' ({suffix})' if suffix else ''} | "
+            + " | ".join(f"{report[key][str(e)]:.3f}" for e in eps)
             + " |"
         )
     lines += ["", "Sanity flags (True = evaluation looks unreliable):", ""]

@@ -32,6 +32,10 @@ class ModelSpec:
     report_hooks: tuple = ()
     # Regularisers sown into the "losses" collection, with their weights in the loss.
     regularizers: dict = dataclasses.field(default_factory=dict)
+    # Evaluation-time preparation of a restored run, called by evaluate.load_run:
+    # prepare_eval(spec, state, image_shape) -> (spec, state) (e.g. CPL: compute each
+    # layer's σ once and store it, and switch eval_kwargs to the stored values).
+    prepare_eval: Callable | None = None
 
 
 def deq_config(c: ml_collections.ConfigDict, *, evaluation: bool = False) -> DEQConfig:
