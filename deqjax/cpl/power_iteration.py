@@ -7,6 +7,9 @@ as in spectral normalisation (Miyato et al. 2018). Here the vector ``u`` is an
 explicit state: it is passed in, updated under ``stop_gradient`` and returned, and
 ``σ = ‖W u‖`` with ``‖u‖ = 1`` is differentiable with respect to ``W``
 (``∂σ/∂W = v uᵀ`` at convergence, the gradient of the true spectral norm).
+
+``σ`` is a *lower* bound on ``‖W‖₂`` at every iteration; provable upper bounds (for
+certificates) are in :mod:`deqjax.cpl.bounds`.
 """
 
 from __future__ import annotations
