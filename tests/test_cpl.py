@@ -391,7 +391,7 @@ def test_trained_mnist_cplnet_no_attack_beats_the_certificate():
 
     def apgd(loss):
         one = lambda xi, yi, ei, ki: A.apgd(  # noqa: E731
-            logit_fn, xi[None], yi[None], ki, eps=ei, norm="l2", steps=40, loss=loss
+            logit_fn, xi[None], yi[None], ki, eps=ei, norm="l2", steps=20, loss=loss
         )[0]
         keys = jax.random.split(jax.random.key(1), len(yc))
         return lambda x, y, e: jax.jit(jax.vmap(one))(x, y, e, keys)

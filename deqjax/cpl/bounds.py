@@ -36,7 +36,7 @@ al. 2023, Sec. 4). CIRCULAR padding with ``s ∤ H`` is bounded by its stride-1 
 (a restriction too), valid but looser. The 2024 follow-up (Delattre, Barthélemy &
 Allauzen, "Spectral Norm of Convolutional Layers with Circular and Zero Paddings")
 bounds zero padding by Gram iteration on the spatial kernel — the norm over the
-whole plane, independent of the input size; the torus bound used here is never
+whole plane, independent of the input size; the torus norm bounded here is never
 larger (a maximum over a subset of the same frequencies of the same symbol).
 
 Rounding. The computed bound can fall short of the exact one only by rounding: a
