@@ -170,9 +170,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {lab} | {cells} |")
     worst = " | ".join(f"**{report['worst_case'][str(e)]:.3f}**" for e in eps)
     lines.append(f"| **worst case** | {worst} |")
-    if "certified_accuracy" in report:
-        cells = " | ".join(f"{report['certified_accuracy'][str(e)]:.3f}" for e in eps)
-        lines.append(f"| certified | {cells} |")
+    for key in sorted(k for k in report if k.startswith("certified_accuracy")):
+        suffix = key[len("certified_accuracy") :].strip("_")
+        cells = " | ".join(f"{report[key][str(e)]:.3f}" for e in eps)
+        lines.append(f"| certified{f' ({suffix})' if suffix else ''} | {cells} |")
     lines += ["", "Sanity flags (True = evaluation looks unreliable):", ""]
     for k, v in report["sanity"]["flags"].items():
         lines.append(f"- `{k}`: {v} — {report['sanity']['explanations'].get(k, '')}")

@@ -31,6 +31,9 @@ class ModelSpec:
       train_kwargs / eval_kwargs: keyword arguments of training / evaluation calls.
       report_hooks: extra report sections, ``hook(spec, state, x, y, eps_list, r) -> dict``.
       regularizers: losses sown into the ``"losses"`` collection, with their weights.
+      prepare_eval: optional ``prepare_eval(spec, state, image_shape) -> (spec, state)``,
+        called by :func:`experiments.workdir.load_run` on the restored run (e.g. CPL:
+        compute each layer's σ once, store it, and evaluate with the stored values).
       views: optional ``views(run, r) -> {model label: Evaluated}`` for families whose
         report scores several models of one training run (OTAD); default: the model's
         own gradient views (see :mod:`experiments.views`).
@@ -43,6 +46,7 @@ class ModelSpec:
     eval_kwargs: dict = dataclasses.field(default_factory=dict)
     report_hooks: tuple = ()
     regularizers: dict = dataclasses.field(default_factory=dict)
+    prepare_eval: Callable | None = None
     views: Callable | None = None
 
 

@@ -57,4 +57,6 @@ def load_run(workdir: str) -> Run:
     state = common.restore_latest(common.checkpoint_manager(workdir), template)
     if state is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first")
+    if spec.prepare_eval is not None:
+        spec, state = spec.prepare_eval(spec, state, ds.image_shape)
     return Run(config, spec, state, ds, workdir)

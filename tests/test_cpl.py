@@ -1,16 +1,19 @@
 """Tests for Convex Potential Layers (Meunier et al. 2022)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from deqjax import attacks as A
 from deqjax.cpl import (
     ConvCPL,
     CPLNet,
     DenseCPL,
     certified_accuracy,
+    certified_logits,
     certified_radius,
     conv,
     conv_cpl,
@@ -18,8 +21,8 @@ from deqjax.cpl import (
     conv_transpose,
     dense_cpl,
     dense_spectral_norm,
-    last_layer_weight,
     multiclass_hinge_loss,
+    prepare_sigmas,
     sum_pool_lipschitz,
 )
 
@@ -190,73 +193,6 @@ def _tiny_net(last_layer):
     )
 
 
-def _net_jacobians(net):
-    """f(v, xs): exact Jacobians (features, logits) at each x; σ from 200 iterations."""
-
-    def both(v, a):
-        h = net.apply(v, a[None], n_power_iters=200, method=CPLNet.features)[0]
-        return h, net.apply(v, a[None], n_power_iters=200)[0]
-
-    jac = jax.jit(jax.vmap(jax.jacfwd(both, argnums=1), (None, 0)))
-
-    def f(v, xs):
-        jf, jl = jac(v, xs)
-        n = xs.shape[0]
-        return (
-            np.asarray(jf).reshape(n, jf.shape[1], -1),
-            np.asarray(jl).reshape(n, jl.shape[1], -1),
-        )
-
-    return f
-
-
-@pytest.mark.parametrize("last_layer", ["truncate", "row_normalized"])
-def test_cplnet_jacobian_norm_at_most_one_before_and_after_training(last_layer):
-    net = _tiny_net(last_layer)
-    kx, ky, kp = jax.random.split(jax.random.key(30), 3)
-    xs = jax.random.uniform(kx, (16, 6, 6, 2))
-    ys = jax.random.randint(ky, (16,), 0, 10)
-    v = net.init(kp, xs)
-    # random (non-zero) biases so that the ReLU patterns are mixed
-    v = {
-        **v,
-        "params": jax.tree.map(
-            lambda a: a + 0.3 * jax.random.normal(jax.random.key(a.size), a.shape), v["params"]
-        ),
-    }
-    net_jacobians = _net_jacobians(net)
-    jacs = [net_jacobians(v, xs[:2])]
-    opt = optax.adam(3e-2)
-    state = opt.init(v["params"])
-
-    @jax.jit
-    def train_step(v, state):
-        def loss_fn(p):
-            logits, upd = net.apply({**v, "params": p}, xs, mutable=["power_iteration"])
-            return multiclass_hinge_loss(logits, ys).mean(), upd
-
-        (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(v["params"])
-        updates, state = opt.update(g, state)
-        return {**upd, "params": optax.apply_updates(v["params"], updates)}, state, loss
-
-    losses = []
-    for _ in range(8):
-        v, state, loss = train_step(v, state)
-        losses.append(float(loss))
-    assert losses[-1] < losses[0]  # the weights really moved
-    jacs.append(net_jacobians(v, xs[:2]))
-    for jf, jl in jacs:
-        nf = np.linalg.norm(jf, 2, axis=(1, 2))
-        assert nf.max() <= LIP_TOL and nf.max() > 0.1
-        if last_layer == "truncate":
-            assert np.linalg.norm(jl, 2, axis=(1, 2)).max() <= LIP_TOL
-    if last_layer == "row_normalized":  # margins are ‖w_y − w_j‖-Lipschitz
-        w = np.asarray(last_layer_weight(v))
-        jl = jacs[-1][1][0]
-        for j in range(1, 10):
-            assert np.linalg.norm(jl[0] - jl[j]) <= np.linalg.norm(w[0] - w[j]) * LIP_TOL
-
-
 # --- loss, certificates -------------------------------------------------------
 
 
@@ -269,10 +205,10 @@ def test_hinge_loss_hand_values():
 
 def test_certified_radius_hand_values():
     logits = jnp.array([[3.0, 1.0, 0.5], [3.0, 1.0, 0.5]])
-    r = certified_radius(logits, jnp.array([0, 1]))
+    r = certified_radius(logits, jnp.array([0, 1]), assume_lipschitz=True)
     np.testing.assert_allclose(r, [2.0 / np.sqrt(2), 0.0], rtol=1e-6)
     w = jnp.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # ‖w0−w1‖=√2, ‖w0−w2‖=2
-    r = certified_radius(logits, jnp.array([0, 1]), "row_normalized", w)
+    r = certified_radius(logits, jnp.array([0, 1]), "row_normalized", w, assume_lipschitz=True)
     np.testing.assert_allclose(r, [min(2.0 / np.sqrt(2), 2.5 / 2.0), 0.0], rtol=1e-6)
     acc = certified_accuracy(
         jnp.array([0.0, 0.3, 0.6, 2.0]), jnp.array([False, True, True, True]), [0.0, 0.5, 1.0]
@@ -305,10 +241,71 @@ def test_value_errors():
     with pytest.raises(ValueError, match="conv_channels"):
         net.apply(v, jnp.zeros((1, 6, 6, 5)))
     with pytest.raises(ValueError, match="labels"):
-        certified_radius(jnp.zeros((2, 3)), jnp.zeros((2, 3), int))
+        certified_radius(jnp.zeros((2, 3)), jnp.zeros((2, 3), int), assume_lipschitz=True)
 
 
-# --- trained network: no PGD-L2 attack beats the certificate -------------------
+# --- silent wrong answers (issue #18): each fails on the old code ----------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_zero_weight_is_the_identity_and_does_not_kill_the_power_iteration(kind):
+    """A zero weight gives WᵀWu = 0; the old code stored u = 0, which stays 0 once W
+    moves, so σ = 0 and the step 2/1e-4 = 2e4 gave outputs ~1e5."""
+    if kind == "dense":
+        layer, x = DenseCPL(4, kernel_init=nn.initializers.zeros), jnp.ones((2, 5))
+    else:
+        layer, x = ConvCPL(3, kernel_init=nn.initializers.zeros), jnp.ones((1, 5, 5, 2))
+    x = x * jax.random.normal(jax.random.key(0), x.shape)
+    v = layer.init(jax.random.key(1), x)
+    v = {**v, "params": {**v["params"], "bias": v["params"]["bias"] + 1.0}}
+    y, upd = layer.apply(v, x, mutable=["power_iteration"])
+    np.testing.assert_array_equal(y, x)  # a zero layer is the identity map
+    grads = jax.grad(lambda p: layer.apply({**v, "params": p}, x).sum())(v["params"])
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+    u = upd["power_iteration"]["u"]
+    assert abs(float(jnp.linalg.norm(u)) - 1.0) < 1e-5  # the state survives
+    kernel = jax.random.normal(jax.random.key(2), v["params"]["kernel"].shape)
+    v = {**v, **upd, "params": {**v["params"], "kernel": kernel}}
+    y = layer.apply(v, x)  # 1 power iteration from the surviving state
+    assert bool(jnp.all(jnp.isfinite(y))) and float(jnp.max(jnp.abs(y))) < 100.0
+    norm = dense_spectral_norm if kind == "dense" else conv_spectral_norm
+    sigma1 = float(norm(kernel, u, 1)[0])
+    upper = float(prepare_sigmas(layer, v, x, power=False)["sigma"]["upper"])
+    assert 0.3 * upper < sigma1 <= upper
+
+
+def test_too_few_features_for_the_classes_is_an_error():
+    """num_classes > linear_width used to give constant-zero logits (truncation)."""
+    with pytest.raises(ValueError, match="linear_width >= num_classes"):
+        CPLNet(1, 1, 4, 4, linear_width=8, num_classes=10)
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        CPLNet(1, 1, 4, 4, linear_width=8, num_classes=1)
+    CPLNet(1, 1, 4, 4, 8, 10, last_layer="row_normalized")  # a linear last layer is fine
+
+
+def test_bad_labels_are_errors_or_nan_never_a_number():
+    """An out-of-range label used to give NaN (and a negative one wrapped around)."""
+    logits = jnp.array([[3.0, 1.0, 0.5], [0.0, 2.0, 1.0]])
+    for bad in ([0, 3], [0, -1]):
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+            certified_radius(logits, jnp.array(bad), assume_lipschitz=True)
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+            multiclass_hinge_loss(logits, jnp.array(bad))
+        traced = jax.jit(lambda f, y: certified_radius(f, y, assume_lipschitz=True))
+        r = traced(logits, jnp.array(bad))
+        assert float(r[0]) > 0 and bool(jnp.isnan(r[1]))
+        h = jax.jit(multiclass_hinge_loss)(logits, jnp.array(bad))
+        assert bool(jnp.isfinite(h[0])) and bool(jnp.isnan(h[1]))
+    with pytest.raises(ValueError, match="integer"):
+        certified_radius(logits, jnp.array([0.0, 1.0]), assume_lipschitz=True)
+    with pytest.raises(ValueError, match="NaN"):
+        certified_accuracy(jnp.array([0.5, jnp.nan]), jnp.array([True, True]), [0.1])
+    nan_logits = logits.at[1, 2].set(jnp.nan)
+    r = certified_radius(nan_logits, jnp.array([0, 1]), assume_lipschitz=True)
+    assert float(r[0]) > 0 and bool(jnp.isnan(r[1]))
+
+
+# --- trained network: no L2 attack (PGD, APGD) beats the certificate -------------------
 
 
 def _mnist_1000(seed=0):
@@ -348,7 +345,7 @@ def _pgd_l2(logit_fn, x, y, eps, steps=50):
 
 
 @pytest.mark.slow
-def test_trained_mnist_cplnet_pgd_never_beats_certificate():
+def test_trained_mnist_cplnet_no_attack_beats_the_certificate():
     x, y = _mnist_1000()
     net = CPLNet(
         depth=1,
@@ -378,26 +375,42 @@ def test_trained_mnist_cplnet_pgd_never_beats_certificate():
         for i in range(10):
             b = perm[i * 100 : (i + 1) * 100]
             v, state, _ = train_step(v, state, x[b], y[b])
-    # converge the power iterations once, then evaluate the fixed network
-    _, upd = net.apply(v, x[:1], n_power_iters=200, mutable=["power_iteration"])
-    v = {**v, **upd}
-    logit_fn = jax.jit(lambda a: net.apply(v, a, n_power_iters=0))
+    # the evaluated network: σ = stored Gram upper bounds; its certificate: certified_logits
+    prepared = prepare_sigmas(net, v, x[:1], power=False)
+    logit_fn = jax.jit(lambda a: net.apply(prepared, a, sigma="upper"))
     xe, ye = jnp.asarray(x[:200]), jnp.asarray(y[:200])
+    cert = certified_logits(net, v, xe)
     logits = logit_fn(xe)
-    radii = certified_radius(logits, ye)
+    np.testing.assert_allclose(logits, cert.logits, atol=1e-5)
+    radii = certified_radius(cert, ye)
     certified = np.asarray(radii > 0)
     assert float(jnp.mean(logits.argmax(1) == ye)) > 0.6  # it did learn
     assert certified.sum() >= 40
     xc, yc = xe[certified], ye[certified]
-    eps = 0.99 * radii[certified]
-    xa = _pgd_l2(logit_fn, xc, yc, eps)
-    dist = np.sqrt(((np.asarray(xa) - np.asarray(xc)) ** 2).sum((1, 2, 3)))
-    assert (dist <= np.asarray(eps) * (1 + 1e-5)).all() and xa.min() >= 0 and xa.max() <= 1
-    adv = logit_fn(xa)
-    assert (np.asarray(adv.argmax(1)) == np.asarray(yc)).all()
-    # every pairwise margin moves by at most √2‖δ‖ (the attack does move them)
-    m0 = jnp.take_along_axis(logits[certified], yc[:, None], 1) - logits[certified]
-    m1 = jnp.take_along_axis(adv, yc[:, None], 1) - adv
-    drop = np.asarray(m0 - m1).max(1)
-    assert (drop <= np.sqrt(2) * dist * (1 + 1e-4) + 1e-5).all()
-    assert np.median(drop / (np.sqrt(2) * dist)) > 0.05  # the attack is not a no-op
+    eps = (1 - 1e-3) * radii[certified]  # just below each example's certified radius
+
+    def apgd(loss):
+        one = lambda xi, yi, ei, ki: A.apgd(  # noqa: E731
+            logit_fn, xi[None], yi[None], ki, eps=ei, norm="l2", steps=20, loss=loss
+        )[0]
+        keys = jax.random.split(jax.random.key(1), len(yc))
+        return lambda x, y, e: jax.jit(jax.vmap(one))(x, y, e, keys)
+
+    attacks = {"pgd-margin": _pgd_l2, "apgd-ce": apgd("ce"), "apgd-dlr": apgd("dlr")}
+    inflated_flips = 0
+    for name, attack in attacks.items():
+        xa = attack(xc, yc, eps) if name != "pgd-margin" else attack(logit_fn, xc, yc, eps)
+        dist = np.sqrt(((np.asarray(xa) - np.asarray(xc)) ** 2).sum((1, 2, 3)))
+        assert (dist <= np.asarray(eps) * (1 + 1e-5)).all() and xa.min() >= 0 and xa.max() <= 1
+        adv = logit_fn(xa)
+        assert (np.asarray(adv.argmax(1)) == np.asarray(yc)).all(), name
+        # every pairwise margin moves by at most √2‖δ‖ (the attack does move them)
+        m0 = jnp.take_along_axis(logits[certified], yc[:, None], 1) - logits[certified]
+        m1 = jnp.take_along_axis(adv, yc[:, None], 1) - adv
+        drop = np.asarray(m0 - m1).max(1)
+        assert (drop <= np.sqrt(2) * dist * (1 + 1e-4) + 1e-5).all(), name
+        assert np.median(drop / (np.sqrt(2) * dist)) > 0.05, name  # not a no-op
+        if name == "apgd-ce":  # the control: at 4× the radius the same attack flips some
+            xa = attack(xc, yc, 4 * eps)
+            inflated_flips = int(np.sum(np.asarray(logit_fn(xa).argmax(1)) != np.asarray(yc)))
+    assert inflated_flips > 0

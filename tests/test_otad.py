@@ -277,6 +277,29 @@ def test_bad_inputs_raise():
         knn(xs, xs, 5)
 
 
+def test_smoothness_constants_under_jit_raise_or_flag_never_a_silent_answer():
+    """Issue #18: under jit a traced l raised TracerBoolConversionError, L = -1 gave
+    feasible=True and L = 0 NaN with no flag."""
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+    zs, x = 2.0 * xs, xs[0] + 0.1
+    for l, L in [(0.0, -1.0), (0.0, 0.0), (0.5, 0.5), (0.0, float("nan")), (-0.1, 2.0)]:
+        with pytest.raises(ValueError, match="l"):
+            convex_integration(x, xs, zs, l, L)  # concrete: a clear error
+    with pytest.raises(TypeError, match="static_argnames"):
+        jax.jit(convex_integration)(x, xs, zs, 0.0, 2.0)  # a traced l
+    fun = jax.jit(convex_integration, static_argnames=("l", "form"))
+    good = fun(x, xs, zs, l=0.0, L=2.0)
+    assert bool(good.feasible) and bool(jnp.all(jnp.isfinite(good.g)))
+    np.testing.assert_allclose(good.g, convex_integration(x, xs, zs, 0.0, 2.0).g, atol=1e-5)
+    for L in (-1.0, 0.0, float("inf"), float("nan")):  # traced invalid L: flagged, NaN
+        bad = fun(x, xs, zs, l=0.0, L=L)
+        assert not bool(bad.feasible), L
+        assert bool(jnp.all(jnp.isnan(bad.g))) and bool(jnp.isnan(bad.value)), L
+    bad = jax.jit(interpolate_potentials, static_argnames="l")(xs, zs, l=0.5, L=0.25)
+    assert not bool(bad.feasible) and bool(jnp.all(jnp.isnan(bad.u)))
+
+
 def test_knn_and_triplet_losses():
     key = jax.random.PRNGKey(3)
     q, keys = jax.random.normal(key, (7, 5)), jax.random.normal(jax.random.PRNGKey(4), (40, 5))

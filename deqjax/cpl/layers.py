@@ -130,8 +130,11 @@ def dense_cpl(x: jax.Array, weight: jax.Array, bias: jax.Array, sigma: jax.Array
     """Dense CPL ``z = x − 2/(σ²+1e-4) · Wᵀ ReLU(W x + b)`` on ``x[..., d]``.
 
     ``weight`` is ``(inner, d)``, ``bias`` is ``(inner,)`` and ``sigma`` an
-    estimate of ``‖W‖₂`` (e.g. from :func:`power_iteration.dense_spectral_norm`).
-    Output has the shape of ``x`` (Meunier et al. 2022, Eq. 8).
+    estimate of ``‖W‖₂``: an upper bound (:func:`deqjax.cpl.dense_norm_bound`) makes
+    the layer 1-Lipschitz; a power-iteration estimate
+    (:func:`power_iteration.dense_spectral_norm`) is a lower bound, so it may not be.
+    A zero weight is the identity. Output has the shape of ``x`` (Meunier et al.
+    2022, Eq. 8).
     """
     if weight.ndim != 2:
         raise ValueError(f"dense CPL weight must be (inner, d), got {weight.shape}.")
@@ -159,7 +162,8 @@ def conv_cpl(
     ``W`` is :func:`conv` with the HWIO ``kernel`` (``I`` = channels of ``x``,
     ``O`` = inner channels), ``Wᵀ`` its exact adjoint :func:`conv_transpose`;
     ``sigma`` must estimate the spectral norm of the whole operator at this input
-    size, stride and padding (Meunier et al. 2022, Sec. 4).
+    size, stride and padding (Meunier et al. 2022, Sec. 4); the layer is 1-Lipschitz
+    when it bounds it from above (:func:`deqjax.cpl.conv_norm_bound`).
     """
     check_conv_args(x, kernel)
     if bias.shape != (kernel.shape[3],):

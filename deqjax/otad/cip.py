@@ -73,6 +73,7 @@ from deqjax.otad.interpolation import (
     check_neighbours,
     check_strong_convexity_smoothness,
     interpolate_potentials,
+    smoothness_is_valid,
 )
 from deqjax.otad.qp import simplex_qp
 
@@ -140,8 +141,11 @@ def cip_dual(beta, W, a, *, maxiter: int = 500):
 
 
 def cip_feature(x, xs, zs, u, l=0.0, L=2.0, form: str = "authors", *, maxiter: int = 500):
-    """New feature ``g(x)`` for given potentials u (fixed L). Returns (g, value, lam)."""
-    return cip_dual(*cip_pieces(x, xs, zs, u, l, L, form), maxiter=maxiter)
+    """New feature ``g(x)`` for given potentials u (fixed L). Returns (g, value, lam);
+    all NaN for a traced ``L`` that is not finite and ``> l``."""
+    g, value, lam = cip_dual(*cip_pieces(x, xs, zs, u, l, L, form), maxiter=maxiter)
+    valid = smoothness_is_valid(l, L)
+    return tuple(jnp.where(valid, a, jnp.nan) for a in (g, value, lam))
 
 
 def convex_integration(
@@ -158,7 +162,12 @@ def convex_integration(
 ) -> CIPResult:
     """Full OTAD CIP for one test embedding: LP potentials (L relaxed upward if
     infeasible, see :func:`interpolate_potentials`) then the test-time problem at
-    ``L_used``. Differentiable in x, xs, zs; vmap over test points for batches."""
+    ``L_used``. Differentiable in x, xs, zs; vmap over test points for batches.
+
+    ``l`` is static: under ``jax.jit`` pass it with ``static_argnames="l"`` (a traced
+    ``l`` raises; it selects the form of the problem). ``L`` may be traced; concrete
+    invalid values (``L <= l``, non-finite) raise, traced ones give NaN results with
+    ``feasible=False``."""
     pot = interpolate_potentials(xs, zs, l, L, n_relax=n_relax, factor=factor)
     g, value, lam = cip_feature(x, xs, zs, pot.u, l, pot.L_used, form, maxiter=maxiter)
     return CIPResult(g, value, lam, pot.L_used, pot.relaxed, pot.feasible)

@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Potentials(NamedTuple):
@@ -58,15 +59,38 @@ class Potentials(NamedTuple):
 
 
 def check_strong_convexity_smoothness(l, L) -> None:
-    """Raise ValueError unless 0 <= l < L (Python scalars only; traced skip)."""
-    if isinstance(l, jax.core.Tracer) or isinstance(L, jax.core.Tracer):
+    """Validate ``0 <= l < L`` (an l-strongly convex, L-smooth potential).
+
+    ``l`` selects the form of the conditions (``l = 0`` or not), so it must be a
+    concrete number: a traced ``l`` (e.g. a positional argument of ``jax.jit``) raises
+    — pass it as a static argument (``jax.jit(f, static_argnames="l")``). ``L`` may be
+    traced (the relaxation vmaps over it): invalid traced values are not raised but
+    flagged, see :func:`smoothness_is_valid`; concrete invalid ones raise.
+    """
+    if isinstance(l, jax.core.Tracer):
+        raise TypeError(
+            "the strong-convexity modulus l must be a concrete number (it selects the form "
+            "of the interpolation conditions), got a traced value; under jax.jit pass it "
+            "as a static argument, e.g. jax.jit(convex_integration, static_argnames='l')."
+        )
+    l_ = float(l)
+    if not np.isfinite(l_) or l_ < 0:
+        raise ValueError(f"need a finite l >= 0 (strong-convexity modulus); got l={l_}.")
+    if isinstance(L, jax.core.Tracer):
         return
-    l_, L_ = float(l), float(L)
-    if not (L_ > 0 and 0 <= l_ < L_):
+    L_ = float(L)
+    if not (np.isfinite(L_) and L_ > l_):
         raise ValueError(
             f"need 0 <= l < L for an l-strongly convex, L-smooth potential; got "
-            f"l={l_}, L={L_}. Pick a smoothness L larger than the modulus l."
+            f"l={l_}, L={L_}. Pick a finite smoothness L larger than the modulus l."
         )
+
+
+def smoothness_is_valid(l, L) -> jax.Array:
+    """``L`` finite and ``> l`` (a traced-safe bool; results for an invalid traced ``L``
+    are NaN with ``feasible=False``)."""
+    L = jnp.asarray(L)
+    return jnp.isfinite(L) & (L > l)
 
 
 def check_neighbours(xs, zs) -> None:
@@ -144,7 +168,9 @@ def interpolate_potentials(
     """LP potentials with L relaxed upward until the LP is feasible (OTAD).
 
     Candidates ``L_r = L * factor**r``, r = 0..n_relax, are solved in parallel
-    and the smallest feasible one is used. See :class:`Potentials`.
+    and the smallest feasible one is used. See :class:`Potentials`. ``l`` must be
+    concrete (static under jit); a traced ``L`` that is not finite and ``> l`` gives
+    ``u = NaN`` and ``feasible = False`` (a concrete one raises).
     """
     if n_relax < 0 or factor <= 1.0:
         raise ValueError(f"need n_relax >= 0 and factor > 1; got {n_relax}, {factor}")
@@ -154,4 +180,6 @@ def interpolate_potentials(
     check_neighbours(xs, zs)
     us, feas = jax.vmap(lambda Lr: solve_potentials(xs, zs, l, Lr))(Ls)
     r = jnp.where(jnp.any(feas), jnp.argmax(feas), n_relax)
-    return Potentials(u=us[r], L_used=Ls[r], relaxed=r > 0, feasible=feas[r])
+    valid = smoothness_is_valid(l, L)  # False only for a traced invalid L
+    u = jnp.where(valid, us[r], jnp.nan)
+    return Potentials(u=u, L_used=Ls[r], relaxed=r > 0, feasible=feas[r] & valid)

@@ -4,7 +4,8 @@ batch 256, 200 epochs; certified and empirical ℓ2 accuracy at ε = 36/255, 72/
 108/255. Sized for one GPU (hours), not for a CPU.
 
 Sizes: 20 convolutional CPLs of 45 channels, 7 dense CPLs of width 2048, sum-pool 4,
-truncation last layer, 100 power iterations at evaluation. The depths/widths of
+truncation last layer; evaluation stores Gram-iteration upper bounds and converged
+power-iteration σ once (see cpl_mnist.py). The depths/widths of
 CPL-S/M/L are as recalled from the paper and the authors' code defaults (depth 20,
 depth_linear 7, n_features 2048), not checked against the paper's table; the inner
 channels of W are taken equal to the channels (the authors' code exposes them as a
@@ -42,7 +43,7 @@ def cifar_config(depth: int, channels: int):
     c.robustness.attacks = "pgd,apgd-ce,apgd-t,square"
     c.robustness.n_examples = 1000
     c.robustness.n_iter = 100
-    c.robustness.n_queries = 1000  # each query also re-runs the eval power iterations
+    c.robustness.n_queries = 1000
     c.robustness.batch_size = 250
     c.robustness.gradients = "autodiff"
     return c

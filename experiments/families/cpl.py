@@ -3,21 +3,26 @@
 experiment framework, with an ℓ2 certificate section in the robustness report.
 
 Training steps run 1 power iteration per layer from the persistent vectors (the
-``"power_iteration"`` collection is mutable, so they are carried across steps).
-Evaluation — test accuracy, every attack view, and the certificate — runs
-``model.eval_power_iters`` iterations from the stored vectors without storing them;
-the computation is deterministic, so the network the attacks see and the network
-that is certified use the same spectral-norm estimates σ.
+``"power_iteration"`` collection is mutable, so they are carried across steps); the
+per-epoch test accuracy runs ``model.eval_power_iters`` iterations in the forward.
 
-``certified_accuracy`` is the certificate of Meunier et al. (it takes those σ as the
-operator norms). Power iteration only gives lower bounds that converge slowly when
-the top singular values are clustered (as for convolutions), so the report also
-gives a provable upper bound on the Lipschitz constant of the evaluated network
-(:func:`lipschitz_upper_bound`), ``certified_accuracy_provable`` with the radii
-divided by it, and how much σ still moves when the iterations are doubled.
+Evaluation (``experiments.workdir.load_run`` calls :func:`prepare_eval` on the
+restored state) computes every layer's σ once and stores it (:func:`deqjax.cpl.
+prepare_sigmas`): a Gram-iteration upper bound on its operator norm and the power
+iteration run to convergence. Test accuracy and every attack then run the network
+with the upper bounds (``sigma="upper"``) — 1-Lipschitz by construction, no
+iterations inside the forward call. The report's ``certified_accuracy`` is the
+provable certificate of that network (:func:`deqjax.cpl.certified_logits`, which
+recomputes the bounds from the parameters); ``certified_accuracy_conventional`` is
+the certificate of Meunier et al., of the network stepped with the converged
+power-iteration σ (lower bounds, so not a proof).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import time
 
 import flax.linen as nn
 import jax
@@ -26,12 +31,13 @@ import numpy as np
 
 from deqjax.cpl import (
     COLLECTION,
+    SIGMA_COLLECTION,
     CPLNet,
     certified_accuracy,
+    certified_logits,
     certified_radius,
-    conv_spectral_norm,
     cpl_step_size,
-    dense_spectral_norm,
+    prepare_sigmas,
     row_normalize,
 )
 from experiments.spec import ModelSpec
@@ -40,8 +46,8 @@ from experiments.spec import ModelSpec
 class CPLClassifier(nn.Module):
     """:class:`deqjax.cpl.CPLNet` with the framework's convention ``(logits, None)``.
 
-    ``n_power_iters=None`` runs ``power_iters`` (1) iterations — the training call;
-    evaluation passes ``n_power_iters=eval_power_iters``.
+    ``sigma="iterate"`` with ``n_power_iters=None`` runs ``power_iters`` (1) iterations
+    — the training call; see :mod:`deqjax.cpl.network` for the other ``sigma`` modes.
     """
 
     depth: int
@@ -57,134 +63,134 @@ class CPLClassifier(nn.Module):
     power_iters: int = 1
 
     def setup(self):
-        self.net = CPLNet(
-            self.depth,
-            self.depth_linear,
-            self.conv_channels,
-            self.conv_inner,
-            self.linear_width,
-            self.num_classes,
-            self.last_layer,
-            self.kernel_size,
-            self.pool,
-            self.padding,
-            self.power_iters,
-        )
+        self.net = cpl_net(self)
 
-    def __call__(self, x, n_power_iters: int | None = None):
-        return self.net(x, n_power_iters), None
+    def __call__(self, x, n_power_iters: int | None = None, sigma="iterate"):
+        return self.net(x, n_power_iters, sigma), None
 
 
-# --- spectral norms of the stored network ------------------------------------------
+def cpl_net(module: CPLClassifier) -> CPLNet:
+    """The :class:`CPLNet` inside a :class:`CPLClassifier` (same fields)."""
+    fields = [f.name for f in dataclasses.fields(CPLNet) if f.name not in ("parent", "name")]
+    return CPLNet(**{k: getattr(module, k) for k in fields})
 
 
-def _layers(module: CPLClassifier, variables):
-    """``[(name, kind, kernel, u)]`` of every CPL, in network order."""
-    params, state = variables["params"]["net"], variables[COLLECTION]["net"]
-    out = [
-        (f"convs_{i}", "conv", params[f"convs_{i}"]["kernel"], state[f"convs_{i}"]["u"])
-        for i in range(module.depth)
-    ]
-    out += [
-        (f"denses_{i}", "dense", params[f"denses_{i}"]["kernel"], state[f"denses_{i}"]["u"])
-        for i in range(module.depth_linear)
-    ]
-    return out
+def net_variables(variables) -> dict:
+    """The CPLNet's variables inside a CPLClassifier's."""
+    return {k: v["net"] for k, v in variables.items()}
 
 
-def layer_sigmas(module: CPLClassifier, variables, n_iters: int) -> dict:
-    """``{layer: σ}`` after ``n_iters`` power iterations from the stored vectors —
-    exactly the σ a forward call with ``n_power_iters=n_iters`` uses."""
-    out = {}
-    for name, kind, w, u in _layers(module, variables):
-        if kind == "conv":
-            out[name] = conv_spectral_norm(w, u, n_iters, 1, module.padding)[0]
-        else:
-            out[name] = dense_spectral_norm(w, u, n_iters)[0]
-    return out
+# --- evaluation: σ computed once and stored ---------------------------------------
 
 
-def conv_norm_upper_bound(kernel: jax.Array, height: int, width: int, padding: str) -> jax.Array:
-    """An upper bound on ‖W‖₂ of the stride-1 conv operator at input size H×W.
+def prepare_eval(spec: ModelSpec, state, image_shape, *, rtol, max_iters, gram_iters):
+    """``(spec, state)`` for evaluation: the state gains the ``"sigma"`` collection and
+    the evaluated network uses the stored upper bounds (``sigma="upper"``)."""
+    variables = {"params": state.params, **state.model_state}
+    t0 = time.time()
+    prepared = prepare_sigmas(
+        spec.module,
+        variables,
+        jnp.zeros((1,) + tuple(image_shape), jnp.float32),
+        power_rtol=rtol,
+        max_power_iters=max_iters,
+        gram_iters=gram_iters,
+    )
+    seconds = time.time() - t0
+    state = dataclasses.replace(
+        state, model_state={**state.model_state, SIGMA_COLLECTION: prepared[SIGMA_COLLECTION]}
+    )
+    spec = dataclasses.replace(
+        spec,
+        eval_kwargs={"sigma": "upper"},
+        report_hooks=(functools.partial(certify_hook, prepare_seconds=seconds),),
+    )
+    return spec, state
 
-    A circular conv on an N×M torus is block-diagonalised by the 2-D DFT, so its
-    norm is ``max_ω σ_max(K̂(ω))`` over the N·M frequencies (Sedghi et al. 2019,
-    "The Singular Values of Convolutional Layers", ICLR). A zero-padded ('SAME')
-    conv on H×W is a restriction of the circular conv on the (H+k−1)×(W+k−1)
-    torus to zero-extended inputs and to H×W outputs, so its norm is at most that.
+
+def layer_sigmas(variables) -> dict:
+    """``{layer: {"power", "upper", "power_steps"}}`` from a prepared state."""
+    return jax.tree.map(float, dict(net_variables(variables)[SIGMA_COLLECTION]))
+
+
+def conventional_lipschitz_bound(sigmas: dict) -> float:
+    """A provable ℓ2 Lipschitz bound of the network stepped with power-iteration σ.
+
+    A CPL with step ``h = 2/(σ²+1e-4)`` has Jacobian ``I − h Wᵀ D W`` with eigenvalues
+    in ``[1 − h‖W‖², 1]``, hence Lipschitz constant ``max(1, h‖W‖² − 1)`` (Meunier et
+    al. 2022, Prop. 3); with ``‖W‖`` replaced by its Gram upper bound the product over
+    layers bounds the network (padding, pooling and truncation are 1-Lipschitz).
     """
-    kh, kw, _, _ = kernel.shape
-    n, m = (height, width) if padding.upper() == "CIRCULAR" else (height + kh - 1, width + kw - 1)
-    k_hat = jnp.fft.fft2(kernel.astype(jnp.float32), s=(n, m), axes=(0, 1))  # (n, m, cin, cout)
-    return jnp.max(jnp.linalg.svd(k_hat, compute_uv=False))
+    per = [
+        max(1.0, float(cpl_step_size(jnp.float32(s["power"]))) * s["upper"] ** 2 - 1.0)
+        for s in sigmas.values()
+    ]
+    return float(np.prod(per or [1.0]))
 
 
-def lipschitz_upper_bound(module: CPLClassifier, variables, n_iters: int, image_shape) -> dict:
-    """A provable ℓ2 Lipschitz bound of the network evaluated with ``n_iters`` iterations.
-
-    A CPL with step ``h = 2/(σ²+1e-4)`` has Jacobian ``I − h Wᵀ D W`` with eigenvalues in
-    ``[1 − h‖W‖², 1]``, hence Lipschitz constant ``max(1, h‖W‖² − 1)`` (Meunier et al.
-    2022, Prop. 3); with ``‖W‖`` replaced by an upper bound (exact SVD for dense layers,
-    :func:`conv_norm_upper_bound` for convs) the product over layers bounds the network
-    (padding, pooling and truncation are 1-Lipschitz). Returns ``{"bound", "per_layer"}``.
-    """
-    sig = jax.jit(lambda v: layer_sigmas(module, v, n_iters))(variables)
-    h, w = image_shape[0], image_shape[1]
-    per = {}
-    for name, kind, kernel, _ in _layers(module, variables):
-        if kind == "conv":
-            upper = conv_norm_upper_bound(kernel, h, w, module.padding)
-        else:
-            upper = jnp.linalg.norm(kernel, 2)
-        per[name] = float(jnp.maximum(1.0, cpl_step_size(sig[name]) * upper**2 - 1.0))
-    return {"bound": float(np.prod(list(per.values()) or [1.0])), "per_layer": per}
+def _batched(apply, x, bs):
+    return jnp.concatenate([apply(x[i : i + bs]) for i in range(0, len(x), bs)])
 
 
-# --- the report section ----------------------------------------------------------
+def certify_hook(spec: ModelSpec, state, x, y, eps_list, r, prepare_seconds=None) -> dict:
+    """Certified accuracy, provable and conventional (Meunier et al. 2022, Sec. 6).
 
-
-def certify_hook(spec: ModelSpec, state, x, y, eps_list, r) -> dict:
-    """Certified accuracy of the evaluated network (Meunier et al. 2022, Sec. 6).
-
-    Logits come from the same call as the attack views (``spec.eval_kwargs``), so the
-    certificate is about the network that was attacked. Radius: ``(f_y − max_{j≠y}
-    f_j)/√2`` (truncation) or ``min_j (f_y − f_j)/‖ŵ_y − ŵ_j‖`` (row-normalised last
-    layer). ``certified_accuracy_provable`` divides the radii by
-    :func:`lipschitz_upper_bound` when it exceeds 1, which makes it sound whether or
-    not the power iteration has converged.
+    Radius ``(f_y − max_{j≠y} f_j)/√2`` (truncation) or ``min_j (f_y − f_j)/‖ŵ_y − ŵ_j‖``
+    (row-normalised last layer). Provable: logits from :func:`deqjax.cpl.certified_logits`
+    (Gram upper bounds recomputed from the parameters); they are the logits of the
+    attacked network (``attacked_vs_certified_max_logit_diff`` checks it). Conventional:
+    the network stepped with the converged power-iteration σ, certified as if it were
+    1-Lipschitz.
     """
     module = spec.module
-    n_iters = int(spec.eval_kwargs.get("n_power_iters") or module.power_iters)
     variables = {"params": state.params, **state.model_state}
-    apply = jax.jit(lambda a: module.apply(variables, a, **spec.eval_kwargs)[0])
+    if SIGMA_COLLECTION not in variables:
+        raise ValueError("the CPL certificate needs a prepared state (cpl.prepare_eval).")
     bs = int(r.batch_size)
-    logits = jnp.concatenate([apply(x[i : i + bs]) for i in range(0, len(x), bs)])
     y = jnp.asarray(y)
+    t0 = time.time()
+    cert = certified_logits(cpl_net(module), net_variables(variables), x, batch_size=bs)
+    certify_seconds = time.time() - t0
+    radii = certified_radius(cert, y)
+    correct = jnp.argmax(cert.logits, -1) == y
+    attacked = _batched(jax.jit(lambda a: module.apply(variables, a, sigma="upper")[0]), x, bs)
+    power = _batched(jax.jit(lambda a: module.apply(variables, a, sigma="power")[0]), x, bs)
     weight = None
     if module.last_layer == "row_normalized":
         weight = row_normalize(variables["params"]["net"]["last"]["kernel"])
-    lip = lipschitz_upper_bound(module, variables, n_iters, x.shape[1:])
-    radii = certified_radius(logits, y, module.last_layer, weight)
-    correct = jnp.argmax(logits, -1) == y
-    acc = certified_accuracy(radii, correct, eps_list)
-    acc_provable = certified_accuracy(radii / max(1.0, lip["bound"]), correct, eps_list)
-    s1, s2 = (
-        jax.jit(lambda v, n=n: layer_sigmas(module, v, n))(variables)
-        for n in (n_iters, 2 * n_iters)
-    )
-    gap = max([float((s2[k] - s1[k]) / s1[k]) for k in s1] or [0.0])
+    radii_conv = certified_radius(power, y, module.last_layer, weight, assume_lipschitz=True)
+    correct_conv = jnp.argmax(power, -1) == y
+    sig = layer_sigmas(variables)
+    gap = max([s["upper"] / s["power"] - 1.0 for s in sig.values()] or [0.0])
+
+    def table(acc):
+        return {str(float(e)): v for e, v in acc.items()}
+
     return {
-        "certified_accuracy": {str(float(e)): v for e, v in acc.items()},
+        "certified_accuracy": table(certified_accuracy(radii, correct, eps_list)),
+        "certified_accuracy_conventional": table(
+            certified_accuracy(radii_conv, correct_conv, eps_list)
+        ),
         "certified_radius_mean": float(jnp.mean(radii)),
         "certified_radius_median": float(jnp.median(radii)),
-        "certified_accuracy_provable": {str(float(e)): v for e, v in acc_provable.items()},
-        "lipschitz_upper_bound": lip["bound"],
-        "power_iteration": {"eval_iters": n_iters, "max_rel_sigma_change_at_2x_iters": gap},
+        "certificate": {
+            "provable": "sigma = Gram-iteration upper bounds: the network is 1-Lipschitz",
+            "conventional": "sigma = converged power iteration (lower bounds): not a proof",
+            "clean_accuracy_conventional": float(jnp.mean(correct_conv)),
+            "certified_radius_mean_conventional": float(jnp.mean(radii_conv)),
+            "conventional_lipschitz_upper_bound": conventional_lipschitz_bound(sig),
+            "max_rel_gap_upper_vs_power_sigma": gap,
+            "attacked_vs_certified_max_logit_diff": float(jnp.max(jnp.abs(attacked - cert.logits))),
+            "sigma": sig,
+            "prepare_seconds": prepare_seconds,
+            "certify_seconds": certify_seconds,
+        },
     }
 
 
 def build(config, num_classes: int) -> ModelSpec:
-    """The ``cpl`` family: :class:`CPLClassifier` with the certificate report section."""
+    """The ``cpl`` family: :class:`CPLClassifier`, σ prepared once at evaluation, the
+    certificate report section."""
     m = config.model
     module = CPLClassifier(
         depth=int(m.depth),
@@ -198,13 +204,25 @@ def build(config, num_classes: int) -> ModelSpec:
         pool=int(m.pool),
         padding=str(m.get("padding", "SAME")),
     )
+    cpl_net(module)  # validates the sizes now (e.g. num_classes > linear_width)
     eval_iters = int(m.eval_power_iters)
     if eval_iters < 1:
         raise ValueError(f"model.eval_power_iters must be >= 1, got {eval_iters}")
+    rtol = float(m.get("converge_rtol", 1e-7))
+    max_iters = int(m.get("converge_max_iters", 5000))
+    gram_iters = int(m.get("gram_iters", 12))
+    if not (rtol >= 0 and max_iters >= 1 and gram_iters >= 0):
+        raise ValueError(
+            "need model.converge_rtol >= 0, converge_max_iters >= 1, gram_iters >= 0; got "
+            f"{rtol}, {max_iters}, {gram_iters}"
+        )
     return ModelSpec(
         module=module,
         is_deq=False,
         mutable=(COLLECTION,),
         eval_kwargs={"n_power_iters": eval_iters},
         report_hooks=(certify_hook,),
+        prepare_eval=functools.partial(
+            prepare_eval, rtol=rtol, max_iters=max_iters, gram_iters=gram_iters
+        ),
     )
