@@ -113,6 +113,7 @@ def trained_mlp():
     for _ in range(100):
         params, s = step(params, s)
     f = lambda x: apply(params, x)  # plain function: attacks jit it themselves
+    f.params = params  # for the reference-implementation tests (torch copies)
     assert float(jnp.mean(jnp.argmax(f(x), -1) == y)) > 0.7  # it learned
     return f, x, y
 

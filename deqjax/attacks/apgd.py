@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -139,7 +138,7 @@ def apgd_core(logits_fn, x, y, key, loss_fn, extra=(), *, eps, norm, steps, rand
 
 
 def _apgd_single(logits_fn, x, y, key, *, eps, norm, steps, loss, rand_init, return_trace):
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm)
+    x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
     steps = C.check_positive_int("steps", steps)
     x_adv, trace = apgd_core(
         logits_fn,
@@ -188,8 +187,8 @@ def apgd(
     )
 
 
-def _apgd_t_single(logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, rand_init):
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm)
+def _apgd_t_single(logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, rand_init, targets):
+    x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
     steps = C.check_positive_int("steps", steps)
     k = C.check_positive_int("n_target_classes", n_target_classes)
     if nc < 4:
@@ -198,19 +197,19 @@ def _apgd_t_single(logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, 
             f"logits have {nc}. Use apgd(..., loss='ce') instead."
         )
     k = min(k, nc - 1)
-    order = jnp.argsort(logits_fn(x), axis=-1)  # ascending
-    keys = jax.random.split(key, k)
+    js = C.target_indices(targets, k)
+    clean = logits_fn(x)
+    keys = C.split_key(key, k)[js]
 
     def body(x_worst, inp):
-        rank, kk = inp
-        t = jnp.take(order, nc - rank, axis=-1)  # rank-th highest clean logit
+        j, kk = inp
         xa, _ = apgd_core(
             logits_fn,
             x,
             y,
             kk,
             C.targeted_dlr_loss,
-            (t,),
+            (C.target_class(clean, j),),
             eps=eps,
             norm=norm,
             steps=steps,
@@ -218,7 +217,7 @@ def _apgd_t_single(logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, 
         )
         return C.keep_worst(logits_fn, x_worst, xa, y), None
 
-    x_worst, _ = lax.scan(body, x, (jnp.arange(2, k + 2), keys))
+    x_worst, _ = lax.scan(body, x, (js, keys))
     return x_worst
 
 
@@ -234,9 +233,15 @@ def apgd_targeted(
     n_target_classes=9,
     restarts=1,
     rand_init=True,
+    targets=None,
 ):
     """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss against each of the
-    top-``n_target_classes`` other classes (capped at C−1); per-example worst case."""
+    top-``n_target_classes`` other classes (capped at C−1); per-example worst case.
+
+    ``targets``: indices j ∈ [0, k) of the targets to run (default all; see
+    :func:`deqjax.attacks._common.target_indices`). Target j draws from the j-th of
+    ``split(key, k)`` whichever targets run, so running the targets one at a time
+    (the compacting ensemble) reproduces each target's run of the full attack."""
     return run_with_restarts(
         _apgd_t_single,
         restarts,
@@ -249,4 +254,5 @@ def apgd_targeted(
         steps=steps,
         n_target_classes=n_target_classes,
         rand_init=rand_init,
+        targets=targets,
     )

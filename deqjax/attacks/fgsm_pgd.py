@@ -51,7 +51,7 @@ def step_sizes(step_size, steps, schedule):
 def _pgd_single(
     logits_fn, x, y, key, *, eps, norm, steps, step_size, schedule, rand_init, loss, return_trace
 ):
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm)
+    x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
     steps = C.check_positive_int("steps", steps)
     loss_fn = C.get_loss(loss, nc)
     lg = C.loss_and_grad(logits_fn, loss_fn)
