@@ -19,6 +19,8 @@ forward passes are used, never ``jax.grad``).
   update adds to the window a per-channel random-sign block of L2 norm
   eps·s/√(HW) (≈ eps·√p) and rescales δ onto the eps-sphere, instead of the
   paper's mass-moving pseudo-Gaussian squares.
+* Once every example of the batch is misclassified the remaining queries are
+  skipped (as the reference stops on broken examples); robust flags are unchanged.
 * Inputs of rank 2 (B, D) are treated as 1-D signals (windows of length
   round(p·D)); rank 3 (B, H, W) as one-channel images; rank 4 is (B, H, W, C).
 """
@@ -101,7 +103,7 @@ def _square_single(
     xb = jnp.clip(xi + d0, 0.0, 1.0)
     mb = C.margin(fn(xb), y)
 
-    def body(carry, inp):
+    def query(carry, inp):
         xb, mb = carry
         kk, s_h, s_w = inp
         kw_, kv = C.split_key(kk, 2)
@@ -119,6 +121,11 @@ def _square_single(
         mn = C.margin(fn(xn), y)
         acc = mn < mb
         return (C.bwhere(acc, xn, xb), jnp.where(acc, mn, mb)), jnp.minimum(mn, mb)
+
+    def body(carry, inp):
+        # once every example of the batch is misclassified, skip the remaining queries
+        # (a cond; under vmap both branches run): the flags cannot change any more
+        return lax.cond(jnp.any(carry[1] >= 0), query, lambda c, _: (c, c[1]), carry, inp)
 
     keys = C.split_key(kloop, n_queries)
     (xb, mb_end), trace = lax.scan(body, (xb, mb), (keys, jnp.asarray(sh), jnp.asarray(sw)))
