@@ -467,6 +467,8 @@ def test_bad_inputs_raise():
         A.pgd(f, x * 3, y, KEY, eps=0.1)
     with pytest.raises(ValueError, match="unknown attack name"):
         A.evaluate_ensemble(f, x, y, KEY, eps=0.1, attacks=["apgd-ce", "deepfool"])
+    with pytest.raises(ValueError, match="takes one PRNG key"):
+        A.evaluate_ensemble(f, x, y, A.example_keys(KEY, 2), eps=0.1, attacks=["fgsm"])
     with pytest.raises(ValueError, match="unknown ensemble preset"):
         A.evaluate_ensemble(f, x, y, KEY, eps=0.1, attacks="strong")
     with pytest.raises(ValueError, match="shape"):

@@ -86,11 +86,11 @@ PRESET_SPECS = {  # (name, restarts), in the reference's order
 class EnsembleResult(NamedTuple):
     clean_accuracy: jax.Array  # scalar
     robust_accuracy: jax.Array  # scalar, worst case over all attacks
-    per_attack_accuracy: dict  # name -> standalone robust accuracy
+    per_attack_accuracy: dict  # name -> standalone robust accuracy ({} when compact)
     cumulative_accuracy: dict  # name -> robust accuracy after attacks up to it
     robust: jax.Array  # (B,) bool, worst case
-    per_attack_robust: dict  # name -> (B,) bool, standalone
-    x_adv: jax.Array  # (B, ...) lowest-margin adversarial input
+    per_attack_robust: dict  # name -> (B,) bool, standalone ({} when compact)
+    x_adv: jax.Array  # (B, ...) adversarial input (x where robust)
 
 
 def make_attack(name, *, n_iter=100, n_queries=5000, n_target_classes=9, restarts=1):
@@ -228,6 +228,11 @@ def evaluate_ensemble(
       bucket_size: rows per bucket when ``compact`` (capped at the batch size).
     """
     x, y, nc = C.validate(logits_fn, x, y, eps, norm)
+    if C.is_batched_key(jnp.asarray(key)):
+        raise ValueError(
+            "evaluate_ensemble takes one PRNG key and derives the per-example keys itself; "
+            f"got keys of shape {jnp.shape(key)}."
+        )
     kcap = max(1, min(n_target_classes, nc - 1))
     resolved = _resolve(attacks, n_iter=n_iter, n_queries=n_queries, n_target_classes=kcap)
     b = x.shape[0]
