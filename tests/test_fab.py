@@ -279,3 +279,24 @@ def test_fab_bad_inputs_raise():
         A.fab(f, x, y, KEY, eps=0.1, steps=0)
     with pytest.raises(ValueError, match="beta"):
         A.fab(f, x, y, KEY, eps=0.1, beta=1.5)
+
+
+def test_fab_in_the_robustness_report(trained_mlp):
+    """ "fab" and "fab-t" are gradient attacks of deqjax.robustness.evaluate_robustness."""
+    from deqjax.robustness import evaluate_robustness
+
+    f, x, y = trained_mlp
+    rep = evaluate_robustness(
+        {"autodiff": f},
+        np.asarray(x[:16]),
+        np.asarray(y[:16]),
+        KEY,
+        eps_list=[0.1],
+        attacks=["fab-t", "fab"],
+        n_iter=5,
+        n_target_classes=2,
+        batch_size=16,
+    )
+    acc = rep["robust_accuracy"]["0.1"]
+    assert set(acc) == {"fab-t/autodiff", "fab/autodiff"}
+    assert acc["fab-t/autodiff"] < rep["clean_accuracy"]
