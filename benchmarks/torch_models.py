@@ -80,7 +80,9 @@ class TorchMDEQCell(nn.Module):
 
 
 class TorchMDEQ(nn.Module):
-    """Injection → torchdeq equilibrium of the cell → GN → GAP → dense.
+    """Injection → torchdeq equilibrium of the cell → GN → head → dense; the head is
+    ``"gap"`` (global average pool) or ``"pool_flatten"`` (2×2 average pool, flatten in
+    NHWC order as Flax), as :class:`deqjax.models.mdeq.Head`.
 
     ``deq_kwargs`` go to ``torchdeq.get_deq`` (solver names, iterations, ift, …).
     With ``unroll_iters > 0`` the equilibrium is instead an Anderson solve that
@@ -96,12 +98,18 @@ class TorchMDEQ(nn.Module):
         deq_kwargs=None,
         anderson_m=5,
         unroll_iters=0,
+        head_kind="gap",
+        size=28,
     ):
         super().__init__()
         self.inj = nn.Conv2d(1, width, 3, stride=2, padding=0)
         self.cell = TorchMDEQCell(width, inner, groups)
         self.head_gn = nn.GroupNorm(groups, width, eps=GN_EPS)
-        self.dense = nn.Linear(width, num_classes)
+        if head_kind not in ("gap", "pool_flatten"):
+            raise ValueError(f"unknown head {head_kind!r}; choose 'gap' or 'pool_flatten'")
+        self.head_kind = head_kind
+        feats = width if head_kind == "gap" else width * (-(-size // 4)) ** 2
+        self.dense = nn.Linear(feats, num_classes)
         self.anderson_m, self.unroll_iters = anderson_m, unroll_iters
         self.deq = None
         if not unroll_iters:
@@ -129,7 +137,11 @@ class TorchMDEQ(nn.Module):
         else:
             zs, _ = self.deq(lambda z: self.cell(z, u), z0, solver_kwargs={"m": self.anderson_m})
             z = zs[-1]
-        return self.dense(self.head_gn(z).mean(dim=(2, 3)))
+        h = self.head_gn(z)
+        if self.head_kind == "gap":
+            return self.dense(h.mean(dim=(2, 3)))
+        h = F.avg_pool2d(h, 2, 2, ceil_mode=True)  # = Flax 'SAME' on even sizes
+        return self.dense(h.permute(0, 2, 3, 1).reshape(h.shape[0], -1))
 
 
 def anderson_unrolled(f, z0, iters: int, m: int = 5, lam: float = 1e-4):

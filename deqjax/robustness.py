@@ -35,7 +35,7 @@ import numpy as np
 from deqjax import attacks as A
 from deqjax.attacks import _common as C
 
-GRADIENT_ATTACKS = ("fgsm", "pgd", "pgd-dlr", "apgd-ce", "apgd-dlr", "apgd-t")
+GRADIENT_ATTACKS = ("fgsm", "pgd", "pgd-dlr", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t")
 GRADIENT_FREE_ATTACKS = ("square",)
 # attacks whose returned point another model can choose (``select_fn``)
 SELECTING_ATTACKS = ("pgd", "pgd-dlr", "apgd-ce", "apgd-dlr", "apgd-t")
@@ -53,6 +53,12 @@ def _attack_fn(name: str, n_iter: int, n_queries: int, restarts: int, n_target_c
     if name == "apgd-t":
         return functools.partial(
             A.apgd_targeted, steps=n_iter, restarts=restarts, n_target_classes=n_target_classes
+        )
+    if name == "fab":
+        return functools.partial(A.fab, steps=n_iter, restarts=restarts)
+    if name == "fab-t":
+        return functools.partial(
+            A.fab_targeted, steps=n_iter, restarts=restarts, n_target_classes=n_target_classes
         )
     if name == "square":
         return functools.partial(A.square, n_queries=n_queries, restarts=restarts)

@@ -113,6 +113,7 @@ def trained_mlp():
     for _ in range(100):
         params, s = step(params, s)
     f = lambda x: apply(params, x)  # plain function: attacks jit it themselves
+    f.params = params  # for the reference-implementation tests (torch copies)
     assert float(jnp.mean(jnp.argmax(f(x), -1) == y)) > 0.7  # it learned
     return f, x, y
 
@@ -348,7 +349,7 @@ def test_ensemble_worst_case(trained_mlp):
     r = run(x, y, KEY)
     correct = np.asarray(jnp.argmax(f(x), -1) == y)
     both = correct.copy()
-    for name in ("apgd-ce", "apgd-t", "square"):
+    for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
         both &= np.asarray(r.per_attack_robust[name])
         assert float(r.robust_accuracy) <= float(r.per_attack_accuracy[name])
     assert np.array_equal(np.asarray(r.robust), both)
@@ -356,8 +357,90 @@ def test_ensemble_worst_case(trained_mlp):
     _assert_feasible(r.x_adv, x, eps, "linf")
     # the returned worst-case input realises the reported flags
     assert np.array_equal(np.asarray(jnp.argmax(f(r.x_adv), -1) == y) & correct, both)
-    cum = [float(r.cumulative_accuracy[k]) for k in ("apgd-ce", "apgd-t", "square")]
+    cum = [float(r.cumulative_accuracy[k]) for k in ("apgd-ce", "apgd-t", "fab-t", "square")]
     assert cum == sorted(cum, reverse=True)
+
+
+def test_presets_match_autoattack():
+    """The reference's version='standard' / 'plus' (fra31/auto-attack set_version)."""
+    std = A.preset("standard")
+    assert [n for n, _ in std] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    plus = A.preset("plus")
+    assert [n for n, _ in plus] == [
+        "apgd-ce-x5",
+        "apgd-dlr-x5",
+        "fab-x5",
+        "square",
+        "apgd-t",
+        "fab-t",
+    ]
+    kw = {n: fn.keywords for n, fn in std + plus}
+    assert kw["apgd-ce"] == dict(steps=100, loss="ce", restarts=1)
+    assert kw["apgd-t"] == dict(steps=100, n_target_classes=9, restarts=1)
+    assert kw["fab-t"] == dict(steps=100, n_target_classes=9, restarts=1)
+    assert kw["fab-x5"] == dict(steps=100, restarts=5)
+    assert kw["square"] == dict(n_queries=5000, restarts=1, rescale_schedule=False)
+    assert dict(std)["fab-t"].n_targets == 9
+    # AutoAttack runs Square with p halved at absolute iterations 10, 50, 200, …
+    p = A.p_schedule(5000, rescale=False)
+    assert p[10] == 0.8 and p[11] == 0.4 and p[4001] == 0.8 / 2**7 and p[-1] == p[4001]
+    assert A.p_schedule(5000)[6] == 0.4  # the rescaled one halves at 10·5000/10000
+
+
+def test_per_example_keys_make_results_independent_of_the_batch(trained_mlp):
+    """With one key per example, permuting the batch permutes the attack's output; with
+    one key for the batch it does not (the negative control): what lets the compacting
+    ensemble regroup examples without changing any of them."""
+    f, x, y = trained_mlp
+    perm = np.random.default_rng(0).permutation(x.shape[0])
+    keys = A.example_keys(KEY, x.shape[0])
+    run = lambda k, xx, yy: _jit(A.square, f, xx, yy, k, 0.1, n_queries=20, norm="l2")
+    np.testing.assert_array_equal(run(keys, x, y)[perm], run(keys[perm], x[perm], y[perm]))
+    assert not np.array_equal(run(KEY, x, y)[perm], run(KEY, x[perm], y[perm]))
+    with pytest.raises(ValueError, match="per-example keys"):
+        A.square(f, x, y, keys[:3], eps=0.1)
+
+
+def test_compact_ensemble_same_flags_less_work(trained_mlp):
+    """compact=True (each attack only on the survivors, in buckets) gives exactly the
+    robust flags of the full run with the same key, and evaluates far fewer rows."""
+    f, x, y = trained_mlp
+    rows = []
+
+    def counted(xx):
+        jax.debug.callback(lambda n: rows.append(int(n)), xx.shape[0])
+        return f(xx)
+
+    def run(compact, bucket=64):
+        fn = lambda x, y, k: A.evaluate_ensemble(
+            counted,
+            x,
+            y,
+            k,
+            eps=0.05,
+            attacks=["apgd-ce", "apgd-t", "fab-t", "square"],
+            n_iter=5,
+            n_queries=20,
+            n_target_classes=3,
+            compact=compact,
+            bucket_size=bucket,
+        )
+        rows.clear()
+        r = jax.block_until_ready(jax.jit(fn, **FAST)(x, y, KEY))
+        return r, sum(rows)
+
+    full, n_full = run(False)
+    comp, n_comp = run(True, bucket=8)
+    np.testing.assert_array_equal(np.asarray(full.robust), np.asarray(comp.robust))
+    assert 0 < float(comp.robust_accuracy) < float(comp.clean_accuracy)
+    for k in full.cumulative_accuracy:
+        assert float(full.cumulative_accuracy[k]) == float(comp.cumulative_accuracy[k])
+    assert comp.per_attack_accuracy == {}
+    assert n_comp < 0.5 * n_full, (n_comp, n_full)
+    _assert_feasible(comp.x_adv, x, 0.05, "linf")
+    broken = np.asarray(jnp.argmax(f(x), -1) == y) & ~np.asarray(comp.robust)
+    assert broken.sum() > 5  # the first attack's point realises every broken example
+    assert np.all(np.asarray(jnp.argmax(f(comp.x_adv), -1) != y)[broken])
 
 
 def test_eot_averages_randomised_model(trained_mlp):
@@ -392,7 +475,9 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         A.pgd(f, x * 3, y, KEY, eps=0.1)
     with pytest.raises(ValueError, match="unknown attack name"):
-        A.evaluate_ensemble(f, x, y, KEY, eps=0.1, attacks=["apgd-ce", "fab"])
+        A.evaluate_ensemble(f, x, y, KEY, eps=0.1, attacks=["apgd-ce", "deepfool"])
+    with pytest.raises(ValueError, match="takes one PRNG key"):
+        A.evaluate_ensemble(f, x, y, A.example_keys(KEY, 2), eps=0.1, attacks=["fgsm"])
     with pytest.raises(ValueError, match="unknown ensemble preset"):
         A.evaluate_ensemble(f, x, y, KEY, eps=0.1, attacks="strong")
     with pytest.raises(ValueError, match="shape"):

@@ -4,11 +4,14 @@ Every attack is a pure, jit-able function
 ``attack(logits_fn, x, y, key, *, eps, norm="linf"|"l2", ...) -> x_adv`` with
 ``logits_fn(x) -> (B, C)`` any JAX function, ``x`` in [0, 1] of shape (B, ...),
 ``y`` int labels (B,). ``x_adv`` always lies in [0, 1] and in the eps-ball.
+``key`` is one PRNG key, or one key per example (``example_keys``) so that an
+example's random draws do not depend on the batch it is attacked in.
 """
 
 from deqjax.attacks._common import (
     ce_loss,
     dlr_loss,
+    example_keys,
     margin,
     project,
     random_start,
@@ -23,6 +26,7 @@ from deqjax.attacks.ensemble import (
     preset,
 )
 from deqjax.attacks.eot import eot_logits_fn
+from deqjax.attacks.fab import fab, fab_targeted, project_hyperplane_box
 from deqjax.attacks.fgsm_pgd import fgsm, pgd
 from deqjax.attacks.restarts import with_restarts
 from deqjax.attacks.sanity import SanityReport, check_evaluation, input_gradient_stats, sanity_flags
@@ -40,6 +44,9 @@ __all__ = [
     "dlr_loss",
     "eot_logits_fn",
     "evaluate_ensemble",
+    "example_keys",
+    "fab",
+    "fab_targeted",
     "fgsm",
     "input_gradient_stats",
     "make_attack",
@@ -48,6 +55,7 @@ __all__ = [
     "pgd",
     "preset",
     "project",
+    "project_hyperplane_box",
     "random_start",
     "sanity_flags",
     "square",

@@ -105,12 +105,88 @@ def check_inputs(logits_fn, x, y) -> int:
     return num_classes
 
 
-def validate(logits_fn, x, y, eps, norm):
+def validate(logits_fn, x, y, eps, norm, key=None):
     """All standard attack checks; returns ``(x, y, num_classes)`` as JAX arrays."""
     check_norm(norm)
     check_eps(eps)
     x, y = jnp.asarray(x), jnp.asarray(y)
+    if key is not None:
+        check_key(key, x.shape[0])
     return x, y, check_inputs(logits_fn, x, y)
+
+
+# ---------------------------------------------------------------------------- keys
+# An attack's ``key`` is either ONE PRNG key (raw uint32 (2,) or typed ()), from which
+# batch-shaped noise is drawn, or one key PER EXAMPLE (raw (B, 2) or typed (B,)), from
+# which each example's noise is drawn separately. With per-example keys an example's
+# random draws do not depend on which other examples share its batch or where it sits
+# in it, so a batch can be reordered or split (the compacting ensemble) without
+# changing any example's result. One key reproduces the previous draws bit for bit.
+def _is_typed(key) -> bool:
+    return jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+
+
+def is_batched_key(key) -> bool:
+    """True for per-example keys (raw (B, 2) / typed (B,)), False for one key."""
+    return key.ndim == (1 if _is_typed(key) else 2)
+
+
+def check_key(key, batch: int) -> None:
+    base = 0 if _is_typed(key) else 1
+    if key.ndim not in (base, base + 1) or (not _is_typed(key) and key.shape[-1] != 2):
+        raise ValueError(
+            f"key must be one PRNG key (jax.random.PRNGKey(0)) or one key per example "
+            f"(shape ({batch}, 2)), got shape {key.shape}."
+        )
+    if is_batched_key(key) and key.shape[0] != batch:
+        raise ValueError(
+            f"per-example keys must number the examples: got {key.shape[0]} keys for a "
+            f"batch of {batch}; build them with example_keys(key, {batch})."
+        )
+
+
+def example_keys(key, n: int):
+    """``n`` per-example keys ``fold_in(key, i)``, i = 0 … n−1 (example i's key depends
+    only on ``key`` and its index i, not on the batch it is attacked in)."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+
+def split_key(key, n: int):
+    """``jax.random.split`` for one or per-example keys; the new axis comes first."""
+    if is_batched_key(key):
+        return jnp.swapaxes(jax.vmap(lambda k: jax.random.split(k, n))(key), 0, 1)
+    return jax.random.split(key, n)
+
+
+def draw(sampler, key, shape):
+    """``sampler(key, shape)`` with one key, or per example ``sampler(key_i, shape[1:])``."""
+    if is_batched_key(key):
+        return jax.vmap(lambda k: sampler(k, shape[1:]))(key)
+    return sampler(key, shape)
+
+
+# ------------------------------------------------------------------------- targets
+def target_indices(targets, k: int):
+    """Indices j ∈ [0, k) of the targets a targeted attack runs (default: all k, in
+    order). Target j is the class with the (j+2)-th highest clean logit (j = 0: the
+    runner-up), as in AutoAttack's APGD-T / FAB-T. Traced indices are allowed (the
+    compacting ensemble runs one target at a time); concrete ones are range-checked."""
+    if targets is None:
+        return jnp.arange(k)
+    t = jnp.atleast_1d(jnp.asarray(targets))
+    if t.ndim != 1 or not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"targets must be integer indices in [0, {k}), got {targets!r}.")
+    if is_concrete(t) and t.size and (int(t.min()) < 0 or int(t.max()) >= k):
+        raise ValueError(
+            f"targets must lie in [0, {k}) (n_target_classes={k}), got {np.asarray(t)}."
+        )
+    return t
+
+
+def target_class(clean_logits, j):
+    """Per example, the class with the (j+2)-th highest clean logit (j may be traced)."""
+    order = jnp.argsort(clean_logits, axis=-1)  # ascending
+    return jnp.take(order, clean_logits.shape[-1] - 2 - j, axis=-1)
 
 
 # ------------------------------------------------------------------------ geometry
@@ -141,15 +217,17 @@ def random_start(key, x, eps, norm):
     """Uniform sample from the eps-ball around ``x`` (then box-clipped).
 
     L∞: δ ~ U[−eps, eps]^n. L2: uniform in the ball, δ = eps·u^{1/n}·g/‖g‖ with
-    g ~ N(0, I), u ~ U[0, 1] (n = number of features per example).
+    g ~ N(0, I), u ~ U[0, 1] (n = number of features per example). ``key``: one key
+    or per-example keys (see :func:`draw`).
     """
     if norm == "linf":
-        d = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0) * eps
+        d = draw(lambda k, s: jax.random.uniform(k, s, x.dtype, -1.0, 1.0), key, x.shape) * eps
     else:
-        kg, ku = jax.random.split(key)
-        g = jax.random.normal(kg, x.shape, x.dtype)
+        kg, ku = split_key(key, 2)
+        g = draw(lambda k, s: jax.random.normal(k, s, x.dtype), kg, x.shape)
         n = math.prod(x.shape[1:])
-        u = jax.random.uniform(ku, (x.shape[0],) + (1,) * (x.ndim - 1), x.dtype)
+        u_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        u = draw(lambda k, s: jax.random.uniform(k, s, x.dtype), ku, u_shape)
         d = eps * u ** (1.0 / n) * g / jnp.maximum(_bnorm(g), _TINY)
     return jnp.clip(x + d, 0.0, 1.0)
 

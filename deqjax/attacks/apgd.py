@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -163,7 +162,7 @@ def apgd_core(
 def _apgd_single(
     logits_fn, x, y, key, *, eps, norm, steps, loss, rand_init, return_trace, select_fn=None
 ):
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm)
+    x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
     steps = C.check_positive_int("steps", steps)
     x_adv, trace = apgd_core(
         logits_fn,
@@ -218,9 +217,9 @@ def apgd(
 
 
 def _apgd_t_single(
-    logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, rand_init, select_fn=None
+    logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, rand_init, targets, select_fn=None
 ):
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm)
+    x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
     steps = C.check_positive_int("steps", steps)
     k = C.check_positive_int("n_target_classes", n_target_classes)
     if nc < 4:
@@ -229,19 +228,19 @@ def _apgd_t_single(
             f"logits have {nc}. Use apgd(..., loss='ce') instead."
         )
     k = min(k, nc - 1)
-    order = jnp.argsort(logits_fn(x), axis=-1)  # ascending
-    keys = jax.random.split(key, k)
+    js = C.target_indices(targets, k)
+    clean = logits_fn(x)
+    keys = C.split_key(key, k)[js]
 
     def body(x_worst, inp):
-        rank, kk = inp
-        t = jnp.take(order, nc - rank, axis=-1)  # rank-th highest clean logit
+        j, kk = inp
         xa, _ = apgd_core(
             logits_fn,
             x,
             y,
             kk,
             C.targeted_dlr_loss,
-            (t,),
+            (C.target_class(clean, j),),
             eps=eps,
             norm=norm,
             steps=steps,
@@ -250,7 +249,7 @@ def _apgd_t_single(
         )
         return C.keep_worst(select_fn or logits_fn, x_worst, xa, y), None
 
-    x_worst, _ = lax.scan(body, x, (jnp.arange(2, k + 2), keys))
+    x_worst, _ = lax.scan(body, x, (js, keys))
     return x_worst
 
 
@@ -266,10 +265,16 @@ def apgd_targeted(
     n_target_classes=9,
     restarts=1,
     rand_init=True,
+    targets=None,
     select_fn=None,
 ):
     """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss against each of the
     top-``n_target_classes`` other classes (capped at C−1); per-example worst case.
+
+    ``targets``: indices j ∈ [0, k) of the targets to run (default all; see
+    :func:`deqjax.attacks._common.target_indices`). Target j draws from the j-th of
+    ``split(key, k)`` whichever targets run, so running the targets one at a time
+    (the compacting ensemble) reproduces each target's run of the full attack.
     ``select_fn``: the logits that choose the returned iterate, target and restart
     (default ``logits_fn``; see :func:`deqjax.attacks.pgd`)."""
     return run_with_restarts(
@@ -284,5 +289,6 @@ def apgd_targeted(
         steps=steps,
         n_target_classes=n_target_classes,
         rand_init=rand_init,
+        targets=targets,
         select_fn=select_fn,
     )

@@ -64,7 +64,7 @@ def _pgd_single(
     return_trace,
     select_fn=None,
 ):
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm)
+    x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
     steps = C.check_positive_int("steps", steps)
     loss_fn = C.get_loss(loss, nc)
     lg = C.loss_and_grad(logits_fn, loss_fn)

@@ -13,14 +13,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from deqjax.attacks._common import check_positive_int, margin
+from deqjax.attacks._common import check_positive_int, margin, split_key
 
 
 def restart_keys(key, n_restarts: int):
-    """Keys for ``n_restarts`` restarts; the first one is ``key`` itself."""
+    """Keys for ``n_restarts`` restarts (leading axis); the first one is ``key`` itself.
+    Works for one key and for per-example keys alike."""
+    key = jnp.asarray(key)
     if n_restarts == 1:
         return key[None]
-    return jnp.concatenate([key[None], jax.random.split(key, n_restarts - 1)], axis=0)
+    return jnp.concatenate([key[None], split_key(key, n_restarts - 1)], axis=0)
 
 
 def select_worst(logits_fn, xs, y, *others):
