@@ -122,7 +122,9 @@ class DEQ(nn.Module):
             )
             config = dataclasses.replace(config, forward=fwd, backward="phantom")
 
-        implicit_f = implicit_function(self.cell, config.backward == "implicit")
+        implicit_f = implicit_function(
+            self.cell, config.backward in ("implicit", "shine", "shine_refine")
+        )
 
         def one(z0_i, u_i, probe_i):
             return deq_fixed_point(
