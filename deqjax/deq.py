@@ -271,10 +271,21 @@ def _implicit_jvp_rule(f, config, primals, tangents):
     # transposes of the (linear) VJP. So f only needs reverse-mode rules (a cell with
     # custom_vjp pieces, e.g. deqjax.conv2d, works), and under reverse mode JAX
     # transposes them back to that VJP: grad costs what the custom_vjp path costs.
-    _, vjp_both = jax.vjp(f, z_star, args)
+    # (integer leaves of args have float0 tangents and no place in a linear map)
+    leaves, treedef = jax.tree.flatten(args)
+    diff = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+    def f_diff(z, diff_leaves):
+        full = list(leaves)
+        for i, x in zip(diff, diff_leaves):
+            full[i] = x
+        return f(z, jax.tree.unflatten(treedef, full))
+
+    _, vjp_both = jax.vjp(f_diff, z_star, [leaves[i] for i in diff])
     jt = lambda u: vjp_both(u)[0]
     j_z = lambda t: jax.linear_transpose(jt, z_star)(t)[0]
-    b = jax.linear_transpose(lambda u: vjp_both(u)[1], z_star)(args_dot)[0]
+    dots = jax.tree.leaves(args_dot)
+    b = jax.linear_transpose(lambda u: vjp_both(u)[1], z_star)([dots[i] for i in diff])[0]
 
     def tangent_solve(matvec, b):  # (I − J) ż = b  as  ż = b + J ż
         start = _shine_start(factors, b, transpose=False)

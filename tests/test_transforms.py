@@ -109,6 +109,18 @@ def test_forward_and_reverse_mode_agree_in_every_mode(backward, x64):
     np.testing.assert_allclose(jnp.dot(w, dz), jnp.sum(ga * da) + jnp.dot(gb, db), rtol=1e-10)
 
 
+def test_forward_mode_with_integer_leaves_in_args(x64):
+    """Integer leaves of args (float0 tangents) are constants of the linear maps."""
+    a, b = problem()
+    cell = lambda z, p: jnp.tanh(p[0] @ z + p[1] * p[2])
+    z_of_b = lambda b: deq_fixed_point(
+        cell, jnp.zeros(N), (a, b, jnp.asarray(2)), config("anderson")
+    )[0]
+    ref = lambda b: deq_fixed_point(tanh_cell, jnp.zeros(N), (a, 2 * b), config("anderson"))[0]
+    np.testing.assert_allclose(jax.jacfwd(z_of_b)(b), jax.jacfwd(ref)(b), atol=1e-12)
+    np.testing.assert_allclose(jax.jacrev(z_of_b)(b), jax.jacfwd(z_of_b)(b), atol=1e-12)
+
+
 def test_forward_mode_through_a_cell_with_custom_vjp_pieces(x64):
     """The tangent uses only f's VJP (transposed), so a cell built from custom_vjp
     functions (e.g. deqjax.conv2d, whose jvp JAX refuses) still has forward mode."""
