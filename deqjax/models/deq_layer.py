@@ -115,7 +115,9 @@ class DEQ(nn.Module):
         if view is not None:
             z, stats = self._attack_view(f, params, u, z0, config, view)
         else:
-            implicit_f = implicit_function(self.cell, config.backward == "implicit")
+            implicit_f = implicit_function(
+                self.cell, config.backward in ("implicit", "shine", "shine_refine")
+            )
 
             def one(z0_i, u_i, probe_i):
                 return deq_fixed_point(
