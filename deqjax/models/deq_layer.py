@@ -34,22 +34,19 @@ def cell_as_function(cell: nn.Module, method: str | None = None):
     return f
 
 
-def implicit_function(cell: nn.Module, implicit_gradient: bool):
-    """The map whose Jacobian the implicit backward uses and whose fixed points count
-    as equilibria: the cell's ``implicit_map`` method when it has one (same equilibria,
-    smooth there), else ``None`` (the cell itself).
+def refuse_implicit(cell: nn.Module, implicit_gradient: bool) -> None:
+    """Raise if the implicit gradient is asked of a cell that has no equilibrium.
 
-    A cell with ``has_equilibrium = False`` (e.g. LyaDEQ with α > 0, whose projected
-    dynamics have no root) has no implicit gradient: asking for one is an error."""
+    A cell with ``has_equilibrium = False`` — a LyaDEQ, which SPEC §2 defines as a
+    finite-time system (K steps from z₀ = 0, output z_K), not a fixed point — has
+    nothing for the implicit function theorem to differentiate."""
     if implicit_gradient and not getattr(cell, "has_equilibrium", True):
         raise ValueError(
-            f"{type(cell).__name__} has no equilibrium to "
-            "differentiate implicitly (its dynamics have no "
-            "root; the model's output is the state after "
-            "the solver budget): use backward='phantom' or "
-            "'unroll', and attack views other than 'implicit'"
+            f"{type(cell).__name__} defines a finite-time system (K steps from z0 = 0, "
+            "output z_K; SPEC §2), not an equilibrium: there is no fixed point to "
+            "differentiate implicitly. Use backward='unroll' (the exact gradient of the "
+            "K steps) or 'phantom', and attack views other than 'implicit'"
         )
-    return cell_as_function(cell, "implicit_map") if hasattr(cell, "implicit_map") else None
 
 
 class DEQ(nn.Module):
@@ -122,7 +119,7 @@ class DEQ(nn.Module):
             )
             config = dataclasses.replace(config, forward=fwd, backward="phantom")
 
-        implicit_f = implicit_function(self.cell, config.backward == "implicit")
+        refuse_implicit(self.cell, config.backward == "implicit")
 
         def one(z0_i, u_i, probe_i):
             return deq_fixed_point(
@@ -133,7 +130,6 @@ class DEQ(nn.Module):
                 backward_probe=probe_i,
                 return_trajectory=return_trajectory,
                 num_steps=num_steps,
-                implicit_f=implicit_f,
             )
 
         if gradient is not None or defence != "none":
@@ -170,7 +166,7 @@ class DEQ(nn.Module):
         if defence not in DEFENCES:
             raise ValueError(f"unknown defence {defence!r}; choose one of {DEFENCES}")
 
-        implicit_f = implicit_function(self.cell, gradient == "implicit")
+        refuse_implicit(self.cell, gradient == "implicit")
 
         def one(z0_i, u_i):
             args = (params, u_i)
@@ -181,9 +177,7 @@ class DEQ(nn.Module):
             )
             if gradient in ("implicit", "unroll"):
                 cfg = dataclasses.replace(config, backward=gradient)
-                z_sur, stats = deq_fixed_point(
-                    f, z0_i, args, cfg, return_trajectory=need_traj, implicit_f=implicit_f
-                )
+                z_sur, stats = deq_fixed_point(f, z0_i, args, cfg, return_trajectory=need_traj)
                 z_star = jax.lax.stop_gradient(z_sur)
             else:
                 cfg = dataclasses.replace(
@@ -195,7 +189,6 @@ class DEQ(nn.Module):
                     jax.lax.stop_gradient(args),
                     cfg,
                     return_trajectory=need_traj,
-                    implicit_f=implicit_f,
                 )
                 z_sur = None
             z_value = defended_state(z_star, stats.trajectory, defence, exit_state)

@@ -1,38 +1,140 @@
-"""LyaDEQ (SPEC §2): the MDEQ feature extractor and cell, made Lyapunov-stable by the
-projected dynamics, then an orthogonal layer and the classifier. Its report gets the
-stability check (equilibria reached from perturbed initial states)."""
+"""LyaDEQ (SPEC §2): the MDEQ injection and cell, made Lyapunov-stable by the projected
+dynamics and run as a finite-time system (K steps ``z ← z + h F̂(z)`` from 0), then an
+orthogonal layer and the classifier.
+
+K = ``lyapunov.steps`` and h = ``lyapunov.step_size`` define the model; the ``deq``
+block must describe the same K steps (``solver=fixed_point``, ``max_iter`` =
+``eval_max_iter`` = K, ``tol=0``, ``damping`` = h: the lyadeq configs tie these keys to
+the two ``lyapunov`` ones) — checked here, so training and test run the same model.
+
+The report of a LyaDEQ gets a ``stability`` section (``V`` along the trajectory: the
+fraction of steps that increase it; the spread of ``z_K`` over perturbed starts) and a
+``gradient_norms`` section (the loss gradient reaching the ICNN next to the cell's, and
+how far each ICNN parameter moved from its initialisation).
+
+``python -m experiments.families.lyadeq --out docs/lyadeq_vs_deq.png NAME=WORKDIR ...``
+draws the README's comparison plot (worst case and naive view against ε) from reports.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from deqjax.models.lyadeq import LyaDEQClassifier, lyadeq_stability_check
 from experiments import models
 
 
-def stability_hook(spec, state, x, y, eps_list, r):
+def check_finite_time(config) -> None:
+    """The ``deq`` block must be the K-step model of the ``lyapunov`` block."""
+    ly, dq = config.lyapunov, config.deq
+    k, h = int(ly.steps), float(ly.step_size)
+    need = {
+        "solver": "fixed_point",
+        "max_iter": k,
+        "eval_max_iter": k,
+        "tol": 0.0,
+        "damping": h,
+        "random_states_max": 0,
+    }
+    bad = {key: dq[key] for key, v in need.items() if dq[key] != v}
+    if bad:
+        raise ValueError(
+            f"a LyaDEQ is the finite-time system of lyapunov.steps = {k} steps of size "
+            f"lyapunov.step_size = {h}, the same in training and at test time (SPEC §2); "
+            f"the deq block disagrees: {bad}, need { ({key: need[key] for key in bad}) }. "
+            "Change lyapunov.steps / lyapunov.step_size (the lyadeq configs tie the deq "
+            "keys to them)"
+        )
+
+
+def _tree_norm(tree) -> float:
+    return float(optax.global_norm(tree))
+
+
+def gradient_hook(spec, state, x, y, eps_list, r, *, seed):
+    """Norms of the clean cross-entropy gradient (the model's own backward) on the first
+    ``robustness.batch_size`` test images, per parameter group, and the relative distance
+    of every ICNN parameter from its initialisation (``min`` over leaves: did all move)."""
+    n = min(len(x), int(r.batch_size))
+    model_state = state.model_state
+
+    def loss(params):
+        logits = spec.module.apply({"params": params, **model_state}, x[:n])[0]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y[:n]).mean()
+
+    g = jax.jit(jax.grad(loss))(state.params)
+    cell = g["equilibrium"]["cell"]
+    init_key = jax.random.split(jax.random.PRNGKey(seed))[0]  # as experiments.common.init_state
+    init = spec.module.init(init_key, jnp.zeros((2,) + x.shape[1:], jnp.float32))["params"]
+    icnn, icnn0 = state.params["equilibrium"]["cell"]["icnn"], init["equilibrium"]["cell"]["icnn"]
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-12)), icnn, icnn0
+    )
+    leaf_grads = [float(jnp.linalg.norm(v)) for v in jax.tree.leaves(cell["icnn"])]
+    return {
+        "gradient_norms": {
+            "n_examples": n,
+            "backward": spec.module.backward,
+            "icnn": _tree_norm(cell["icnn"]),
+            "icnn_min_leaf": min(leaf_grads),
+            "base_cell": _tree_norm(cell["base_cell"]),
+            "injection": _tree_norm(g["injection"]),
+            "head": _tree_norm(g["head"]),
+            "icnn_relative_change_from_init_min": min(jax.tree.leaves(moved)),
+            "icnn_relative_change_from_init_max": max(jax.tree.leaves(moved)),
+        }
+    }
+
+
+def stability_hook(spec, state, x, y, eps_list, r, *, n_spread=16, n_perturb=16, scale=0.1):
+    """V along the model's trajectory on the first ``robustness.batch_size`` test images
+    (fraction of steps that increase it; how often and how much the projection changes
+    ``F``), and the spread of ``z_K`` over ``n_perturb`` starts ``z₀ = δ`` on ``n_spread``
+    of them."""
     variables = {"params": state.params, **state.model_state}
-    n = min(len(x), 16)
-    _, rep = jax.jit(
-        lambda xb, k: lyadeq_stability_check(spec.module, variables, xb, k, n_perturb=16, scale=0.1)
-    )(x[:n], jax.random.PRNGKey(0))
+    n = min(len(x), int(r.batch_size))
+    run = jax.jit(
+        lambda xb, k, m: lyadeq_stability_check(spec.module, variables, xb, k, m, scale),
+        static_argnums=2,
+    )
+    values, increases, corrections, _ = run(x[:n], jax.random.PRNGKey(0), 1)
+    m = min(n, n_spread)
+    *_, rep = run(x[:m], jax.random.PRNGKey(1), n_perturb)
+    inc, corr = np.asarray(increases), np.asarray(corrections)
     return {
         "stability": {
+            "steps": int(spec.module.steps),
+            "step_size": float(spec.module.step_size),
             "n_examples": n,
-            "n_perturb": 16,
-            "scale": 0.1,
-            "max_distance": float(np.max(rep.max_distance)),
-            "mean_distance": float(np.mean(rep.mean_distance)),
-            "max_relative": float(np.max(rep.max_relative)),
-            "fraction_converged": float(np.mean(rep.fraction_converged)),
-            "mean_initial_distance": float(np.mean(rep.initial_distance)),
+            "fraction_v_increases": float(inc.mean()),
+            "fraction_v_increases_after_first_step": float(inc[:, 1:].mean())
+            if inc.shape[1] > 1
+            else 0.0,
+            "mean_v_per_step": [float(v) for v in np.asarray(values).mean(0)],
+            "fraction_projection_active": float((corr > 0).mean()),
+            "mean_relative_correction": float(corr.mean()),
+            "spread": {
+                "n_examples": m,
+                "n_perturb": n_perturb,
+                "scale": scale,
+                "mean_initial_distance": float(np.mean(rep.initial_distance)),
+                "mean_distance": float(np.mean(rep.mean_distance)),
+                "max_distance": float(np.max(rep.max_distance)),
+                "max_relative": float(np.max(rep.max_relative)),
+                "mean_contraction": float(np.mean(rep.contraction)),
+            },
         }
     }
 
 
 def _lyadeq(config, num_classes):
-    m, ly = config.model, config.lyapunov
+    check_finite_time(config)
+    m, ly, dq = config.model, config.lyapunov, config.deq
     module = LyaDEQClassifier(
         num_classes=num_classes,
         width=m.width,
@@ -46,13 +148,16 @@ def _lyadeq(config, num_classes):
         orthogonal=ly.orthogonal,
         orthogonal_kind=ly.orthogonal_kind,
         orth_features=ly.orth_features,
-        deq=models.deq_config(config.deq),
+        steps=int(ly.steps),
+        step_size=float(ly.step_size),
+        backward=dq.backward,
+        phantom_steps=int(dq.phantom_steps),
     )
     return models.ModelSpec(
         module,
         is_deq=True,
-        eval_kwargs={"config": models.deq_config(config.deq, evaluation=True)},
-        report_hooks=(stability_hook,),
+        eval_kwargs={"config": module.deq},
+        report_hooks=(stability_hook, functools.partial(gradient_hook, seed=int(config.seed))),
     )
 
 
