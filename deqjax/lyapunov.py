@@ -245,7 +245,8 @@ class StabilityReport(NamedTuple):
     distances / relative: ``‖z_K(z₀ + δ_j) − z_K(z₀)‖`` and that over ``‖z_K(z₀)‖``,
     per perturbation; max_distance, mean_distance, max_relative: their summaries;
     initial_distance: mean ``‖δ_j‖`` (how far the starts were); contraction: mean over
-    ``j`` of ``distance_j / ‖δ_j‖`` (< 1: the map shrinks perturbations of the start).
+    ``j`` of ``distance_j / ‖δ_j‖`` (< 1: the map shrinks perturbations of the start);
+    reference, finals: ``z_K(z₀)`` and the ``z_K(z₀ + δ_j)``.
     """
 
     distances: jax.Array
@@ -255,6 +256,8 @@ class StabilityReport(NamedTuple):
     max_relative: jax.Array
     initial_distance: jax.Array
     contraction: jax.Array
+    reference: jax.Array
+    finals: jax.Array
 
 
 def stability_check(
@@ -290,4 +293,6 @@ def stability_check(
         jnp.max(rel),
         jnp.mean(start),
         jnp.mean(dist / start),
+        z_ref,
+        zs,
     )

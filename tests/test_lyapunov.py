@@ -463,15 +463,32 @@ def test_training_learns_the_lyapunov_function(backward):
 
 def test_lyadeq_stability_check_on_the_model():
     """V along the model's own trajectory (the first step from z₀ = 0 always increases
-    it), the projection's correction per step, and the spread over perturbed starts."""
+    it), the projection's correction per step, where the ICNN term is alive, and the
+    spread over perturbed starts. (No "δ → 0 changes nothing" control: F̂ is
+    discontinuous at z = 0, where ∇V = 0, so even a tiny δ can move z_K by O(1).)"""
     x, _ = tiny_batch()
     model = tiny_model()
     params = tiny_params(model, x)
-    values, inc, corr, rep = jax.jit(
-        lambda p, k: lyadeq_stability_check(model, {"params": p}, x, k, n_perturb=5, scale=0.2)
-    )(params, jax.random.PRNGKey(3))
-    assert values.shape == (4, 7) and inc.shape == (4, 6) and corr.shape == (4, 6)
-    assert bool(jnp.all(values[:, 0] == 0)) and bool(jnp.all(inc[:, 0]))
-    assert bool(jnp.all(corr >= 0))
-    assert float(jnp.max(corr)) > 0  # α = 2: the projection is active somewhere
-    assert rep.distances.shape == (4, 5) and bool(jnp.all(rep.initial_distance > 0))
+    check = jax.jit(
+        lambda p, k, s: lyadeq_stability_check(model, {"params": p}, x, k, n_perturb=5, scale=s)
+    )
+    st = check(params, jax.random.PRNGKey(3), 0.2)
+    assert st.v_values.shape == (4, 7) and st.v_increases.shape == (4, 6)
+    assert st.corrections.shape == (4, 6) and st.icnn_active.shape == (4, 6)
+    assert bool(jnp.all(st.v_values[:, 0] == 0)) and bool(jnp.all(st.v_increases[:, 0]))
+    assert bool(jnp.all(st.corrections >= 0))
+    assert float(jnp.max(st.corrections)) > 0  # α = 2: the projection is active somewhere
+    # the model's own output is the unperturbed reference
+    bound = model.bind({"params": params})
+    np.testing.assert_allclose(
+        bound.classify(st.spread.reference), model.apply({"params": params}, x)[0], rtol=1e-4
+    )
+    assert st.spread.distances.shape == (4, 5) and st.changed_prediction.shape == (4, 5)
+    assert bool(jnp.all(st.spread.initial_distance > 0))
+    # each final state is the K steps of the cell from its start δ_j (written out)
+    cell, u = bound.equilibrium.cell, bound.inject(x)
+    key1 = jax.random.split(jax.random.PRNGKey(3), 4)[1]
+    z = 0.2 * jax.random.normal(key1, (5,) + u.shape[1:])
+    for _ in range(model.steps):
+        z = z + model.step_size * (cell(z, jnp.broadcast_to(u[1], z.shape)) - z)
+    np.testing.assert_allclose(st.spread.finals[1], z, rtol=1e-4, atol=1e-4)

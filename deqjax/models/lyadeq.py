@@ -33,6 +33,7 @@ no tolerance to reach: the output is ``z_K`` by definition).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -40,6 +41,8 @@ import jax.numpy as jnp
 
 from deqjax.deq import DEQConfig
 from deqjax.lyapunov import (
+    StabilityReport,
+    icnn_apply,
     icnn_init,
     lyapunov_along,
     lyapunov_value,
@@ -251,6 +254,27 @@ class LyaDEQClassifier(DEQClassifierMethods, nn.Module):
         return self.equilibrium(u, z0=z0, config=self.finite_time(config))
 
 
+class LyaDEQStability(NamedTuple):
+    """Discrete stability of a LyaDEQ on a batch (leading axis B on every field).
+
+    v_values: ``V(z_k)``, ``k = 0 … K``, along the model's own trajectory from z₀ = 0
+    ``(B, K + 1)``; v_increases: ``V(z_{k+1}) > V(z_k)`` ``(B, K)`` (the first step is an
+    increase by construction, ``V(0) = 0``); corrections: the projection's relative
+    correction ``‖F − F̂‖ / ‖F‖`` at ``z_0 … z_{K−1}`` ``(B, K)`` (0: inactive);
+    icnn_active: ``g(z_k) − g(0) > 0`` at ``z_1 … z_K`` ``(B, K)`` (where it is not, the
+    ReHU term of V and its gradient are 0: V is ``η‖z‖²`` there); spread: the
+    :class:`~deqjax.lyapunov.StabilityReport` of ``z_K`` over perturbed starts;
+    changed_prediction: whether the class predicted from ``z_K(δ_j)`` differs from the
+    one from ``z_K(0)`` ``(B, n_perturb)``."""
+
+    v_values: jax.Array
+    v_increases: jax.Array
+    corrections: jax.Array
+    icnn_active: jax.Array
+    spread: StabilityReport
+    changed_prediction: jax.Array
+
+
 def lyadeq_stability_check(
     model: nn.Module,
     variables,
@@ -258,16 +282,10 @@ def lyadeq_stability_check(
     key,
     n_perturb: int = 16,
     scale: float = 0.1,
-):
-    """Discrete stability of a :class:`LyaDEQClassifier` on every image of ``x``.
-
-    Returns ``(v_values, v_increases, corrections, report)``: ``V(z_k)`` for
-    ``k = 0 … K`` along the model's own trajectory from ``z₀ = 0`` (shape ``(B, K + 1)``),
-    the steps with ``V(z_{k+1}) > V(z_k)`` (``(B, K)``; the first is an increase by
-    construction, ``V(0) = 0``), the projection's relative correction ``‖F − F̂‖ / ‖F‖``
-    at ``z_0 … z_{K−1}`` (``(B, K)``; 0 where it is inactive), and the
-    :class:`~deqjax.lyapunov.StabilityReport` of ``z_K`` over ``n_perturb`` starts
-    ``z₀ = δ_j`` (``scale · N(0, I)``, one key per image), vmapped."""
+) -> LyaDEQStability:
+    """Discrete stability of a :class:`LyaDEQClassifier` on every image of ``x``
+    (:class:`LyaDEQStability`): ``V`` along the K steps from ``z₀ = 0``, and ``z_K`` from
+    ``n_perturb`` starts ``z₀ = δ_j`` (``scale · N(0, I)``, one key per image), vmapped."""
     check_images(x)
     config = model.deq.forward
     bound = model.bind(variables)
@@ -275,7 +293,6 @@ def lyadeq_stability_check(
     f = bound.equilibrium.cell_function()
     cell = bound.equilibrium.cell.clone(parent=None)
     cell_params = variables["params"]["equilibrium"]["cell"]
-    lyap = (model.eta, model.d)
     keys = jax.random.split(key, x.shape[0])
 
     def one(u_i, k):
@@ -285,9 +302,15 @@ def lyadeq_stability_check(
         _, stats = solve(lambda z: f(z, args), z0, config, return_trajectory=True)
         states = jnp.concatenate([z0[None], stats.trajectory])
         icnn = jax.tree.map(lambda p: p.astype(u_i.dtype), cell_params["icnn"])
-        values, increases = lyapunov_along(icnn, states, *lyap)
+        values, increases = lyapunov_along(icnn, states, model.eta, model.d)
+        g0 = icnn_apply(icnn, z0)
+        active = jax.vmap(lambda z: icnn_apply(icnn, z) - g0 > 0)(states[1:])
         us = jnp.broadcast_to(u_i, states[:-1].shape)
         corr = cell.apply({"params": cell_params}, states[:-1], us, True)
-        return values, increases, corr, stability_check(run, z0, k, n_perturb, scale)
+        return values, increases, corr, active, stability_check(run, z0, k, n_perturb, scale)
 
-    return jax.vmap(one)(u, keys)
+    values, increases, corr, active, spread = jax.vmap(one)(u, keys)
+    label = jnp.argmax(bound.classify(spread.reference), -1)
+    finals = spread.finals.reshape((-1,) + spread.finals.shape[2:])
+    labels = jnp.argmax(bound.classify(finals), -1).reshape(spread.finals.shape[:2])
+    return LyaDEQStability(values, increases, corr, active, spread, labels != label[:, None])

@@ -1,5 +1,6 @@
-"""LyaDEQ (lyadeq_mnist's finite-time model) trained with TRADES (the settings of
-deq_mnist_trades); the inner attack differentiates the K steps exactly (unroll)."""
+"""LyaDEQ (lyadeq_mnist's finite-time model) trained with TRADES, with the settings of
+deq_mnist_trades: the inner attack follows the phantom gradient (for a LyaDEQ: the last
+``deq.phantom_steps`` of its K steps), the weight update the exact gradient (unroll)."""
 
 from experiments.configs.deq_mnist_trades import get_config as trades_config
 from experiments.configs.lyadeq_mnist import finite_time
@@ -8,5 +9,4 @@ from experiments.configs.lyadeq_mnist import finite_time
 def get_config():
     c = trades_config()
     c.model.name = "lyadeq"
-    c.adv.attack_gradient = "unroll"
     return finite_time(c)

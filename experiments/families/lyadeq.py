@@ -59,7 +59,8 @@ def _tree_norm(tree) -> float:
 def gradient_hook(spec, state, x, y, eps_list, r, *, seed):
     """Norms of the clean cross-entropy gradient (the model's own backward) on the first
     ``robustness.batch_size`` test images, per parameter group, and the relative distance
-    of every ICNN parameter from its initialisation (``min`` over leaves: did all move)."""
+    of the ICNN from its initialisation (and the smallest per-leaf largest change: did
+    every ICNN parameter move)."""
     n = min(len(x), int(r.batch_size))
     model_state = state.model_state
 
@@ -72,9 +73,11 @@ def gradient_hook(spec, state, x, y, eps_list, r, *, seed):
     init_key = jax.random.split(jax.random.PRNGKey(seed))[0]  # as experiments.common.init_state
     init = spec.module.init(init_key, jnp.zeros((2,) + x.shape[1:], jnp.float32))["params"]
     icnn, icnn0 = state.params["equilibrium"]["cell"]["icnn"], init["equilibrium"]["cell"]["icnn"]
-    moved = jax.tree.map(
-        lambda a, b: float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-12)), icnn, icnn0
-    )
+    moved = [
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(icnn), jax.tree.leaves(icnn0))
+    ]
+    change = jax.tree.map(jnp.subtract, icnn, icnn0)
     leaf_grads = [float(jnp.linalg.norm(v)) for v in jax.tree.leaves(cell["icnn"])]
     return {
         "gradient_norms": {
@@ -85,8 +88,8 @@ def gradient_hook(spec, state, x, y, eps_list, r, *, seed):
             "base_cell": _tree_norm(cell["base_cell"]),
             "injection": _tree_norm(g["injection"]),
             "head": _tree_norm(g["head"]),
-            "icnn_relative_change_from_init_min": min(jax.tree.leaves(moved)),
-            "icnn_relative_change_from_init_max": max(jax.tree.leaves(moved)),
+            "icnn_relative_change_from_init": _tree_norm(change) / _tree_norm(icnn0),
+            "icnn_min_leaf_max_abs_change": min(moved),
         }
     }
 
@@ -94,18 +97,19 @@ def gradient_hook(spec, state, x, y, eps_list, r, *, seed):
 def stability_hook(spec, state, x, y, eps_list, r, *, n_spread=16, n_perturb=16, scale=0.1):
     """V along the model's trajectory on the first ``robustness.batch_size`` test images
     (fraction of steps that increase it; how often and how much the projection changes
-    ``F``), and the spread of ``z_K`` over ``n_perturb`` starts ``z₀ = δ`` on ``n_spread``
-    of them."""
+    ``F``; where the ICNN term of V is alive), and the spread of ``z_K`` over
+    ``n_perturb`` starts ``z₀ = δ`` on ``n_spread`` of them."""
     variables = {"params": state.params, **state.model_state}
     n = min(len(x), int(r.batch_size))
     run = jax.jit(
         lambda xb, k, m: lyadeq_stability_check(spec.module, variables, xb, k, m, scale),
         static_argnums=2,
     )
-    values, increases, corrections, _ = run(x[:n], jax.random.PRNGKey(0), 1)
+    st = run(x[:n], jax.random.PRNGKey(0), 1)
     m = min(n, n_spread)
-    *_, rep = run(x[:m], jax.random.PRNGKey(1), n_perturb)
-    inc, corr = np.asarray(increases), np.asarray(corrections)
+    sp = run(x[:m], jax.random.PRNGKey(1), n_perturb)
+    inc, corr = np.asarray(st.v_increases), np.asarray(st.corrections)
+    rep = sp.spread
     return {
         "stability": {
             "steps": int(spec.module.steps),
@@ -115,9 +119,10 @@ def stability_hook(spec, state, x, y, eps_list, r, *, n_spread=16, n_perturb=16,
             "fraction_v_increases_after_first_step": float(inc[:, 1:].mean())
             if inc.shape[1] > 1
             else 0.0,
-            "mean_v_per_step": [float(v) for v in np.asarray(values).mean(0)],
+            "mean_v_per_step": [float(v) for v in np.asarray(st.v_values).mean(0)],
             "fraction_projection_active": float((corr > 0).mean()),
             "mean_relative_correction": float(corr.mean()),
+            "fraction_icnn_term_alive": float(np.asarray(st.icnn_active).mean()),
             "spread": {
                 "n_examples": m,
                 "n_perturb": n_perturb,
@@ -127,6 +132,7 @@ def stability_hook(spec, state, x, y, eps_list, r, *, n_spread=16, n_perturb=16,
                 "max_distance": float(np.max(rep.max_distance)),
                 "max_relative": float(np.max(rep.max_relative)),
                 "mean_contraction": float(np.mean(rep.contraction)),
+                "fraction_prediction_changed": float(np.mean(sp.changed_prediction)),
             },
         }
     }
