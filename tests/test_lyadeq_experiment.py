@@ -8,6 +8,7 @@ from experiments import evaluate as evaluate_lib
 from experiments import models
 from experiments import train as train_lib
 from experiments.configs import lyadeq_mnist, lyadeq_mnist_trades
+from experiments.families import lyadeq as lyadeq_family
 
 
 def tiny_lyadeq_config():
@@ -54,6 +55,11 @@ def test_lyadeq_trains_and_reports_stability_and_gradients(tmp_path):
     assert g["icnn_min_leaf_max_abs_change"] > 0  # ... and every ICNN parameter moved
     assert 0.0 <= st["fraction_icnn_term_alive"] <= 1.0
     assert 0.0 <= sp["fraction_prediction_changed"] <= 1.0
+    # the README's comparison table and plot from reports (naive view: unroll here)
+    table = lyadeq_family.comparison_table([("LyaDEQ", report)])
+    assert "| LyaDEQ |" in table and "ε=0.1 naive / worst" in table
+    lyadeq_family.main(["--out", str(tmp_path / "cmp.png"), f"LyaDEQ={tmp_path}"])
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
 
 
 def test_lyadeq_config_must_be_the_same_k_steps_in_training_and_evaluation():

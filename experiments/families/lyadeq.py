@@ -168,3 +168,78 @@ def _lyadeq(config, num_classes):
 
 
 models.register("lyadeq", _lyadeq)
+
+
+# --- README comparison: table and plot from reports ---------------------------------
+
+
+def _naive(report) -> str:
+    """The careless attack: PGD (else the first attack) through the gradient an attack
+    gets by default — ``implicit`` for a DEQ, the model's own backward (its first view,
+    ``unroll``) for a LyaDEQ."""
+    attack = "pgd" if "pgd" in report["attacks"] else report["attacks"][0]
+    view = "implicit" if "implicit" in report["views"] else report["views"][0]
+    return f"{attack}/{view}"
+
+
+def comparison_table(named) -> str:
+    """Markdown: per model the clean accuracy and, per ε, the naive attack (:func:`_naive`)
+    / the worst case over every attack and view. ``named``: ``[(label, report)]``."""
+    eps = named[0][1]["eps"]
+    lines = [
+        "| model | clean | " + " | ".join(f"ε={e:g} naive / worst" for e in eps) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in eps) + " |",
+    ]
+    for name, rep in named:
+        acc, worst, naive = rep["robust_accuracy"], rep["worst_case"], _naive(rep)
+        cells = [f"{acc[str(e)][naive]:.2f} / **{worst[str(e)]:.2f}**" for e in eps]
+        lines.append(f"| {name} | {rep['clean_accuracy']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_plot(named, path: str) -> None:
+    """Accuracy against ε: worst case (solid) and the naive attack (dashed) per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, rep in named:
+        eps, naive_label = [0.0] + rep["eps"], _naive(rep)
+        clean = [rep["clean_accuracy"]]
+        worst = clean + [rep["worst_case"][str(e)] for e in rep["eps"]]
+        naive = clean + [rep["robust_accuracy"][str(e)][naive_label] for e in rep["eps"]]
+        (line,) = ax.plot(eps, worst, "-o", lw=2, label=f"{name}: worst case")
+        ax.plot(
+            eps, naive, "--", color=line.get_color(), lw=1, label=f"{name}: naive ({naive_label})"
+        )
+    ax.set_xlabel("ε (L∞)")
+    ax.set_ylabel("accuracy, first 100 test images")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+    import os
+
+    p = argparse.ArgumentParser(description="LyaDEQ vs DEQ table and plot from reports")
+    p.add_argument("--out", required=True, help="the plot (.png)")
+    p.add_argument("runs", nargs="+", help="LABEL=WORKDIR (with a report.json)")
+    args = p.parse_args(argv)
+    named = []
+    for run in args.runs:
+        label, _, workdir = run.partition("=")
+        with open(os.path.join(workdir, "report.json")) as fh:
+            named.append((label, json.load(fh)))
+    print(comparison_table(named))
+    comparison_plot(named, args.out)
+
+
+if __name__ == "__main__":
+    main()
