@@ -310,15 +310,6 @@ def _implicit_jvp_rule(f, config, primals, tangents):
     return z_star, z_dot
 
 
-def _is_fixed_point(g, z, args, forward: SolverConfig):
-    """``‖g(z) − z‖ ≤ tol`` in the forward solver's stopping mode (abs or rel)."""
-    gz = lax.stop_gradient(g(z, lax.stop_gradient(args)))
-    res = jnp.linalg.norm(gz - z)
-    if forward.stop_mode == "rel":
-        res = res / (jnp.linalg.norm(gz) + 1e-12)
-    return res <= forward.tol
-
-
 def all_finite(tree: Any) -> jax.Array:
     """Whether every floating-point leaf of ``tree`` is finite (a scalar bool)."""
     leaves = [
@@ -338,7 +329,6 @@ def deq_fixed_point(
     backward_probe: jax.Array | None = None,
     return_trajectory: bool = False,
     num_steps=None,
-    implicit_f: Callable[[jax.Array, Any], jax.Array] | None = None,
 ):
     """Solve ``z* = f(z*, args)`` for one example and make it differentiable.
 
@@ -355,12 +345,6 @@ def deq_fixed_point(
         without one it supports forward mode too (see the module docstring).
       return_trajectory: return the iterates ``z_1 … z_n`` in ``stats.trajectory``.
       num_steps: optional traced step budget (≤ ``config.forward.max_iter``).
-      implicit_f: optional map whose fixed points include those of ``f`` that count
-        as equilibria, and whose Jacobian the implicit backward uses (default ``f``).
-        For dynamics modified only away from their equilibria — LyaDEQ's projection
-        at α = 0, not differentiable at its roots — the IFT needs the smooth original
-        map. The solve then counts as converged only if ``z*`` is also a fixed point
-        of ``implicit_f`` to the same tolerance (other roots of ``f`` are reported).
 
     Returns:
       ``(z, stats)``: the equilibrium (after K phantom steps in phantom mode; all NaN
@@ -384,11 +368,6 @@ def deq_fixed_point(
             differentiable=True,
             num_steps=num_steps,
         )
-        if implicit_f is not None:
-            stats = stats._replace(
-                converged=stats.converged
-                & _is_fixed_point(implicit_f, lax.stop_gradient(z), args, config.forward)
-            )
         return z + probe_term, stats
     shine = config.backward in SHINE_MODES
     z_star, stats = solve(
@@ -402,19 +381,14 @@ def deq_fixed_point(
     factors = lax.stop_gradient(stats.inverse_jacobian)
     stats = stats._replace(inverse_jacobian=None)
     z_star = lax.stop_gradient(z_star)
-    if implicit_f is not None:
-        stats = stats._replace(
-            converged=stats.converged & _is_fixed_point(implicit_f, z_star, args, config.forward)
-        )
     if config.backward == "phantom":
         z = damped_steps(f, z_star, args, config.phantom_steps, config.phantom_damping)
         return z + probe_term, stats
-    g = implicit_f or f
     if backward_probe is None:
-        return _implicit_jvp(g, z_star, args, factors, config), stats
+        return _implicit_jvp(f, z_star, args, factors, config), stats
     # inside shard_map the probe's cotangent varies like z*: so must the probe
     probe = vary_over(jnp.asarray(backward_probe), varying_axes(z_star))
-    return _implicit_vjp(g, z_star, args, factors, probe, config), stats
+    return _implicit_vjp(f, z_star, args, factors, probe, config), stats
 
 
 def jacobian_frobenius_sq(
