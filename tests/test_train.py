@@ -82,7 +82,7 @@ def test_unknown_model_and_loss_names():
         train_lib.make_loss_fn(models.build(c, 10), c)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_deq_mnist_reaches_95_percent(tmp_path):
     """The quick-start config on mnist_5k (3 epochs)."""
     c = deq_mnist.get_config()
