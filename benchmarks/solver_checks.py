@@ -175,10 +175,10 @@ def ridge_mdeq(module, params, config, ds, n_images: int):
     import jax
     import jax.numpy as jnp
 
-    from experiments import models
+    from experiments.spec import deq_config
 
     x = jnp.asarray(ds.test_images[:n_images])
-    base = models.deq_config(config.deq, evaluation=True)
+    base = deq_config(config.deq, evaluation=True)
     rows = []
     for tol in (base.forward.tol, 1e-5):
         for mode in ("absolute", "relative"):
@@ -205,10 +205,10 @@ def shine_mdeq(module, params, config, ds, batch: int, repeats: int):
     import optax
 
     from deqjax.deq import DEQConfig
-    from experiments import models
+    from experiments.spec import deq_config
 
     x, y = jnp.asarray(ds.train_images[:batch]), jnp.asarray(ds.train_labels[:batch])
-    train = models.deq_config(config.deq)  # the training budget (12 / 12 steps, tol 1e-3)
+    train = deq_config(config.deq)  # the training budget (12 / 12 steps, tol 1e-3)
     fwd = dataclasses.replace(train.forward, method="broyden")
     budget = dict(adjoint_max_iter=train.adjoint_max_iter, adjoint_tol=train.adjoint_tol)
     backwards = {
