@@ -118,15 +118,18 @@ def forward_mode_cost(module, params, ds, batch: int, repeats: int):
     import numpy as np
     import optax
 
+    from deqjax.deq_gradients import AttackView
+
     x, y = jnp.asarray(ds.test_images[:batch]), jnp.asarray(ds.test_labels[:batch])
     ce = lambda logits: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
     paths = {
         "probe_custom_vjp": lambda x: module.apply(
             {"params": params}, x, backward_probe=jnp.zeros((batch, 2))
         )[0],
-        "no_probe_custom_jvp": lambda x: module.apply({"params": params}, x, gradient="implicit")[
-            0
-        ],
+        # the implicit attack view solves without a probe: the custom_jvp path
+        "no_probe_custom_jvp": lambda x: module.apply(
+            {"params": params}, x, view=AttackView("implicit")
+        )[0],
     }
     out, grads = {}, {}
     for name, fn in paths.items():
