@@ -151,3 +151,23 @@ def test_markdown_says_whose_solver_statistics_these_are():
         "- solver (undefended forward; the entropy defence "
         "re-solves in 3 rounds of 8 steps) `mean_steps`: 12" in text
     )
+
+
+def test_convergence_per_budget(trained_tiny_deq):
+    """The evaluation forward's statistics per budget over the whole test split: steps
+    never exceed the budget, a larger budget never converges less, and the config's own
+    budget reproduces final.json's non-converged fraction."""
+    from experiments.convergence import convergence
+
+    out = convergence(trained_tiny_deq, "1,8,30", batch_size=50)
+    b = out["budgets"]
+    assert out["n_examples"] == 100 and set(b) == {"1", "8", "30"}
+    for k, s in b.items():
+        assert 1 <= s["mean_steps"] <= int(k)
+    assert b["1"]["converged_fraction"] <= b["8"]["converged_fraction"]
+    assert b["8"]["converged_fraction"] <= b["30"]["converged_fraction"]
+    assert b["30"]["mean_rel_residual"] < b["1"]["mean_rel_residual"]
+    final = json.load(open(os.path.join(trained_tiny_deq, "final.json")))  # budget 8
+    np.testing.assert_allclose(1 - b["8"]["converged_fraction"], final["test_nonconverged"])
+    with pytest.raises(ValueError, match="budgets must be >= 1"):
+        convergence(trained_tiny_deq, "0")
