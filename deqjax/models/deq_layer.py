@@ -48,6 +48,43 @@ def implicit_function(cell: nn.Module, implicit_gradient: bool):
     return cell_as_function(cell, "implicit_map") if hasattr(cell, "implicit_map") else None
 
 
+# gradients whose value and derivative depend only on the solution z* (not on the steps
+# the solver ran or the states it visited): a warm-started solve that converges gives them
+WARM_START_GRADIENTS = ("implicit", "phantom")
+
+
+def check_warm_start(cell: nn.Module, config: DEQConfig, view: AttackView | None) -> None:
+    """Raise unless starting the solve elsewhere leaves the model's output and the
+    attack's gradient those of the solution ``z*``: the gradient is implicit or phantom,
+    no defence classifies a trajectory state, the cell has an equilibrium, and the
+    forward solve stops at a tolerance (``tol > 0``; with ``tol = 0`` every solve runs
+    ``max_iter`` steps, so a warm start saves nothing and only changes the result)."""
+    gradient = (view.gradient if view is not None else None) or config.backward
+    if gradient not in WARM_START_GRADIENTS:
+        raise ValueError(
+            f"a warm start changes the {gradient!r} gradient (it differentiates the steps "
+            "the solver ran or the states it visited); warm starts support the gradients "
+            f"{WARM_START_GRADIENTS}, which depend only on the solution z*. Attack this "
+            "view with its plain (cold) logits function"
+        )
+    if view is not None and view.defence != "none":
+        raise ValueError(
+            f"the {view.defence!r} defence classifies a state of the solver trajectory, "
+            "which a warm start changes; attack it with the plain (cold) logits function"
+        )
+    if not getattr(cell, "has_equilibrium", True):
+        raise ValueError(
+            f"{type(cell).__name__} has no equilibrium: its output is the state after the "
+            "solver budget, which a warm start changes; attack it cold"
+        )
+    if not config.forward.tol > 0:
+        raise ValueError(
+            "a warm start saves solver steps only when the forward solve stops at a "
+            "tolerance; this config has forward.tol = 0 (every solve runs max_iter steps). "
+            "Use e.g. config.with_forward(tol=1e-3)"
+        )
+
+
 class DEQ(nn.Module):
     """Equilibrium layer ``z* = cell(z*, u)`` with the state shaped like ``u``.
 
@@ -185,6 +222,10 @@ class DEQ(nn.Module):
             return z, stats
 
         return jax.vmap(one)(z0, u)
+
+    def check_warm_start(self, config: DEQConfig | None = None, view: AttackView | None = None):
+        """:func:`check_warm_start` for this layer's cell (and config, by default)."""
+        check_warm_start(self.cell, config or self.config, view)
 
     def damped(self, u, z, steps: int, damping: float):
         """``steps`` damped cell steps from ``stop_gradient(z)`` (a differentiable
