@@ -30,7 +30,12 @@ def deq_config(iters: int = 12, backward: str = "implicit") -> DEQConfig:
     fixed-point adjoint of exactly ``iters`` steps (tol 0)."""
     return DEQConfig(
         forward=SolverConfig(
-            method="anderson", max_iter=iters, tol=0.0, anderson_m=5, stop_mode="rel"
+            method="anderson",
+            max_iter=iters,
+            tol=0.0,
+            anderson_m=5,
+            stop_mode="rel",
+            anderson_ridge_mode="absolute",  # torchdeq's lam=1e-4 is absolute
         ),
         backward=backward,
         adjoint_solver="fixed_point",

@@ -179,7 +179,7 @@ def jax_attack(name: str, b: dict, eps: float, norm: str):
     }[name]
 
 
-def jax_compact_attack(name: str, b: dict, eps: float, norm: str, bucket: int = 64):
+def jax_compact_attack(name: str, b: dict, eps: float, norm: str, bucket=(64, 16)):
     """The attack as a one-attack compacting ensemble ``(logits_fn, x, y, key) ->
     EnsembleResult``: it runs only on the correctly classified examples and APGD-T /
     FAB-T run each target only on the survivors of the previous ones — the work

@@ -30,18 +30,20 @@ Matvec = Callable[[Any], Any]
 KRYLOV_SOLVERS = ("gmres", "bicgstab", "normal_cg")
 
 
-def krylov_solve(name: str, matvec: Matvec, b, *, tol: float, maxiter: int):
-    """Solve ``matvec(u) = b`` with one of jaxopt's Krylov solvers.
+def krylov_solve(name: str, matvec: Matvec, b, *, tol: float, maxiter: int, init=None):
+    """Solve ``matvec(u) = b`` with one of jaxopt's Krylov solvers, started from
+    ``init`` (default: jaxopt's, zero).
 
     ``name`` is one of :data:`KRYLOV_SOLVERS`. ``matvec`` may be non-symmetric
     (the adjoint of a DEQ is), which is why plain CG is not offered.
     """
+    kw = dict(tol=tol, maxiter=maxiter, init=init)
     if name == "gmres":
-        return _linear_solve.solve_gmres(matvec, b, tol=tol, maxiter=maxiter)
+        return _linear_solve.solve_gmres(matvec, b, **kw)
     if name == "bicgstab":
-        return _linear_solve.solve_bicgstab(matvec, b, tol=tol, maxiter=maxiter)
+        return _linear_solve.solve_bicgstab(matvec, b, **kw)
     if name == "normal_cg":
-        return _linear_solve.solve_normal_cg(matvec, b, tol=tol, maxiter=maxiter)
+        return _linear_solve.solve_normal_cg(matvec, b, **kw)
     raise ValueError(f"unknown Krylov solver {name!r}; choose one of {KRYLOV_SOLVERS}")
 
 

@@ -8,8 +8,9 @@ models", NeurIPS):
 
 * an input-convex network (Amos, Xu & Kolter 2017, ICNN)
   ``u₁ = σ(W₀ z + b₀)``, ``u_{i+1} = σ(W_i z + b_i + softplus(U_i) u_i)``,
-  ``g(z) = W_k z + b_k + softplus(U_k) u_k`` with σ convex and non-decreasing, so
-  ``g`` is convex in ``z``;
+  ``g(z) = W_k z + softplus(U_k) u_k`` with σ convex and non-decreasing, so
+  ``g`` is convex in ``z`` (SPEC's output bias ``b_k`` is left out: it cancels in
+  ``g(z) − g(0)`` and would never receive a gradient);
 * a positive definite Lyapunov candidate ``V(z) = ReHU_d(g(z) − g(0)) + η‖z‖²``;
 * the projection ``F̂ = F − ∇V · ReLU(∇Vᵀ F + α V) / ‖∇V‖²`` which guarantees
   ``∇V(z)ᵀ F̂(z; x) ≤ −α V(z)`` everywhere.
@@ -19,9 +20,16 @@ models", NeurIPS):
 ``z = 0``; there the projection term is defined as 0 (``F̂(0) = F(0)``), computed with a
 double-``where`` so that neither the value nor any derivative is NaN.
 
-Note on roots: for α > 0 and z ≠ 0, ``∇Vᵀ F̂ ≤ −αV < 0`` so ``F̂(z) ≠ 0``: the only
-root of the projected dynamics is ``z = 0``. With α = 0 every root of ``F`` is kept
-(plus points where ``F`` is a positive multiple of ``∇V``).
+A LyaDEQ (SPEC §2, decision) is the **finite-time** system ``z₀ = 0``,
+``z_{k+1} = z_k + h · F̂(z_k; x)``, output ``z_K``: the roots of ``F̂`` are not used
+(for α > 0 and z ≠ 0, ``∇Vᵀ F̂ ≤ −αV < 0``, so the only possible root is ``z = 0``).
+The continuous-time decrease does not carry over to Euler steps of size ``h``:
+:func:`lyapunov_along` measures ``V`` along a discrete trajectory, and
+:func:`stability_check` the spread of ``z_K`` over perturbed starts ``z₀ = δ``.
+Note that the first step from ``z₀ = 0`` always increases ``V`` (``V(0) = 0`` and
+``F̂(0) = F(0)``), whereas any solution of the continuous flow started at the minimum
+of ``V`` stays there (``V(t) ≤ V(0) e^{−αt} = 0``): the discrete model moves away from
+``z = 0`` only because its steps have a finite size ``h``.
 
 All functions act on ONE state (any shape, flattened internally); ``jax.vmap`` them
 for batches. The ICNN parameters are a plain pytree (list of dicts).
@@ -34,8 +42,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-from deqjax.solvers import SolverConfig, solve
 
 ACTIVATIONS = ("softplus", "rehu")
 
@@ -72,9 +78,10 @@ def icnn_init(key: jax.Array, dim: int, widths: Sequence[int], dtype=jnp.float32
 
     Layer ``i`` is a dict with ``W`` (``(width_i, dim)``), ``b`` and, for ``i ≥ 1``,
     the raw ``U`` (``(width_i, width_{i−1})``) whose softplus is the non-negative
-    weight. The last dict is the output layer (``W`` of shape ``(dim,)``, scalar ``b``,
-    ``U`` of shape ``(width_k,)``). Raw ``U`` is initialised so that
-    ``softplus(U) ≈ 1/width_{i−1}`` (a mean-preserving positive mix).
+    weight. The last dict is the output layer (``W`` of shape ``(dim,)`` and ``U`` of
+    shape ``(width_k,)``; no bias: an output bias ``b_k`` cancels in ``g(z) − g(0)``, so
+    ``V`` would not depend on it and it could never be trained). Raw ``U`` is
+    initialised so that ``softplus(U) ≈ 1/width_{i−1}`` (a mean-preserving positive mix).
     """
     widths = tuple(int(w) for w in widths)
     if int(dim) < 1 or not widths or min(widths) < 1:
@@ -88,10 +95,9 @@ def icnn_init(key: jax.Array, dim: int, widths: Sequence[int], dtype=jnp.float32
     prev = None
     for i, w in enumerate(widths + (None,)):
         shape_w = (dim,) if w is None else (w, dim)
-        layer = {
-            "W": scale_z * jax.random.normal(keys[2 * i], shape_w, dtype),
-            "b": jnp.zeros(() if w is None else (w,), dtype),
-        }
+        layer = {"W": scale_z * jax.random.normal(keys[2 * i], shape_w, dtype)}
+        if w is not None:
+            layer["b"] = jnp.zeros((w,), dtype)
         if prev is not None:
             shape_u = (prev,) if w is None else (w, prev)
             centre = jnp.log(jnp.expm1(1.0 / prev))  # softplus⁻¹(1/prev)
@@ -102,7 +108,8 @@ def icnn_init(key: jax.Array, dim: int, widths: Sequence[int], dtype=jnp.float32
 
 
 def icnn_apply(params: list, z: jax.Array, activation: str = "softplus") -> jax.Array:
-    """Scalar convex ``g(z)`` of one state (flattened); see the module docstring."""
+    """Scalar convex ``g(z)`` of one state (flattened); see the module docstring
+    (the output layer has no bias: ``g(z) = W_k z + softplus(U_k) u_k``)."""
     act = _activation(activation)
     if len(params) < 2:
         raise ValueError(
@@ -119,7 +126,7 @@ def icnn_apply(params: list, z: jax.Array, activation: str = "softplus") -> jax.
     for layer in params[1:-1]:
         u = act(layer["W"] @ z + layer["b"] + jax.nn.softplus(layer["U"]) @ u)
     out = params[-1]
-    return out["W"] @ z + out["b"] + jax.nn.softplus(out["U"]) @ u
+    return out["W"] @ z + jax.nn.softplus(out["U"]) @ u
 
 
 def lyapunov_value(
@@ -209,13 +216,37 @@ def check_positive_definite(
     }
 
 
-class StabilityReport(NamedTuple):
-    """Spread of the equilibria reached from perturbed initial states (one example).
+def lyapunov_along(
+    params: list,
+    states: jax.Array,
+    eta: float = 0.01,
+    d: float = 1.0,
+    activation: str = "softplus",
+) -> tuple[jax.Array, jax.Array]:
+    """``V`` along a discrete trajectory ``states = (z_0, z_1, …, z_K)`` (shape
+    ``(K + 1, *state)``) and the steps that increase it.
 
-    distances / relative: ``‖z_j − z*‖`` and ``‖z_j − z*‖ / ‖z*‖`` per perturbation;
-    max_distance, mean_distance, max_relative: their summaries; fraction_converged:
-    share of the re-solves whose residual passed the solver's tolerance;
-    initial_distance: mean ``‖z0_j − z*‖`` (how far the starts were).
+    Returns ``(values, increases)``: ``V(z_k)`` for ``k = 0 … K`` and the booleans
+    ``V(z_{k+1}) > V(z_k)`` for ``k = 0 … K − 1``. The projection guarantees
+    ``dV/dt ≤ −αV`` for the flow; an Euler step ``z + h F̂(z)`` can still increase
+    ``V`` (SPEC §2 asks for this fraction on trained models)."""
+    states = jnp.asarray(states)
+    if states.ndim < 2 or states.shape[0] < 2:
+        raise ValueError(
+            f"states must be a trajectory (K + 1 >= 2, *state), got shape {states.shape}"
+        )
+    values = jax.vmap(lambda z: lyapunov_value(params, z, eta, d, activation))(states)
+    return values, values[1:] > values[:-1]
+
+
+class StabilityReport(NamedTuple):
+    """Spread of the final states reached from perturbed initial states (one example).
+
+    distances / relative: ``‖z_K(z₀ + δ_j) − z_K(z₀)‖`` and that over ``‖z_K(z₀)‖``,
+    per perturbation; max_distance, mean_distance, max_relative: their summaries;
+    initial_distance: mean ``‖δ_j‖`` (how far the starts were); contraction: mean over
+    ``j`` of ``distance_j / ‖δ_j‖`` (< 1: the map shrinks perturbations of the start);
+    reference, finals: ``z_K(z₀)`` and the ``z_K(z₀ + δ_j)``.
     """
 
     distances: jax.Array
@@ -223,41 +254,45 @@ class StabilityReport(NamedTuple):
     max_distance: jax.Array
     mean_distance: jax.Array
     max_relative: jax.Array
-    fraction_converged: jax.Array
     initial_distance: jax.Array
+    contraction: jax.Array
+    reference: jax.Array
+    finals: jax.Array
 
 
 def stability_check(
-    f_single: Callable[[jax.Array, Any], jax.Array],
-    z_star: jax.Array,
-    args: Any,
+    run: Callable[[jax.Array], jax.Array],
+    z0: jax.Array,
     key: jax.Array,
     n_perturb: int = 32,
     scale: float = 0.1,
-    config: SolverConfig = SolverConfig(),  # noqa: B008 (frozen, hashable)
 ) -> StabilityReport:
-    """Re-solve ``z = f_single(z, args)`` from ``z0_j = z* + scale · ε_j``,
-    ``ε_j ~ N(0, I)``, ``j = 1 … n_perturb`` (vmapped, one key split per start), and
-    report how far the reached equilibria are from ``z*`` (SPEC §2: trajectories from
-    perturbed initial states must reach the same equilibrium). One example; vmap over
-    ``(z_star, args, key)`` for a batch. Jittable with ``n_perturb`` and ``config`` static.
-    """
+    """Run a finite-time map ``run(z₀) -> z_K`` from ``z₀`` and from ``z₀ + δ_j``,
+    ``δ_j = scale · ε_j``, ``ε_j ~ N(0, I)``, ``j = 1 … n_perturb`` (vmapped; one key
+    for all draws), and report how far the final states are from the unperturbed one
+    (SPEC §2: trajectories from perturbed initial states should end close together).
+    One example; vmap over ``(z0, key)`` and whatever ``run`` closes over for a batch.
+    Jittable with ``n_perturb`` static."""
     if int(n_perturb) < 1:
         raise ValueError(f"n_perturb must be >= 1, got {n_perturb}")
-    z_star = jnp.asarray(z_star)
-    eps = jax.random.normal(key, (int(n_perturb),) + z_star.shape, z_star.dtype)
-    z0s = z_star[None] + scale * eps
-    zs, stats = jax.vmap(lambda z0: solve(lambda z: f_single(z, args), z0, config))(z0s)
+    if _is_number(scale) and not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    z0 = jnp.asarray(z0)
+    deltas = scale * jax.random.normal(key, (int(n_perturb),) + z0.shape, z0.dtype)
+    z_ref = run(z0)
+    zs = jax.vmap(lambda dz: run(z0 + dz))(deltas)
     axes = tuple(range(1, zs.ndim))
-    dist = jnp.sqrt(jnp.sum((zs - z_star[None]) ** 2, axis=axes))
-    start = jnp.sqrt(jnp.sum((z0s - z_star[None]) ** 2, axis=axes))
-    rel = dist / (jnp.linalg.norm(jnp.ravel(z_star)) + 1e-12)
+    dist = jnp.sqrt(jnp.sum((zs - z_ref[None]) ** 2, axis=axes))
+    start = jnp.sqrt(jnp.sum(deltas**2, axis=axes))
+    rel = dist / (jnp.linalg.norm(jnp.ravel(z_ref)) + 1e-12)
     return StabilityReport(
         dist,
         rel,
         jnp.max(dist),
         jnp.mean(dist),
         jnp.max(rel),
-        jnp.mean(stats.converged.astype(z_star.dtype)),
         jnp.mean(start),
+        jnp.mean(dist / start),
+        z_ref,
+        zs,
     )

@@ -15,13 +15,30 @@ is the evaluated iterate with the lowest residual (as in Bai et al.'s DEQ solver
 so a solver that starts to diverge still returns its best point, and the statistics
 are exact for the point returned.
 
+**Non-finite values** (SPEC §1: non-finite in => non-finite out, never a made-up
+finite answer). A non-finite ``z0``, or a non-finite value in any ``f(z_k)`` the
+solver evaluates for an example still running, ends that example's solve: its
+returned state is all NaN, its residuals NaN and ``converged`` False (under vmap the
+other examples are unaffected). No finite "best" iterate is returned from such a
+solve: ``solve`` only sees ``f``, and cannot tell a NaN input closed over by ``f``
+from an iteration that ran off to overflow, so both are reported the same way.
+A breakdown of the solver's own update (e.g. an exactly singular Anderson system
+at ``anderson_ridge=0`` once the residuals vanish) is not ``f``'s: that step falls
+back to the plain step ``z ← f(z)``.
+
 Solvers (one "step" is one evaluation of ``f`` and one update):
 
 * ``"fixed_point"``: ``z ← (1 − λ) z + λ f(z)`` (λ = ``damping``).
 * ``"anderson"`` (Walker & Ni 2011; the DEQ form of Bai et al. 2019): keep the last
   ``m`` pairs ``(z_i, f(z_i))``, ``G_i = f(z_i) − z_i``; solve
-  ``min_α ‖Σ α_i G_i‖² + ridge‖α‖²`` s.t. ``Σ α_i = 1`` and set
-  ``z ← β Σ α_i f(z_i) + (1 − β) Σ α_i z_i``.
+  ``min_α ‖Σ α_i G_i‖² + λ‖α‖²`` s.t. ``Σ α_i = 1`` and set
+  ``z ← β Σ α_i f(z_i) + (1 − β) Σ α_i z_i``. The regulariser is relative to the
+  problem: ``λ = ridge · tr(GGᵀ)/m'`` (``m'`` the number of stored pairs, i.e. ridge
+  times their mean squared residual), so it stays a fixed fraction of the Gram
+  matrix as the residuals shrink. An absolute ``λ = ridge`` (Bai et al.'s code,
+  ``anderson_ridge_mode="absolute"``) dominates the Gram matrix once
+  ``‖G‖² ≪ ridge`` and turns Anderson into a slow averaging of recent iterates.
+  ``ridge = 0`` is unregularised Anderson in either mode.
 * ``"broyden"`` (Broyden 1965, "good" update, as used by Bai et al. 2019): root of
   ``g(z) = f(z) − z`` with an inverse-Jacobian estimate ``H = −I + U Vᵀ`` kept as
   low-rank factors, ``z ← z − H g(z)``, Sherman–Morrison update
@@ -31,6 +48,10 @@ Solvers (one "step" is one evaluation of ``f`` and one update):
 ``solve(..., differentiable=True)`` runs the same steps in a ``lax.scan`` with
 per-example masking, so reverse-mode autodiff can go through every step (the
 ``unroll`` backward of :mod:`deqjax.deq`).
+
+Inside ``jax.shard_map`` (with its default ``check_vma=True``) the loop's initial
+carry is cast to vary over the same mesh axes as the values ``f`` produces, so a
+solve whose ``f`` closes over sharded data type-checks.
 """
 
 from __future__ import annotations
@@ -41,6 +62,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 SOLVERS = ("fixed_point", "anderson", "broyden")
@@ -63,7 +85,9 @@ class SolverConfig:
         make it small; use ``"abs"`` where states are not normalised.
       damping: λ of the damped fixed-point iteration.
       anderson_m: Anderson memory m.
-      anderson_ridge: ridge added to Anderson's Gram matrix.
+      anderson_ridge: Anderson's Tikhonov regulariser (see ``anderson_ridge_mode``).
+      anderson_ridge_mode: ``"relative"`` (λ = ridge · the mean squared residual of
+        the stored pairs, the default) or ``"absolute"`` (λ = ridge).
       anderson_beta: Anderson mixing β.
       broyden_memory: number of low-rank updates Broyden keeps (0 = max_iter).
       return_state: ``"best"`` (the evaluated iterate with the lowest residual) or
@@ -82,33 +106,68 @@ class SolverConfig:
     anderson_beta: float = 1.0
     broyden_memory: int = 0
     return_state: str = "best"
+    anderson_ridge_mode: str = "relative"
 
     def __post_init__(self):
+        for name in ("max_iter", "anderson_m", "broyden_memory"):
+            check_int(name, getattr(self, name))
+        for name in ("tol", "damping", "anderson_ridge", "anderson_beta"):
+            check_real(name, getattr(self, name))
         if self.return_state not in ("best", "last"):
             raise ValueError(f"return_state must be 'best' or 'last', got {self.return_state!r}")
         if self.method not in SOLVERS:
             raise ValueError(f"unknown solver method {self.method!r}; choose one of {SOLVERS}")
         if self.stop_mode not in STOP_MODES:
             raise ValueError(f"unknown stop_mode {self.stop_mode!r}; choose one of {STOP_MODES}")
-        if int(self.max_iter) < 1:
+        if self.max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
-        if not self.tol >= 0:
-            raise ValueError(f"tol must be >= 0 (0 = run exactly max_iter steps), got {self.tol}")
+        if not 0 <= self.tol < float("inf"):
+            raise ValueError(
+                f"tol must be finite and >= 0 (0 = run exactly max_iter steps), got {self.tol}"
+            )
         if not 0 < self.damping <= 1:
             raise ValueError(f"damping must be in (0, 1], got {self.damping}")
-        if int(self.anderson_m) < 1:
+        if self.anderson_m < 1:
             raise ValueError(f"anderson_m must be >= 1, got {self.anderson_m}")
-        if not self.anderson_ridge >= 0:
-            raise ValueError(f"anderson_ridge must be >= 0, got {self.anderson_ridge}")
+        if self.broyden_memory < 0:
+            raise ValueError(
+                f"broyden_memory must be >= 0 (0 = max_iter), got {self.broyden_memory}"
+            )
+        if not 0 <= self.anderson_ridge < float("inf"):
+            raise ValueError(f"anderson_ridge must be finite and >= 0, got {self.anderson_ridge}")
+        if self.anderson_ridge_mode not in ("relative", "absolute"):
+            raise ValueError(
+                f"anderson_ridge_mode must be 'relative' or 'absolute', "
+                f"got {self.anderson_ridge_mode!r}"
+            )
+        if not 0 < self.anderson_beta <= 1:
+            raise ValueError(f"anderson_beta must be in (0, 1], got {self.anderson_beta}")
+
+
+def check_int(name: str, value) -> None:
+    """A config field that must be a Python/NumPy integer (``bool`` is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+
+
+def check_real(name: str, value) -> None:
+    """A config field that must be a real number (``bool`` is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
 
 
 class SolverStats(NamedTuple):
     """Per-example statistics of a solve (under vmap every field gains a batch axis).
 
     steps: evaluations of ``f`` performed; abs_residual / rel_residual: residual of
-    the returned iterate; converged: residual below tol; trajectory: the iterates
-    ``z_1 … z_n`` after each update (``(max_iter, *z.shape)``; rows past the stop
-    repeat the returned state) or ``None`` when not requested.
+    the returned iterate (NaN after a non-finite value); converged: residual below tol
+    (False after a non-finite value); trajectory: the iterates ``z_1 … z_n`` after each
+    update (``(max_iter, *z.shape)``; rows past the stop repeat the returned state) or
+    ``None`` when not requested; inverse_jacobian: with
+    ``solve(..., return_inverse_jacobian=True)`` and Broyden, the factors ``(U, V)``
+    (each ``(memory, z.size)``) of its final estimate ``H = −I + Uᵀ V`` of the inverse
+    Jacobian of ``g(z) = f(z) − z`` (apply it with :func:`apply_inverse_jacobian`),
+    else ``None``.
     """
 
     steps: jax.Array
@@ -116,11 +175,13 @@ class SolverStats(NamedTuple):
     rel_residual: jax.Array
     converged: jax.Array
     trajectory: Any = None
+    inverse_jacobian: Any = None
 
 
 # --- per-method update rules ----------------------------------------------------
-# Each method is (init(z_flat) -> state, update(state, z, fz, k) -> (z_next, state)).
-# z, fz are flat vectors; k is the index of the current step (0-based).
+# Each method is (init(z_flat) -> state, update(state, z, fz, k, go) -> (z_next, state)).
+# z, fz are flat vectors; k is the index of the current step (0-based); go: whether this
+# example is still running (under vmap, stopped examples keep being stepped).
 
 
 def _fixed_point_rules(cfg: SolverConfig, n: int, dtype):
@@ -129,7 +190,7 @@ def _fixed_point_rules(cfg: SolverConfig, n: int, dtype):
     def init(z):
         return ()
 
-    def update(state, z, fz, k):
+    def update(state, z, fz, k, go):
         return (1 - lam) * z + lam * fz, state
 
     return init, update
@@ -141,6 +202,9 @@ def _anderson_rules(cfg: SolverConfig, n: int, dtype):
     ``GGᵀ``, updated one row and column per step (``m·n`` work instead of recomputing
     ``m²·n``: measured 6× less solver overhead at batch 64, n = 6272)."""
     m, ridge, beta = int(cfg.anderson_m), cfg.anderson_ridge, cfg.anderson_beta
+    # ridge 0 is unregularised Anderson, bit for bit, in either mode
+    relative = cfg.anderson_ridge_mode == "relative" and ridge > 0
+    tiny = jnp.finfo(dtype).tiny
 
     keep_x = beta != 1.0  # the iterates themselves are only needed for damped mixing
 
@@ -152,7 +216,7 @@ def _anderson_rules(cfg: SolverConfig, n: int, dtype):
             jnp.zeros((m, m), dtype),
         )
 
-    def update(state, z, fz, k):
+    def update(state, z, fz, k, go):
         xs, fs, gs, gram = state
         slot = k % m
         g_new = fz - z
@@ -165,6 +229,11 @@ def _anderson_rules(cfg: SolverConfig, n: int, dtype):
         # Bordered system [[0, 1ᵀ], [1, H]] [μ, α] = [1, 0], with unused slots
         # forced to α_i = 0 (their row becomes α_i = 0, their column is zero).
         h = gram * (valid[:, None] * valid[None, :])
+        if relative:
+            # H / (tr H / m') + ridge I: the same α as H + ridge (tr H / m') I (scaling H
+            # scales only μ), and an O(1) system whatever the size of the residuals
+            scale = jnp.sum(jnp.diag(h)) / jnp.sum(valid)
+            h = h / jnp.maximum(scale, tiny)
         h = h + jnp.diag(ridge * valid + (1.0 - valid))
         a = jnp.zeros((m + 1, m + 1), dtype)
         a = a.at[0, 1:].set(valid).at[1:, 0].set(valid).at[1:, 1:].set(h)
@@ -176,14 +245,28 @@ def _anderson_rules(cfg: SolverConfig, n: int, dtype):
     return init, update
 
 
+def _apply_h(us, vts, x):  # H x = −x + Uᵀ (V x)
+    return -x + us.T @ (vts @ x)
+
+
+def _apply_ht(us, vts, x):  # Hᵀ x = −x + Vᵀ (U x)
+    return -x + vts.T @ (us @ x)
+
+
+def apply_inverse_jacobian(factors, x: jax.Array, *, transpose: bool = False) -> jax.Array:
+    """``H x`` (or ``Hᵀ x``) for Broyden's final estimate ``H = −I + UᵀV`` of the
+    inverse Jacobian ``(J_f − I)⁻¹`` of ``g(z) = f(z) − z``, with ``factors = (U, V)``
+    from ``solve(..., return_inverse_jacobian=True)``'s stats; ``x`` has the state's
+    shape (one example)."""
+    us, vts = factors
+    xf = x.reshape(-1)
+    out = _apply_ht(us, vts, xf) if transpose else _apply_h(us, vts, xf)
+    return out.reshape(x.shape)
+
+
 def _broyden_rules(cfg: SolverConfig, n: int, dtype):
     mem = int(cfg.broyden_memory) or int(cfg.max_iter)
-
-    def apply_h(us, vts, x):  # H x = -x + U (Vᵀ x)
-        return -x + us.T @ (vts @ x)
-
-    def apply_ht(us, vts, x):  # xᵀ H = -xᵀ + (xᵀ U) Vᵀ
-        return -x + vts.T @ (us @ x)
+    eps = jnp.finfo(dtype).eps
 
     def init(z):
         return (
@@ -193,24 +276,31 @@ def _broyden_rules(cfg: SolverConfig, n: int, dtype):
             jnp.zeros((n,), dtype),
         )
 
-    def update(state, z, fz, k):
+    def update(state, z, fz, k, go):
         us, vts, z_prev, g_prev = state
         g = fz - z
 
         def with_update(_):
             dz, dg = z - z_prev, g - g_prev
-            h_dg = apply_h(us, vts, dg)
-            dz_h = apply_ht(us, vts, dz)
+            h_dg = _apply_h(us, vts, dg)
+            dz_h = _apply_ht(us, vts, dz)
             denom = dz_h @ dg
-            safe = jnp.abs(denom) > _EPS
+            # skipped only when Δz H and Δg are orthogonal to machine precision (an
+            # absolute threshold would freeze H once the steps get small)
+            bound = jnp.linalg.norm(dz_h) * jnp.linalg.norm(dg)
+            safe = jnp.abs(denom) > eps * bound
             denom = jnp.where(safe, denom, 1.0)
             u_new = jnp.where(safe, (dz - h_dg) / denom, 0.0)
             v_new = jnp.where(safe, dz_h, 0.0)
+            # a stopped example's estimate stays that of its own solve (SHINE reads it):
+            # one row per step is masked, not the whole history
             slot = (k - 1) % mem
+            u_new = jnp.where(go, u_new, us[slot])
+            v_new = jnp.where(go, v_new, vts[slot])
             return us.at[slot].set(u_new), vts.at[slot].set(v_new)
 
         us, vts = lax.cond(k > 0, with_update, lambda _: (us, vts), None)
-        z_next = z - apply_h(us, vts, g)
+        z_next = z - _apply_h(us, vts, g)
         return z_next, (us, vts, z, g)
 
     return init, update
@@ -229,6 +319,7 @@ class _Carry(NamedTuple):
     best_rel: jax.Array
     last_abs: jax.Array
     last_rel: jax.Array
+    bad: jax.Array  # a non-finite z0 or f(z_k) was seen: the result is NaN
     method_state: Any
     trajectory: Any
 
@@ -254,6 +345,72 @@ def _any_in_batch_vmap(axis_size, in_batched, active):
     return any_in_batch(jnp.any(active, axis=0) if batched else active), False
 
 
+def varying_axes(x) -> frozenset:
+    """The ``shard_map`` mesh axes an array (or a ``ShapeDtypeStruct``) varies over."""
+    mat = getattr(x, "manual_axis_type", None) or getattr(jax.typeof(x), "mat", None)
+    return frozenset(mat.varying) if mat is not None else frozenset()
+
+
+def vary_over(tree, axes: frozenset):
+    """Cast every array of ``tree`` to vary over the ``shard_map`` mesh ``axes``
+    (``lax.pcast(..., to="varying")`` for the axes it does not vary over yet).
+
+    A loop carry initialised from constants (zeros, counters) is invariant across
+    the mesh, while the loop body's output varies wherever ``f`` reads sharded data;
+    ``shard_map``'s default ``check_vma=True`` requires the two types to be equal."""
+    if not axes:
+        return tree
+
+    def one(x):
+        missing = tuple(sorted(axes - varying_axes(x), key=str))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(one, tree)
+
+
+def manual_axes() -> frozenset:
+    """The ``shard_map`` (manual) mesh axes in scope; empty outside ``shard_map``."""
+    return frozenset(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
+
+
+def check_config(config, expected: type, where: str) -> None:
+    """A clear ``TypeError`` when a config of the wrong class is passed."""
+    if not isinstance(config, expected):
+        raise TypeError(
+            f"{where} expects a {expected.__name__}, got {type(config).__name__}"
+            + (
+                " (a SolverConfig configures one solve; wrap it as DEQConfig(forward=...))"
+                if type(config).__name__ == "SolverConfig" and expected.__name__ == "DEQConfig"
+                else ""
+            )
+        )
+
+
+def _state_function(f: Callable, shape: tuple, dtype) -> Callable:
+    """``f`` on flat vectors, with its output checked against the state's structure,
+    shape and dtype (at trace time: a wrong dtype would otherwise be cast silently,
+    or promote the whole solve)."""
+
+    def f_flat(zf):
+        out = f(zf.reshape(shape))
+        if not isinstance(out, jax.Array | np.ndarray):
+            raise TypeError(
+                "f must return ONE array of the state's shape "
+                f"{shape} and dtype {dtype}, got {type(out).__name__} "
+                f"{jax.tree.map(lambda x: getattr(x, 'shape', x), out)}"
+            )
+        if out.shape != shape:
+            raise ValueError(f"f must map the state shape {shape} to itself, got {out.shape}")
+        if out.dtype != dtype:
+            raise TypeError(
+                f"f must return the state's dtype {dtype} (that of z0), got {out.dtype}: "
+                "cast the parameters (or z0) so that f(z) has z's dtype"
+            )
+        return out.reshape(-1)
+
+    return f_flat
+
+
 def solve(
     f: Callable[[jax.Array], jax.Array],
     z0: jax.Array,
@@ -262,11 +419,13 @@ def solve(
     return_trajectory: bool = False,
     differentiable: bool = False,
     num_steps=None,
+    return_inverse_jacobian: bool = False,
 ):
     """Find a fixed point ``z* = f(z*)`` of a single example.
 
     Args:
-      f: function of one example's state (any shape) to the same shape.
+      f: function of one example's state (any shape) to one array of the same shape
+        and dtype.
       z0: initial state.
       config: a :class:`SolverConfig`.
       return_trajectory: also return the iterates ``z_1 … z_n`` in the stats.
@@ -275,6 +434,8 @@ def solve(
         otherwise a ``lax.while_loop`` that stops at convergence.
       num_steps: optional traced integer ≤ ``max_iter``: stop after this many steps
         (random intermediate states draw it per batch).
+      return_inverse_jacobian: (Broyden only) return the factors of its final
+        inverse-Jacobian estimate in ``stats.inverse_jacobian`` (the SHINE backward).
 
     Returns:
       ``(z_star, stats)``, ``z_star`` of ``z0``'s shape, ``stats`` a :class:`SolverStats`.
@@ -283,6 +444,11 @@ def solve(
     stopped keeps its state, step count and residuals (the per-method history of a
     stopped example may change, but it no longer feeds its state).
     """
+    check_config(config, SolverConfig, "solve's config")
+    if return_inverse_jacobian and config.method != "broyden":
+        raise ValueError(
+            f"return_inverse_jacobian needs the Broyden solver, got method={config.method!r}"
+        )
     z0 = jnp.asarray(z0)
     if not jnp.issubdtype(z0.dtype, jnp.floating):
         raise ValueError(f"the initial state must be a float array, got dtype {z0.dtype}")
@@ -290,12 +456,7 @@ def solve(
     init, update = _RULES[config.method](config, n, dtype)
     tol = jnp.asarray(config.tol, dtype)
     use_rel = config.stop_mode == "rel"
-
-    def f_flat(zf):
-        out = f(zf.reshape(shape))
-        if out.shape != shape:
-            raise ValueError(f"f must map the state shape {shape} to itself, got {out.shape}")
-        return out.reshape(-1).astype(dtype)
+    f_flat = _state_function(f, shape, dtype)
 
     budget = config.max_iter if num_steps is None else jnp.minimum(num_steps, config.max_iter)
 
@@ -303,7 +464,7 @@ def solve(
         return c.best_res < tol
 
     def active(c: _Carry):
-        return jnp.logical_and(c.k < budget, jnp.logical_not(done(c)))
+        return jnp.logical_and(c.k < budget, jnp.logical_not(done(c) | c.bad))
 
     def step(c: _Carry) -> _Carry:
         go = active(c)
@@ -311,13 +472,16 @@ def solve(
         fz = f_flat(c.z)
         # Residuals are statistics, never differentiated (avoids 0/0 in norm's VJP).
         fz_s, z_s = lax.stop_gradient(fz), lax.stop_gradient(c.z)
+        finite = jnp.all(jnp.isfinite(fz_s))
         diff = jnp.linalg.norm(fz_s - z_s)
         rel = diff / (jnp.linalg.norm(fz_s) + _EPS)
         res = rel if use_rel else diff
-        better = jnp.logical_and(go, res < c.best_res)
+        better = go & finite & (res < c.best_res)
         # the shared counter t equals k for every example still running, so history
         # slots are indexed by an unbatched scalar (an in-place update, not a scatter)
-        z_next, mstate = update(c.method_state, c.z, fz, c.t)
+        z_next, mstate = update(c.method_state, c.z, fz, c.t, go)
+        # the update's own breakdown (not f's) falls back to the plain step
+        z_next = jnp.where(jnp.all(jnp.isfinite(lax.stop_gradient(z_next))), z_next, fz)
         if differentiable:
             # frozen history too: a stopped example's repeated (z, f(z)) pairs can make
             # Anderson's system singular (ridge 0); its unused NaN step would still
@@ -336,6 +500,7 @@ def solve(
             best_rel=jnp.where(better, rel, c.best_rel),
             last_abs=keep(diff, c.last_abs),
             last_rel=keep(rel, c.last_rel),
+            bad=c.bad | (go & ~finite),
             method_state=mstate,
             trajectory=traj,
         )
@@ -344,7 +509,13 @@ def solve(
     inf = jnp.asarray(jnp.inf, dtype)
     traj0 = jnp.zeros((config.max_iter, n), dtype) if return_trajectory else None
     zero = jnp.asarray(0, jnp.int32)
-    carry = _Carry(zero, zero, zf, zf, inf, inf, inf, inf, inf, init(zf), traj0)
+    bad0 = ~jnp.all(jnp.isfinite(lax.stop_gradient(zf)))
+    carry = _Carry(zero, zero, zf, zf, inf, inf, inf, inf, inf, bad0, init(zf), traj0)
+    axes = manual_axes()
+    if axes:  # inside shard_map: the carry varies wherever f's output or the budget does
+        out_axes = varying_axes(jax.eval_shape(f_flat, zf))
+        axes = axes & (out_axes | varying_axes(zf) | varying_axes(jnp.asarray(budget)))
+        carry = vary_over(carry, axes)
 
     if differentiable:
         carry, _ = lax.scan(lambda c, _: (step(c), None), carry, None, length=config.max_iter)
@@ -353,26 +524,23 @@ def solve(
             lambda c: jnp.logical_and(c.t < config.max_iter, any_in_batch(active(c))), step, carry
         )
 
+    nan = jnp.asarray(jnp.nan, dtype)
+    poison = lambda x: jnp.where(carry.bad, nan, x)
     trajectory = None
     if return_trajectory:
         # Rows past the stop repeat the returned state, so every row is a valid state.
         rows = jnp.arange(config.max_iter)[:, None]
-        traj = jnp.where(rows < carry.k, carry.trajectory, carry.best_z[None])
+        last = poison(carry.z if config.return_state == "last" else carry.best_z)
+        traj = jnp.where(rows < carry.k, carry.trajectory, last[None])
         trajectory = traj.reshape((config.max_iter,) + shape)
-    if config.return_state == "last":
-        stats = SolverStats(
-            steps=carry.k,
-            abs_residual=carry.last_abs,
-            rel_residual=carry.last_rel,
-            converged=done(carry),
-            trajectory=trajectory,
-        )
-        return carry.z.reshape(shape), stats
+    factors = carry.method_state[:2] if return_inverse_jacobian else None
+    last = config.return_state == "last"
     stats = SolverStats(
         steps=carry.k,
-        abs_residual=carry.best_abs,
-        rel_residual=carry.best_rel,
-        converged=done(carry),
+        abs_residual=poison(carry.last_abs if last else carry.best_abs),
+        rel_residual=poison(carry.last_rel if last else carry.best_rel),
+        converged=done(carry) & ~carry.bad,
         trajectory=trajectory,
+        inverse_jacobian=factors,
     )
-    return carry.best_z.reshape(shape), stats
+    return poison(carry.z if last else carry.best_z).reshape(shape), stats

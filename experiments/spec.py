@@ -74,6 +74,8 @@ def deq_config(c: ml_collections.ConfigDict, *, evaluation: bool = False) -> DEQ
         damping=c.damping,
         anderson_m=c.anderson_m,
         anderson_ridge=c.anderson_ridge,
+        # a workdir written before the key existed ran the absolute ridge
+        anderson_ridge_mode=c.get("anderson_ridge_mode", "absolute"),
         anderson_beta=c.anderson_beta,
         broyden_memory=c.broyden_memory,
     )

@@ -430,7 +430,7 @@ def test_compact_ensemble_same_flags_less_work(trained_mlp):
         return r, sum(rows)
 
     full, n_full = run(False)
-    comp, n_comp = run(True, bucket=8)
+    comp, n_comp = run(True, bucket=(16, 4))  # 16-row buckets, 4-row ones for the rest
     np.testing.assert_array_equal(np.asarray(full.robust), np.asarray(comp.robust))
     assert 0 < float(comp.robust_accuracy) < float(comp.clean_accuracy)
     for k in full.cumulative_accuracy:
@@ -476,6 +476,8 @@ def test_bad_inputs_raise():
         A.pgd(f, x * 3, y, KEY, eps=0.1)
     with pytest.raises(ValueError, match="unknown attack name"):
         A.evaluate_ensemble(f, x, y, KEY, eps=0.1, attacks=["apgd-ce", "deepfool"])
+    with pytest.raises(ValueError, match="bucket_size must"):
+        A.evaluate_ensemble(f, x, y, KEY, eps=0.1, attacks=["fgsm"], compact=True, bucket_size=0)
     with pytest.raises(ValueError, match="takes one PRNG key"):
         A.evaluate_ensemble(f, x, y, A.example_keys(KEY, 2), eps=0.1, attacks=["fgsm"])
     with pytest.raises(ValueError, match="unknown ensemble preset"):

@@ -30,22 +30,19 @@ def cell_as_function(cell: nn.Module, method: str | None = None):
     return f
 
 
-def implicit_function(cell: nn.Module, implicit_gradient: bool):
-    """The map whose Jacobian the implicit backward uses and whose fixed points count
-    as equilibria: the cell's ``implicit_map`` method when it has one (same equilibria,
-    smooth there), else ``None`` (the cell itself).
+def refuse_implicit(cell: nn.Module, implicit_gradient: bool) -> None:
+    """Raise if the implicit gradient is asked of a cell that has no equilibrium.
 
-    A cell with ``has_equilibrium = False`` (e.g. LyaDEQ with α > 0, whose projected
-    dynamics have no root) has no implicit gradient: asking for one is an error."""
+    A cell with ``has_equilibrium = False`` — a LyaDEQ, which SPEC §2 defines as a
+    finite-time system (K steps from z₀ = 0, output z_K), not a fixed point — has
+    nothing for the implicit function theorem to differentiate."""
     if implicit_gradient and not getattr(cell, "has_equilibrium", True):
         raise ValueError(
-            f"{type(cell).__name__} has no equilibrium to "
-            "differentiate implicitly (its dynamics have no "
-            "root; the model's output is the state after "
-            "the solver budget): use backward='phantom' or "
-            "'unroll', and attack views other than 'implicit'"
+            f"{type(cell).__name__} defines a finite-time system (K steps from z0 = 0, "
+            "output z_K; SPEC §2), not an equilibrium: there is no fixed point to "
+            "differentiate implicitly. Use backward='unroll' (the exact gradient of the "
+            "K steps) or 'phantom', and attack views other than 'implicit'"
         )
-    return cell_as_function(cell, "implicit_map") if hasattr(cell, "implicit_map") else None
 
 
 # gradients whose value and derivative depend only on the solution z* (not on the steps
@@ -152,7 +149,7 @@ class DEQ(nn.Module):
         if view is not None:
             z, stats = self._attack_view(f, params, u, z0, config, view)
         else:
-            implicit_f = implicit_function(self.cell, config.backward == "implicit")
+            refuse_implicit(self.cell, config.backward in ("implicit", "shine", "shine_refine"))
 
             def one(z0_i, u_i, probe_i):
                 return deq_fixed_point(
@@ -163,7 +160,6 @@ class DEQ(nn.Module):
                     backward_probe=probe_i,
                     return_trajectory=return_trajectory,
                     num_steps=num_steps,
-                    implicit_f=implicit_f,
                 )
 
             z, stats = jax.vmap(one)(z0, u, backward_probe)
@@ -179,7 +175,7 @@ class DEQ(nn.Module):
 
     def _attack_view(self, f, params, u, z0, config, view: AttackView):
         gradient = view.gradient or config.backward
-        implicit_f = implicit_function(self.cell, gradient == "implicit")
+        refuse_implicit(self.cell, gradient == "implicit")
         need_traj = view.needs_trajectory(gradient)
 
         def one(z0_i, u_i):
@@ -192,7 +188,6 @@ class DEQ(nn.Module):
                     args,
                     dataclasses.replace(config, backward=gradient),
                     return_trajectory=need_traj,
-                    implicit_f=implicit_f,
                 )
                 z_star = jax.lax.stop_gradient(z_sur)
             else:  # forward only (args stopped); the estimator supplies the gradient
@@ -202,7 +197,6 @@ class DEQ(nn.Module):
                     jax.lax.stop_gradient(args),
                     dataclasses.replace(config, backward="implicit"),
                     return_trajectory=need_traj,
-                    implicit_f=implicit_f,
                 )
                 z_sur = None
             z_value = defended_state(z_star, stats.trajectory, view.defence, view.exit_state)

@@ -17,9 +17,10 @@ def deq_defaults() -> ml_collections.ConfigDict:
             damping=1.0,
             anderson_m=5,
             anderson_ridge=1e-4,
+            anderson_ridge_mode="relative",  # or "absolute" (before: ridge not scaled)
             anderson_beta=1.0,
             broyden_memory=0,
-            backward="implicit",
+            backward="implicit",  # implicit, phantom, unroll, shine / shine_refine (broyden)
             adjoint_solver="anderson",
             adjoint_max_iter=20,
             adjoint_tol=1e-3,

@@ -1,11 +1,12 @@
-"""LyaDEQ combined with TRADES (the settings of deq_mnist_trades)."""
+"""LyaDEQ (lyadeq_mnist's finite-time model) trained with TRADES, with the settings of
+deq_mnist_trades: the inner attack follows the phantom gradient (for a LyaDEQ: the last
+``deq.phantom_steps`` of its K steps), the weight update the exact gradient (unroll)."""
 
 from experiments.configs.deq_mnist_trades import get_config as trades_config
-from experiments.configs.lyadeq_mnist import lyapunov_block
+from experiments.configs.lyadeq_mnist import finite_time
 
 
 def get_config():
     c = trades_config()
     c.model.name = "lyadeq"
-    c.lyapunov = lyapunov_block()
-    return c
+    return finite_time(c)
