@@ -13,7 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from deqjax.bpda import straight_through
-from deqjax.deq import DEQConfig, damped_steps, deq_fixed_point, jacobian_frobenius_sq
+from deqjax.deq import (
+    SHINE_MODES,
+    DEQConfig,
+    damped_steps,
+    deq_fixed_point,
+    jacobian_frobenius_sq,
+)
 from deqjax.deq_gradients import AttackView, defended_state, estimate_state
 from deqjax.regulation import RandomSteps
 
@@ -46,39 +52,47 @@ def refuse_implicit(cell: nn.Module, implicit_gradient: bool) -> None:
 
 
 # gradients whose value and derivative depend only on the solution z* (not on the steps
-# the solver ran or the states it visited): a warm-started solve that converges gives them
+# the solver ran, the states it visited or the inverse-Jacobian estimate it built): a
+# warm-started solve that converges gives them
 WARM_START_GRADIENTS = ("implicit", "phantom")
 
 
 def check_warm_start(cell: nn.Module, config: DEQConfig, view: AttackView | None) -> None:
     """Raise unless starting the solve elsewhere leaves the model's output and the
-    attack's gradient those of the solution ``z*``: the gradient is implicit or phantom,
-    no defence classifies a trajectory state, the cell has an equilibrium, and the
+    attack's gradient those of the solution ``z*``: the cell has an equilibrium, the
+    gradient is implicit or phantom, no defence classifies a trajectory state, and the
     forward solve stops at a tolerance (``tol > 0``; with ``tol = 0`` every solve runs
     ``max_iter`` steps, so a warm start saves nothing and only changes the result)."""
+    if not getattr(cell, "has_equilibrium", True):
+        raise ValueError(
+            f"{type(cell).__name__} has no equilibrium (a finite-time system: its output "
+            "is the state after K steps from z0 = 0, which a warm start changes); attack "
+            "it with its plain (cold) logits function"
+        )
     gradient = (view.gradient if view is not None else None) or config.backward
     if gradient not in WARM_START_GRADIENTS:
+        how = (
+            "it applies the inverse-Jacobian estimate the Broyden solver built along its "
+            "steps, which a warm-started solve of a few steps barely builds"
+            if gradient in SHINE_MODES
+            else "it differentiates the steps the solver ran or the states it visited"
+        )
         raise ValueError(
-            f"a warm start changes the {gradient!r} gradient (it differentiates the steps "
-            "the solver ran or the states it visited); warm starts support the gradients "
-            f"{WARM_START_GRADIENTS}, which depend only on the solution z*. Attack this "
-            "view with its plain (cold) logits function"
+            f"a warm start changes the {gradient!r} gradient ({how}); warm starts support "
+            f"the gradients {WARM_START_GRADIENTS}, which depend only on the solution z*. "
+            "Use one of those, or attack with the plain (cold) logits function"
         )
     if view is not None and view.defence != "none":
         raise ValueError(
             f"the {view.defence!r} defence classifies a state of the solver trajectory, "
             "which a warm start changes; attack it with the plain (cold) logits function"
         )
-    if not getattr(cell, "has_equilibrium", True):
-        raise ValueError(
-            f"{type(cell).__name__} has no equilibrium: its output is the state after the "
-            "solver budget, which a warm start changes; attack it cold"
-        )
     if not config.forward.tol > 0:
         raise ValueError(
             "a warm start saves solver steps only when the forward solve stops at a "
-            "tolerance; this config has forward.tol = 0 (every solve runs max_iter steps). "
-            "Use e.g. config.with_forward(tol=1e-3)"
+            "tolerance; this config has forward.tol = 0 (every solve runs max_iter steps, "
+            "and a warm start only changes the result). Use e.g. "
+            "config.with_forward(tol=1e-3)"
         )
 
 
