@@ -192,3 +192,36 @@ def test_lyadeq_is_refused():
     v = model.init(jax.random.PRNGKey(0), x)
     with pytest.raises(ValueError, match="has no equilibrium"):
         warm_start_logits(model, v)
+
+
+@pytest.mark.parametrize("kind", ["pgd_at", "trades"])
+def test_adversarial_training_with_warm_starts_matches_cold(tiny, kind):
+    """experiments/train.py with adv.warm_start: the training loss and its parameter
+    gradient equal the cold inner attack's within the solver tolerance (tol 1e-4)."""
+    from experiments import models, train
+    from tests.helpers import tiny_config
+
+    _, v, x, y = tiny
+    c = tiny_config()
+    c.train.loss = kind
+    c.model.head = "gap"  # the fixture's model
+    c.deq.update(max_iter=40, tol=1e-4, adjoint_max_iter=20, adjoint_tol=1e-4)
+    c.adv.update(eps=0.1, step=0.025, steps=5, attack_gradient="implicit")
+    spec = models.build(c, 10)
+    probe = jnp.zeros((len(y), 2))
+
+    def loss_and_grad(warm):
+        c.adv.warm_start = warm
+        fn = train.make_loss_fn(spec, c)
+        (loss, _), g = jax.value_and_grad(fn, has_aux=True)(
+            v["params"], {}, x, y, jax.random.PRNGKey(4), probe
+        )
+        return loss, g
+
+    loss_c, g_c = loss_and_grad(False)
+    loss_w, g_w = loss_and_grad(True)
+    flat = lambda g: jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
+    rel = float(jnp.linalg.norm(flat(g_w) - flat(g_c)) / jnp.linalg.norm(flat(g_c)))
+    print("TRAIN", kind, float(loss_c), float(loss_w), rel)
+    assert abs(float(loss_w) - float(loss_c)) < 1e-2 * abs(float(loss_c))
+    assert rel < 2e-2, rel
