@@ -173,7 +173,8 @@ def markdown(res: dict) -> str:
         "steps per solve, mean per example and loop length (the batch's maximum, which "
         "sets the wall time).",
         "",
-        "| run | robust % | run s | compile s | vs cold | steps/solve (mean) | loop steps/solve |",
+        "| run | robust % | run s | compile s | speed vs deqjax cold | steps/solve (mean) "
+        "| loop steps/solve |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in res["rows"].items():
@@ -185,6 +186,14 @@ def markdown(res: dict) -> str:
             f"| {name} | {100 * r['robust']:.1f} | {r['s']:.1f} | {comp} | "
             f"{cold / r['s']:.2f}× | {mean} | {loop} |"
         )
+    peer = res["rows"].get("torchattacks + torchdeq")
+    if peer is not None:
+        warm = res["rows"]["deqjax warm"]
+        lines += [
+            "",
+            f"deqjax warm vs torchattacks + torchdeq: {peer['s'] / warm['s']:.2f}× the "
+            f"speed; robust accuracy {100 * warm['robust']:.1f} vs {100 * peer['robust']:.1f}.",
+        ]
     lines += [
         "",
         f"Adversarial examples cold vs warm: max |Δ| {res['adv_max_abs_diff']:.3g}, "
