@@ -125,15 +125,11 @@ def test_warm_pgd_matches_cold_pgd(tiny):
 
 @pytest.mark.parametrize(
     "attack",
-    [
-        "pgd",
-        pytest.param("apgd", marks=pytest.mark.slow),
-        pytest.param("apgd_targeted", marks=pytest.mark.slow),
-    ],
+    ["pgd", pytest.param("apgd_targeted", marks=pytest.mark.slow)],  # APGD-T runs apgd_core
 )
 def test_warm_attacks_take_far_fewer_solver_steps(tiny, attack):
     """tol 1e-3, ε = 0.05, 20 steps: each solve starts one attack step from its
-    solution (APGD and APGD-T only in the slow suite: two more compiles each). PGD
+    solution (APGD-T, which runs APGD's core per target, is marked slow). PGD
     runs 2 vmapped restarts (the solver state is per restart); APGD-T 2 targets (each
     target's run starts from the clean solution)."""
     model, v, x, y = tiny
@@ -189,19 +185,21 @@ def test_lyadeq_is_refused():
         num_classes=3, width=4, inner=4, groups=2, icnn_widths=(8,), orth_features=6
     )
     x = jnp.zeros((2, 12, 12, 1))
-    v = model.init(jax.random.PRNGKey(0), x)
+    v = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)  # the check reads no values
     with pytest.raises(ValueError, match="has no equilibrium"):
         warm_start_logits(model, v)
 
 
-@pytest.mark.parametrize("kind", ["pgd_at", "trades"])
+@pytest.mark.parametrize("kind", ["trades"])  # PGD-AT's inner attack is pgd (tested above)
 def test_adversarial_training_with_warm_starts_matches_cold(tiny, kind):
     """experiments/train.py with adv.warm_start: the training loss and its parameter
-    gradient equal the cold inner attack's within the solver tolerance (tol 1e-4)."""
+    gradient equal the cold inner attack's within the solver tolerance (tol 1e-4;
+    measured: loss 7e-5, gradient 2.3e-3 relative; PGD-AT 2e-5 and 1.8e-3)."""
     from experiments import models, train
     from tests.helpers import tiny_config
 
     _, v, x, y = tiny
+    x, y = x[:8], y[:8]
     c = tiny_config()
     c.train.loss = kind
     c.model.head = "gap"  # the fixture's model
@@ -222,6 +220,5 @@ def test_adversarial_training_with_warm_starts_matches_cold(tiny, kind):
     loss_w, g_w = loss_and_grad(True)
     flat = lambda g: jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
     rel = float(jnp.linalg.norm(flat(g_w) - flat(g_c)) / jnp.linalg.norm(flat(g_c)))
-    print("TRAIN", kind, float(loss_c), float(loss_w), rel)
     assert abs(float(loss_w) - float(loss_c)) < 1e-2 * abs(float(loss_c))
     assert rel < 2e-2, rel
