@@ -37,6 +37,11 @@ PARALLEL_OVERRIDES = {
     "deq.max_iter": 4,
     "deq.adjoint_max_iter": 4,
     "deq.eval_max_iter": 4,
+    # The weakly regularised Anderson system of the relative ridge amplifies the float32
+    # reduction-order differences of the model-sharded program (shard_params) to ~1% in
+    # these 4-step, non-converged gradients (measured: 1.1% on one leaf); the tests look
+    # for partitioning errors (O(1)), so they use the better-conditioned absolute ridge.
+    "deq.anderson_ridge_mode": "absolute",
     "train.batch_size": 16,
     "train.progress": False,
     "train.warmup_steps": 1,

@@ -90,25 +90,63 @@ def test_the_library_never_imports_the_experiments():
     assert not {m: v for m, v in bad.items() if v}
 
 
+# Each module is imported with none of deqjax's or experiments' modules loaded before it
+# (so it cannot lean on an import another module happened to run first), in ONE
+# interpreter: the third-party packages (jax, flax, …) stay loaded between modules,
+# which saves a JAX start-up per module.
+ALONE = """
+import importlib, sys, traceback
+names = sys.argv[1:]
+for m in names:  # load every third-party dependency once
+    importlib.import_module(m)
+failures = {}
+for m in names:
+    for k in [k for k in sys.modules if k.split(".")[0] in ("deqjax", "experiments")]:
+        del sys.modules[k]
+    try:
+        importlib.import_module(m)
+    except Exception:
+        failures[m] = traceback.format_exc()[-1500:]
+    if not (m in sys.modules and sum(k.split(".")[0] in ("deqjax", "experiments")
+                                    for k in sys.modules) >= 1):
+        failures.setdefault(m, "not imported")
+print(repr(failures))
+"""
+
+
 @pytest.mark.parametrize("package", ["experiments", "deqjax"])
 def test_every_module_imports_alone(package):
     names = sorted(m for m in _modules(package) if not m.endswith("__main__"))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    failures = {}
-    for chunk in range(0, len(names), 4):  # 4 fresh interpreters at a time
-        procs = {
-            m: subprocess.Popen(
-                [sys.executable, "-c", f"import {m}"],
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-            for m in names[chunk : chunk + 4]
-        }
-        for m, p in procs.items():
-            out = p.communicate(timeout=120)[0]
-            if p.returncode:
-                failures[m] = out[-1500:]
-    assert not failures, failures
+    out = subprocess.run(
+        [sys.executable, "-c", ALONE, *names],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "{}", out.stdout[-3000:]
+
+
+def test_import_alone_check_catches_a_module_that_leans_on_another(tmp_path):
+    """The negative control: a module that works only if another was imported first."""
+    pkg = tmp_path / "deqjax_probe_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import sys\nsys.modules[__package__].flag = 1\n")
+    (pkg / "b.py").write_text("import sys\nassert hasattr(sys.modules[__package__], 'flag')\n")
+    script = ALONE.replace('("deqjax", "experiments")', '("deqjax_probe_pkg",)')
+    names = ["deqjax_probe_pkg.a", "deqjax_probe_pkg.b"]
+    out = subprocess.run(
+        [sys.executable, "-c", script, *names],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    last = out.stdout.strip().splitlines()[-1]
+    assert "deqjax_probe_pkg.b" in last and "deqjax_probe_pkg.a" not in last, last

@@ -40,7 +40,9 @@ def test_training_reduces_loss_and_resumes_exactly(tmp_path):
 
 
 def test_explicit_baseline_trains(tmp_path):
-    final = train_lib.train(tiny_config(epochs=2, name="explicit"), str(tmp_path))
+    c = tiny_config(epochs=2, name="explicit")
+    c.train.learning_rate = 0.01  # 16 steps: 2e-3 gets to 0.18 only
+    final = train_lib.train(c, str(tmp_path))
     m = read_metrics(tmp_path)
     assert m[1]["train_loss"] < m[0]["train_loss"]
     assert final["test_accuracy"] > 0.3  # 10 classes: chance is 0.1
@@ -80,7 +82,7 @@ def test_unknown_model_and_loss_names():
         train_lib.make_loss_fn(models.build(c, 10), c)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_deq_mnist_reaches_95_percent(tmp_path):
     """The quick-start config on mnist_5k (3 epochs)."""
     c = deq_mnist.get_config()
