@@ -118,15 +118,18 @@ def forward_mode_cost(module, params, ds, batch: int, repeats: int):
     import numpy as np
     import optax
 
+    from deqjax.deq_gradients import AttackView
+
     x, y = jnp.asarray(ds.test_images[:batch]), jnp.asarray(ds.test_labels[:batch])
     ce = lambda logits: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
     paths = {
         "probe_custom_vjp": lambda x: module.apply(
             {"params": params}, x, backward_probe=jnp.zeros((batch, 2))
         )[0],
-        "no_probe_custom_jvp": lambda x: module.apply({"params": params}, x, gradient="implicit")[
-            0
-        ],
+        # the implicit attack view solves without a probe: the custom_jvp path
+        "no_probe_custom_jvp": lambda x: module.apply(
+            {"params": params}, x, view=AttackView("implicit")
+        )[0],
     }
     out, grads = {}, {}
     for name, fn in paths.items():
@@ -175,10 +178,10 @@ def ridge_mdeq(module, params, config, ds, n_images: int):
     import jax
     import jax.numpy as jnp
 
-    from experiments import models
+    from experiments.spec import deq_config
 
     x = jnp.asarray(ds.test_images[:n_images])
-    base = models.deq_config(config.deq, evaluation=True)
+    base = deq_config(config.deq, evaluation=True)
     rows = []
     for tol in (base.forward.tol, 1e-5):
         for mode in ("absolute", "relative"):
@@ -205,10 +208,10 @@ def shine_mdeq(module, params, config, ds, batch: int, repeats: int):
     import optax
 
     from deqjax.deq import DEQConfig
-    from experiments import models
+    from experiments.spec import deq_config
 
     x, y = jnp.asarray(ds.train_images[:batch]), jnp.asarray(ds.train_labels[:batch])
-    train = models.deq_config(config.deq)  # the training budget (12 / 12 steps, tol 1e-3)
+    train = deq_config(config.deq)  # the training budget (12 / 12 steps, tol 1e-3)
     fwd = dataclasses.replace(train.forward, method="broyden")
     budget = dict(adjoint_max_iter=train.adjoint_max_iter, adjoint_tol=train.adjoint_tol)
     backwards = {

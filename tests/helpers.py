@@ -19,6 +19,7 @@ def tiny_config(epochs: int = 2, name: str = "deq") -> ml_collections.ConfigDict
     c.limit_train, c.limit_test = 256, 100
     c.model.width, c.model.inner, c.model.groups = 8, 8, 4
     c.deq.max_iter, c.deq.adjoint_max_iter, c.deq.eval_max_iter = 6, 6, 8
+    c.deq.jac_reg = 0.0  # deq_mnist's Jacobian regulariser: tested on its own
     c.train.epochs, c.train.batch_size, c.train.progress = epochs, 32, False
     c.train.warmup_steps, c.train.checkpoint_every_steps = 2, 5
     c.eval.batch_size = 100
@@ -42,6 +43,7 @@ PARALLEL_OVERRIDES = {
     # these 4-step, non-converged gradients (measured: 1.1% on one leaf); the tests look
     # for partitioning errors (O(1)), so they use the better-conditioned absolute ridge.
     "deq.anderson_ridge_mode": "absolute",
+    "deq.jac_reg": 0.0,
     "train.batch_size": 16,
     "train.progress": False,
     "train.warmup_steps": 1,

@@ -127,3 +127,21 @@ def test_jacobian_regulariser_enters_the_loss():
     est = float(losses[2.0][1]["jacobian_frobenius_sq"])
     assert est > 0 and "jacobian_frobenius_sq" not in losses[0.0][1]
     np.testing.assert_allclose(losses[2.0][0] - losses[0.0][0], 2.0 * est, rtol=1e-4)
+
+
+def test_nonfinite_step_stops_training_naming_it_or_is_skipped_and_counted(tmp_path):
+    """A diverging run (learning rate 1e30: the first real update overflows the model):
+    training stops at the first non-finite loss/gradient with an error naming the step;
+    with train.skip_nonfinite such steps are skipped (the parameters stay finite) and
+    counted in metrics.jsonl. (A NaN pixel never gets this far: data loading refuses it.)"""
+    c = tiny_config(epochs=1)
+    c.train.learning_rate = 1e30
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d+ "):
+        train_lib.train(c, str(tmp_path / "stop"))
+    assert not (tmp_path / "stop" / "final.json").exists()
+    c.train.skip_nonfinite = True
+    train_lib.train(c, str(tmp_path / "skip"))
+    m = read_metrics(tmp_path / "skip")
+    assert 0 < m[0]["train_nonfinite"] < 1
+    state = load_run(str(tmp_path / "skip")).state
+    assert all(bool(np.all(np.isfinite(np.asarray(v)))) for v in jax.tree.leaves(state.params))
