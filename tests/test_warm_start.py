@@ -149,7 +149,7 @@ def test_warm_attacks_take_far_fewer_solver_steps(tiny, attack):
     assert float(jnp.max(jnp.abs(x_warm - x))) <= 0.05 + 1e-6
     assert robust(model, v, cfg, x_warm, y) == robust(model, v, cfg, x_cold, y)
     ratio = warm_steps.total / cold_steps.total
-    # measured: PGD 0.50, APGD 0.56, APGD-T 0.61 (tests/test_warm_start.py, 2 CPU cores)
+    # measured: PGD 0.50, APGD-T 0.61
     assert ratio <= (0.6 if attack == "pgd" else 0.7), ratio
 
 
