@@ -119,9 +119,25 @@ def _deq_kwargs(cfg) -> dict:
     )
 
 
+def load_trades_deq():
+    """``(config, spec, variables)`` of the shipped TRADES MDEQ
+    (``tests/data/deq_mnist_trades_params.msgpack``, ``experiments/configs/
+    deq_mnist_trades.py``); ``spec.eval_kwargs["config"]`` is its evaluation solver."""
+    import flax
+
+    from experiments import models
+    from experiments.configs import deq_mnist_trades
+
+    config = deq_mnist_trades.get_config()
+    spec = models.build(config, 10)
+    path = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
+    with open(os.path.join(path, "deq_mnist_trades_params.msgpack"), "rb") as fh:
+        params = flax.serialization.msgpack_restore(fh.read())
+    return config, spec, {"params": params}
+
+
 def load_model(name: str, quick: bool = False):
     """(jax logits_fn, torch attack model, torch scoring model, description dict)."""
-    import flax
     import jax
 
     from benchmarks.torch_models import TorchConvNet, TorchMDEQ
@@ -134,15 +150,8 @@ def load_model(name: str, quick: bool = False):
             + ("(quick: 1000 images, 1 epoch)" if quick else "(4000 images, 3 epochs)"),
         )
         return (lambda xb: net.apply(params, xb)), tnet, tnet, desc
-    from experiments import models
-    from experiments.configs import deq_mnist_trades
-
-    config = deq_mnist_trades.get_config()
-    spec = models.build(config, 10)
-    path = os.path.join(os.path.dirname(__file__), "..", "tests", "data")
-    with open(os.path.join(path, "deq_mnist_trades_params.msgpack"), "rb") as fh:
-        params = flax.serialization.msgpack_restore(fh.read())
-    variables = {"params": params}
+    config, spec, variables = load_trades_deq()
+    params = variables["params"]
     ecfg = spec.eval_kwargs["config"]
     tm = TorchMDEQ(head_kind=config.model.head, deq_kwargs=_deq_kwargs(ecfg))
     tm.load_flax(params)

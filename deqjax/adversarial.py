@@ -21,6 +21,12 @@ differentiated) and may use a separate ``attack_apply_fn`` (e.g. a DEQ with an
 unrolled/phantom backward for the attack and the implicit one for training); the
 adversarial input is then ``stop_gradient``-ed so the outer loss is
 differentiated with respect to ``params`` only. ``apply_fn(params, x) -> logits``.
+
+Warm starts: ``attack_logits(params) -> logits_fn`` (instead of ``attack_apply_fn``)
+builds the inner attack's logits function from the frozen parameters; when it is a
+:class:`~deqjax.attacks.WarmStartLogits` (a DEQ, :func:`deqjax.models.warm_start_logits`)
+each inner step's solve starts from the previous step's equilibrium (TRADES' first
+from the clean input's). The outer objective is always ``apply_fn``'s (cold) forward.
 """
 
 from __future__ import annotations
@@ -52,9 +58,13 @@ def mixed_objective(logits, logits_adv, y, weight):
     )
 
 
-def _attack_logits(apply_fn, attack_apply_fn, params):
-    fn = attack_apply_fn if attack_apply_fn is not None else apply_fn
+def _attack_logits(apply_fn, attack_apply_fn, params, attack_logits=None):
     frozen = jax.tree_util.tree_map(lax.stop_gradient, params)
+    if attack_logits is not None:
+        if attack_apply_fn is not None:
+            raise ValueError("give attack_apply_fn or attack_logits, not both")
+        return attack_logits(frozen)
+    fn = attack_apply_fn if attack_apply_fn is not None else apply_fn
     return lambda xx: fn(frozen, xx)
 
 
@@ -71,9 +81,10 @@ def pgd_adversarial_examples(
     norm="linf",
     attack_apply_fn=None,
     rand_init=True,
+    attack_logits=None,
 ):
     """PGD adversarial inputs for training (no gradient flows to params or x)."""
-    logits_fn = _attack_logits(apply_fn, attack_apply_fn, params)
+    logits_fn = _attack_logits(apply_fn, attack_apply_fn, params, attack_logits)
     x_adv = pgd(
         logits_fn, x, y, key, eps=eps, norm=norm, steps=steps, step_size=step, rand_init=rand_init
     )
@@ -142,23 +153,38 @@ def _kl(logits_p, logits_q):
 
 
 def trades_adversarial_examples(
-    apply_fn, params, x, key, *, eps, step=None, steps=10, norm="linf", attack_apply_fn=None
+    apply_fn,
+    params,
+    x,
+    key,
+    *,
+    eps,
+    step=None,
+    steps=10,
+    norm="linf",
+    attack_apply_fn=None,
+    attack_logits=None,
 ):
     """TRADES inner maximisation of KL(p(x) ‖ p(x')) over x' ∈ B_eps(x) ∩ [0, 1]."""
     C.check_norm(norm)
     C.check_eps(eps)
     steps = C.check_positive_int("steps", steps)
     step = eps / 4.0 if step is None else step  # TRADES CIFAR: 0.007 for eps 0.031
-    logits_fn = _attack_logits(apply_fn, attack_apply_fn, params)
-    p_nat = lax.stop_gradient(logits_fn(x))
-    kl_sum = lambda xa: jnp.sum(_kl(p_nat, logits_fn(xa)))
+    logits_fn = _attack_logits(apply_fn, attack_apply_fn, params, attack_logits)
+    # the solver state a WarmStartLogits carries (() for a plain logits function): the
+    # first step's solve starts from the clean input's solution
+    p_nat, st = C.logits_and_state(logits_fn, x, C.initial_state(logits_fn, x))
+    p_nat = lax.stop_gradient(p_nat)
+    kl_grad = C.loss_grad_state(logits_fn, lambda logits, p: _kl(p, logits))
     x0 = C.project(x + 0.001 * jax.random.normal(key, x.shape, x.dtype), x, eps, norm)
 
-    def body(_, xa):
-        g = jax.grad(kl_sum)(xa)
-        return C.project(xa + step * C.ascent_direction(g, norm), x, eps, norm)
+    def body(_, carry):
+        xa, st = carry
+        _, _, g, st = kl_grad(xa, p_nat, st)
+        return C.project(xa + step * C.ascent_direction(g, norm), x, eps, norm), st
 
-    return lax.stop_gradient(lax.fori_loop(0, steps, body, x0))
+    x_adv, _ = lax.fori_loop(0, steps, body, (x0, st))
+    return lax.stop_gradient(x_adv)
 
 
 def trades_loss(

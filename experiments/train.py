@@ -29,6 +29,7 @@ from deqjax import adversarial
 from deqjax import data as data_lib
 from deqjax.attacks import ce_loss
 from deqjax.cpl import multiclass_hinge_loss
+from deqjax.models import warm_start_logits
 from deqjax.regulation import RandomSteps
 from experiments import cli, common, models, parallel
 from experiments.evaluate import evaluate as robustness_report
@@ -65,8 +66,10 @@ def sown_losses(sown) -> dict:
     return totals
 
 
-def _adversarial_examples(kind, apply_fn, params, x, y, key, adv):
+def _adversarial_examples(kind, apply_fn, params, x, y, key, adv, attack_logits=None):
     kw = dict(eps=adv.eps, step=adv.step, steps=adv.steps, norm=adv.norm)
+    if attack_logits is not None:  # warm-started DEQ solves (adv.warm_start)
+        kw["attack_logits"] = attack_logits
     if _INNER_ATTACK[kind] == "pgd":
         return adversarial.pgd_adversarial_examples(apply_fn, params, x, y, key, **kw)
     return adversarial.trades_adversarial_examples(apply_fn, params, x, key, **kw)
@@ -84,8 +87,11 @@ def make_loss_fn(spec: ModelSpec, config):
     (``implicit`` or ``phantom``) while the weight update uses ``deq.backward``. With
     ``deq.random_states_max = n_max > 0`` every training forward uses random
     intermediate states (one draw for the inner attack, one for the weight update, per
-    batch; SPEC §5). Sown regularisers are added with their weights (``deq.jac_reg`` for
-    the Hutchinson Jacobian term, and any family-specific ones).
+    batch; SPEC §5). ``adv.warm_start`` (DEQs): each inner attack step's solve starts
+    from the previous step's equilibrium (:func:`deqjax.models.warm_start_logits`; needs
+    a tolerance-stopped forward and ``adv.attack_gradient`` implicit or phantom); the
+    weight update's forward stays cold. Sown regularisers are added with their weights
+    (``deq.jac_reg`` for the Hutchinson Jacobian term, and any family-specific ones).
     """
     kind = config.train.loss
     if kind not in LOSSES:
@@ -105,6 +111,22 @@ def make_loss_fn(spec: ModelSpec, config):
         )
 
     n_random = int(config.deq.random_states_max) if deq else 0
+    warm = bool(adv.get("warm_start", False)) if adv is not None else False
+    if warm and not deq:
+        raise ValueError("adv.warm_start starts DEQ solves warm; this model is not a DEQ")
+    if warm and n_random:
+        raise ValueError(
+            "adv.warm_start cannot be combined with deq.random_states_max > 0 (random "
+            "intermediate states run a drawn number of steps from z0 = 0, which a warm start "
+            "changes); set one of them off"
+        )
+
+    def warm_logits(model_state):
+        if not warm:
+            return None
+        return lambda params: warm_start_logits(
+            model, {"params": params, **model_state}, config=attack_kwargs["config"]
+        )
 
     def attack_apply(model_state, key):
         extra = {"random_steps": RandomSteps(key, n_random)} if n_random else {}
@@ -137,7 +159,9 @@ def make_loss_fn(spec: ModelSpec, config):
             loss = _classification_loss(base, logits, y, margin)
         else:
             apply_fn = attack_apply(model_state, states_key)
-            x_adv = _adversarial_examples(kind, apply_fn, params, x, y, attack_key, adv)
+            x_adv = _adversarial_examples(
+                kind, apply_fn, params, x, y, attack_key, adv, warm_logits(model_state)
+            )
             if kind == "pgd_at":  # the outer loss sees the adversarial inputs only
                 logits, stats, reg, new_vars = forward(params, model_state, x_adv, reg_key, probe)
                 logits_adv = logits

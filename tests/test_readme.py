@@ -40,6 +40,11 @@ key = jax.random.PRNGKey(4)
     "from deqjax.deq_gradients import AttackView": """
 x = jax.random.uniform(jax.random.PRNGKey(5), (2, 28, 28, 1))
 """,
+    # the warm-start example attacks the same MDEQ (labels: its own predictions)
+    "from deqjax.models import warm_start_logits": """
+y = jnp.argmax(model.apply(variables, x)[0], -1)
+key = jax.random.PRNGKey(6)
+""",
 }
 
 CHECKS = {
@@ -60,6 +65,10 @@ assert float(jnp.mean(jnp.argmax(logits_fn(x_adv), -1) == y)) < 1.0
 _g = jax.grad(lambda a: logits_fn(a).sum())(x)
 assert _g.shape == x.shape and bool(jnp.all(jnp.isfinite(_g))) and float(jnp.abs(_g).sum()) > 0
 assert bool(jnp.allclose(logits_fn(x), model.apply(variables, x)[0], atol=1e-5))
+""",
+    "from deqjax.models import warm_start_logits": """
+assert bool(jnp.array_equal(warm(x), model.apply(variables, x, config=cfg)[0]))
+assert float(jnp.max(jnp.abs(x_adv - x))) <= 0.1 + 1e-6 and robust.shape == y.shape
 """,
 }
 

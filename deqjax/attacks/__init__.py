@@ -9,6 +9,7 @@ example's random draws do not depend on the batch it is attacked in.
 """
 
 from deqjax.attacks._common import (
+    WarmStartLogits,
     ce_loss,
     dlr_loss,
     example_keys,
@@ -36,6 +37,7 @@ __all__ = [
     "ATTACK_NAMES",
     "EnsembleResult",
     "SanityReport",
+    "WarmStartLogits",
     "apgd",
     "apgd_targeted",
     "ce_loss",

@@ -7,6 +7,11 @@ pieces they share. All shape / name / sign checks run in Python at trace time;
 value checks (``x`` in [0, 1], labels in range) run only when the arrays are
 concrete (not under ``jax.jit`` tracing), so they cost nothing inside ``jit``.
 
+A ``logits_fn`` may also be a :class:`WarmStartLogits`: a model whose forward is an
+iterative solve (a DEQ) and that can start it from a state carried between calls.
+PGD and APGD then start each iterate's solve from the previous iterate's solution
+(see :class:`WarmStartLogits`); every other use of it is its cold forward.
+
 Losses follow Croce & Hein, "Reliable evaluation of adversarial robustness with
 an ensemble of diverse parameter-free attacks", ICML 2020 (DLR, targeted DLR)
 and Andriushchenko et al., "Square Attack", ECCV 2020 (margin loss).
@@ -14,11 +19,14 @@ and Andriushchenko et al., "Square Attack", ECCV 2020 (margin loss).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "dlr")
@@ -291,6 +299,68 @@ def get_loss(name: str, num_classes: int):
             "use loss='ce' for binary problems."
         )
     return ce_loss if name == "ce" else dlr_loss
+
+
+# ------------------------------------------------------------------- warm starts
+@dataclasses.dataclass(frozen=True)
+class WarmStartLogits:
+    """A logits function whose forward solve can start from a carried state.
+
+    ``init(x) -> state``: the cold start for a batch ``x`` (a pytree whose leaves have
+    the batch axis first; for a DEQ the zero state). ``apply(x, state) -> (logits,
+    new_state)``: the logits with the solve started at ``state``, and the state to
+    start the next call from (for a DEQ its equilibrium ``z*``; no gradient flows
+    through it). Calling the object is the cold forward ``apply(x, init(x))[0]``, so
+    anything that takes a ``logits_fn`` takes it, and scoring with it scores the model
+    as defined.
+
+    Consecutive iterates of an iterative attack differ by one step, so the previous
+    iterate's fixed point starts the next solve close to its solution: with a
+    tolerance-stopped solver most solves then take a few steps (Bai, Kolter & Koltun
+    2019 reuse fixed points across time steps the same way). :func:`~deqjax.attacks.pgd`,
+    :func:`~deqjax.attacks.apgd` and :func:`~deqjax.attacks.apgd_targeted` thread the
+    state through their iterations (per restart, per target); the value an attack sees
+    at an iterate is the warm-started solve's, within the solver tolerance of the cold
+    one, and its gradient is the model's gradient at that solution. Build one for a
+    DEQ classifier with :func:`deqjax.models.warm_start_logits`.
+    """
+
+    init: Callable
+    apply: Callable
+
+    def __call__(self, x):
+        return self.apply(x, self.init(x))[0]
+
+
+def initial_state(logits_fn, x):
+    """The cold state of a :class:`WarmStartLogits` for ``x``; ``()`` for a plain one."""
+    return logits_fn.init(x) if isinstance(logits_fn, WarmStartLogits) else ()
+
+
+def logits_and_state(logits_fn, x, state):
+    """``(logits, next state)``: warm-started from ``state`` for a
+    :class:`WarmStartLogits`, ``(logits_fn(x), state)`` for a plain logits function."""
+    if isinstance(logits_fn, WarmStartLogits):
+        logits, new = logits_fn.apply(x, state)
+        return logits, jax.tree.map(lax.stop_gradient, new)
+    return logits_fn(x), state
+
+
+def loss_grad_state(logits_fn, loss_fn):
+    """``f(x, y, state, *extra) -> (per-example loss, logits, dloss/dx, next state)``:
+    :func:`loss_and_grad` with the forward started from ``state`` (see
+    :func:`logits_and_state`; a plain ``logits_fn`` passes ``state`` through)."""
+
+    def total(x, y, state, *extra):
+        logits, new = logits_and_state(logits_fn, x, state)
+        per = loss_fn(logits, y, *extra)
+        return jnp.sum(per), (per, logits, new)
+
+    def f(x, y, state, *extra):
+        (_, (per, logits, new)), g = jax.value_and_grad(total, has_aux=True)(x, y, state, *extra)
+        return per, logits, g, new
+
+    return f
 
 
 def loss_and_grad(logits_fn, loss_fn):

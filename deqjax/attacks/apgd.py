@@ -76,15 +76,19 @@ def apgd_core(
     steps,
     rand_init=True,
     select_fn=None,
+    state0=None,
 ):
     """APGD maximising per-example ``loss_fn(logits, y, *extra)``; returns
     ``(x_adv, loss_trace (steps+1, B))``. Inputs must be validated by the caller.
     ``select_fn`` (default ``logits_fn``) chooses the returned iterate; the iterates
-    themselves depend on ``logits_fn`` only."""
-    lg = C.loss_and_grad(logits_fn, loss_fn)
+    themselves depend on ``logits_fn`` only. For a
+    :class:`~deqjax.attacks.WarmStartLogits`, each iterate's solve starts from the
+    previous iterate's solution, the first from ``state0`` (default: cold)."""
+    lg = C.loss_grad_state(logits_fn, loss_fn)
     is_ck, length, mom = _schedule(steps)
     x0 = C.random_start(key, x, eps, norm) if rand_init else x
-    f0, z0, g0 = lg(x0, y, *extra)
+    st0 = C.initial_state(logits_fn, x0) if state0 is None else state0
+    f0, z0, g0, st0 = lg(x0, y, st0, *extra)
 
     def selected(xk, fk, zk):  # loss and margin that choose the returned iterate
         if select_fn is None:
@@ -110,6 +114,7 @@ def apgd_core(
         xr=x0,
         fr=fs0,
         mr=m0,
+        st=st0,
     )
 
     def body(s, inp):
@@ -117,7 +122,7 @@ def apgd_core(
         eta = C.bcast(s["eta"], x)
         zk = C.project(s["xc"] + eta * C.ascent_direction(s["g"], norm), x, eps, norm)
         xn = C.project(s["xc"] + a * (zk - s["xc"]) + (1 - a) * (s["xc"] - s["xp"]), x, eps, norm)
-        fn, zn, gn = lg(xn, y, *extra)
+        fn, zn, gn, st = lg(xn, y, s["st"], *extra)
         fs, ms = selected(xn, fn, zn)
         succ = s["succ"] + (fn > s["f"]).astype(x.dtype)
         imp = fn > s["fb"]
@@ -152,6 +157,7 @@ def apgd_core(
             xr=xr,
             fr=fr,
             mr=mr,
+            st=st,
         )
         return new, fn
 
@@ -229,7 +235,8 @@ def _apgd_t_single(
         )
     k = min(k, nc - 1)
     js = C.target_indices(targets, k)
-    clean = logits_fn(x)
+    # for a WarmStartLogits, every target's first solve starts from the clean solution
+    clean, clean_state = C.logits_and_state(logits_fn, x, C.initial_state(logits_fn, x))
     keys = C.split_key(key, k)[js]
 
     def body(x_worst, inp):
@@ -246,6 +253,7 @@ def _apgd_t_single(
             steps=steps,
             rand_init=rand_init,
             select_fn=select_fn,
+            state0=clean_state,
         )
         return C.keep_worst(select_fn or logits_fn, x_worst, xa, y), None
 

@@ -67,7 +67,7 @@ def _pgd_single(
     x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
     steps = C.check_positive_int("steps", steps)
     loss_fn = C.get_loss(loss, nc)
-    lg = C.loss_and_grad(logits_fn, loss_fn)
+    lg = C.loss_grad_state(logits_fn, loss_fn)
     if step_size is None:
         step_size = 2.5 * eps / steps  # Madry et al.: 2.5·eps/steps
     alphas = step_sizes(step_size, steps, schedule).astype(x.dtype)
@@ -88,19 +88,19 @@ def _pgd_single(
         return loss_fn(zs, y), zs
 
     def body(carry, alpha):
-        # the gradient at x_k moves to x_{k+1}; x_k's loss/logits update the best point
-        xk, bx, bf, bm = carry
-        fk, zk, gk = lg(xk, y)
+        # the gradient at x_k moves to x_{k+1}; x_k's loss/logits update the best point;
+        # st: the solver state a WarmStartLogits starts x_k's solve from (else ())
+        xk, bx, bf, bm, st = carry
+        fk, zk, gk, st = lg(xk, y, st)
         bx, bf, bm = keep_best(xk, *selected(xk, fk, zk), bx, bf, bm)
         xn = C.project(xk + alpha * C.ascent_direction(gk, norm), x, eps, norm)
-        return (xn, bx, bf, bm), fk
+        return (xn, bx, bf, bm, st), fk
 
     init_loss = jnp.full(x.shape[:1], -jnp.inf, x.dtype)
-    (x_last, bx, bf, bm), trace = lax.scan(
-        body, (x0, x0, init_loss, jnp.full_like(init_loss, jnp.inf)), alphas
-    )
+    init = (x0, x0, init_loss, jnp.full_like(init_loss, jnp.inf), C.initial_state(logits_fn, x0))
+    (x_last, bx, bf, bm, st), trace = lax.scan(body, init, alphas)
     # the last iterate needs its loss and logits only: no unused final gradient
-    z_last = logits_fn(x_last)
+    z_last, _ = C.logits_and_state(logits_fn, x_last, st)
     f_last = loss_fn(z_last, y)
     bx, _, _ = keep_best(x_last, *selected(x_last, f_last, z_last), bx, bf, bm)
     trace = jnp.concatenate([trace, f_last[None]], axis=0)
@@ -129,7 +129,9 @@ def pgd(
     """Projected gradient descent attack (Madry et al. 2018).
 
     Args:
-      logits_fn: ``x (B, ...) -> logits (B, C)``, any JAX function.
+      logits_fn: ``x (B, ...) -> logits (B, C)``, any JAX function; a
+        :class:`~deqjax.attacks.WarmStartLogits` starts each iterate's solve from the
+        previous iterate's solution.
       x: inputs in [0, 1], shape (B, ...). y: int labels (B,).
       key: PRNG key for the random start (and restarts).
       eps: radius. norm: "linf" or "l2". steps: number of gradient steps (static).

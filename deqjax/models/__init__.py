@@ -3,4 +3,12 @@
 from deqjax.models.deq_layer import DEQ, cell_as_function
 from deqjax.models.layers import FastConv
 from deqjax.models.lyadeq import LyaDEQClassifier, LyaHead, LyapunovCell, lyadeq_stability_check
-from deqjax.models.mdeq import ExplicitMDEQ, Head, Injection, MDEQCell, MDEQClassifier, check_images
+from deqjax.models.mdeq import (
+    ExplicitMDEQ,
+    Head,
+    Injection,
+    MDEQCell,
+    MDEQClassifier,
+    check_images,
+    warm_start_logits,
+)

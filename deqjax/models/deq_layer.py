@@ -13,7 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from deqjax.bpda import straight_through
-from deqjax.deq import DEQConfig, damped_steps, deq_fixed_point, jacobian_frobenius_sq
+from deqjax.deq import (
+    SHINE_MODES,
+    DEQConfig,
+    damped_steps,
+    deq_fixed_point,
+    jacobian_frobenius_sq,
+)
 from deqjax.deq_gradients import AttackView, defended_state, estimate_state
 from deqjax.regulation import RandomSteps
 
@@ -42,6 +48,51 @@ def refuse_implicit(cell: nn.Module, implicit_gradient: bool) -> None:
             "output z_K; SPEC §2), not an equilibrium: there is no fixed point to "
             "differentiate implicitly. Use backward='unroll' (the exact gradient of the "
             "K steps) or 'phantom', and attack views other than 'implicit'"
+        )
+
+
+# gradients whose value and derivative depend only on the solution z* (not on the steps
+# the solver ran, the states it visited or the inverse-Jacobian estimate it built): a
+# warm-started solve that converges gives them
+WARM_START_GRADIENTS = ("implicit", "phantom")
+
+
+def check_warm_start(cell: nn.Module, config: DEQConfig, view: AttackView | None) -> None:
+    """Raise unless starting the solve elsewhere leaves the model's output and the
+    attack's gradient those of the solution ``z*``: the cell has an equilibrium, the
+    gradient is implicit or phantom, no defence classifies a trajectory state, and the
+    forward solve stops at a tolerance (``tol > 0``; with ``tol = 0`` every solve runs
+    ``max_iter`` steps, so a warm start saves nothing and only changes the result)."""
+    if not getattr(cell, "has_equilibrium", True):
+        raise ValueError(
+            f"{type(cell).__name__} has no equilibrium (a finite-time system: its output "
+            "is the state after K steps from z0 = 0, which a warm start changes); attack "
+            "it with its plain (cold) logits function"
+        )
+    gradient = (view.gradient if view is not None else None) or config.backward
+    if gradient not in WARM_START_GRADIENTS:
+        how = (
+            "it applies the inverse-Jacobian estimate the Broyden solver built along its "
+            "steps, which a warm-started solve of a few steps barely builds"
+            if gradient in SHINE_MODES
+            else "it differentiates the steps the solver ran or the states it visited"
+        )
+        raise ValueError(
+            f"a warm start changes the {gradient!r} gradient ({how}); warm starts support "
+            f"the gradients {WARM_START_GRADIENTS}, which depend only on the solution z*. "
+            "Use one of those, or attack with the plain (cold) logits function"
+        )
+    if view is not None and view.defence != "none":
+        raise ValueError(
+            f"the {view.defence!r} defence classifies a state of the solver trajectory, "
+            "which a warm start changes; attack it with the plain (cold) logits function"
+        )
+    if not config.forward.tol > 0:
+        raise ValueError(
+            "a warm start saves solver steps only when the forward solve stops at a "
+            "tolerance; this config has forward.tol = 0 (every solve runs max_iter steps, "
+            "and a warm start only changes the result). Use e.g. "
+            "config.with_forward(tol=1e-3)"
         )
 
 
@@ -179,6 +230,10 @@ class DEQ(nn.Module):
             return z, stats
 
         return jax.vmap(one)(z0, u)
+
+    def check_warm_start(self, config: DEQConfig | None = None, view: AttackView | None = None):
+        """:func:`check_warm_start` for this layer's cell (and config, by default)."""
+        check_warm_start(self.cell, config or self.config, view)
 
     def damped(self, u, z, steps: int, damping: float):
         """``steps`` damped cell steps from ``stop_gradient(z)`` (a differentiable

@@ -14,8 +14,10 @@ Equilibrium Models".
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
+from deqjax.attacks._common import WarmStartLogits
 from deqjax.deq import DEQConfig
 from deqjax.deq_gradients import AttackView
 from deqjax.models.deq_layer import DEQ
@@ -131,6 +133,23 @@ class DEQClassifierMethods:
     def phantom_from(self, u, z, steps: int = 5, damping: float = 0.5):
         return self.equilibrium.damped(u, z, steps, damping)
 
+    def warm_forward(
+        self, x, z0, *, config: DEQConfig | None = None, view: AttackView | None = None
+    ):
+        """``(logits, z, stats)`` with the solve started at ``z0`` (injection-shaped)
+        instead of zeros; ``z`` (no gradient) is the state to start the next solve from.
+        Raises unless a warm start keeps the output and gradient those of ``z*``
+        (:func:`~deqjax.models.deq_layer.check_warm_start`)."""
+        check_images(x)
+        self.equilibrium.check_warm_start(config, view)
+        z, stats = self.equilibrium(self.injection(x), z0=z0, config=config, view=view)
+        return self.head(z), jax.lax.stop_gradient(z), stats
+
+    def cold_state(self, x):
+        """The zero state the solve starts from (the injection's shape; no FLOPs)."""
+        u = jax.eval_shape(self.injection, x)
+        return jnp.zeros(u.shape, u.dtype)
+
 
 class MDEQClassifier(DEQClassifierMethods, nn.Module):
     """Injection → DEQ(MDEQCell) → head. Returns ``(logits, stats)``."""
@@ -168,3 +187,44 @@ class ExplicitMDEQ(nn.Module):
         for _ in range(self.depth):
             z = cell(z, u)
         return Head(self.num_classes, self.groups, self.head_kind, name="head")(z), None
+
+
+def warm_start_logits(
+    module: nn.Module,
+    variables,
+    *,
+    config: DEQConfig | None = None,
+    view: AttackView | None = None,
+    on_steps=None,
+) -> WarmStartLogits:
+    """The warm-startable view of a DEQ classifier (any model with
+    :class:`DEQClassifierMethods`): a :class:`~deqjax.attacks.WarmStartLogits` whose
+    state is the equilibrium ``z*``.
+
+    Called as a function it is the model's cold forward ``module.apply(variables, x,
+    config=config, view=view)[0]`` (solve from zeros). PGD, APGD and APGD-T start each
+    iterate's solve from the previous iterate's ``z*``; with a tolerance-stopped solver
+    a solve then takes the few steps that move ``z*`` by one attack step. The gradient
+    is ``view``'s (or ``config.backward``'s) at the warm-started solution: implicit (the
+    IFT gradient depends only on ``z*``) or phantom (damped steps from ``z*``) — other
+    gradients and defences are refused (:func:`~deqjax.models.deq_layer.check_warm_start`).
+    ``on_steps(steps)``, if given, receives every solve's per-example forward step
+    counts (``jax.debug.callback``; for measuring)."""
+    module.apply(variables, config, view, method=_check_warm_start)
+
+    def init(x):
+        return module.apply(variables, x, method="cold_state")
+
+    def apply(x, z0):
+        logits, z, stats = module.apply(
+            variables, x, z0, config=config, view=view, method="warm_forward"
+        )
+        if on_steps is not None:
+            jax.debug.callback(on_steps, stats.steps)
+        return logits, z
+
+    return WarmStartLogits(init, apply)
+
+
+def _check_warm_start(module, config, view):
+    module.equilibrium.check_warm_start(config, view)
