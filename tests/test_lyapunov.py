@@ -375,7 +375,7 @@ def _loss(model, params, x, y):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
 
 
-@pytest.mark.parametrize("alpha", [0.0, 2.0])
+@pytest.mark.parametrize("alpha", [pytest.param(0.0, marks=pytest.mark.e2e), 2.0])
 def test_k_step_gradient_matches_finite_differences(x64, alpha):
     """The exact (unroll) gradient of the K-step model against central differences
     along random directions in parameter space (float64; the tiny random model is

@@ -125,11 +125,11 @@ def test_warm_pgd_matches_cold_pgd(tiny):
 
 @pytest.mark.parametrize(
     "attack",
-    ["pgd", pytest.param("apgd_targeted", marks=pytest.mark.slow)],  # APGD-T runs apgd_core
+    ["pgd", pytest.param("apgd_targeted", marks=pytest.mark.e2e)],  # APGD-T runs apgd_core
 )
 def test_warm_attacks_take_far_fewer_solver_steps(tiny, attack):
     """tol 1e-3, ε = 0.05, 20 steps: each solve starts one attack step from its
-    solution (APGD-T, which runs APGD's core per target, is marked slow). PGD
+    solution (APGD-T, which runs APGD's core per target, is marked e2e: pytest -m e2e). PGD
     runs 2 vmapped restarts (the solver state is per restart); APGD-T 2 targets (each
     target's run starts from the clean solution)."""
     model, v, x, y = tiny
