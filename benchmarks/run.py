@@ -3,6 +3,11 @@
     python -m benchmarks.run [--quick] [--gpu] [--threads N] [--out benchmarks/results] \
         [--only NAME ...]
 
+Two kinds of rows: **equal work** (the same solver steps and attack iterations on both
+sides, medians of alternating repetitions) and **time to result** (``ttr_*``, one run
+per side, each framework doing the work its design allows: a trained model, an attack
+result; see :mod:`benchmarks.workloads.time_to_result`).
+
 Both frameworks run in the same process with the same number of CPU threads
 (``--threads``, default 1), alternately, after warm-up (JAX's
 trace+compile+first call is reported separately as ``compile_s``); medians of
@@ -21,6 +26,7 @@ import os
 import time
 
 WORKLOADS = ("deq_train", "pgd", "apgd", "cpl_train", "restarts", "conv", "memory")
+TIME_TO_RESULT = ("ttr_train", "ttr_pgd", "ttr_autoattack")  # time_to_result.WORKLOADS
 
 NOTES = {
     "deq_train": "MDEQ batch {b}: Anderson m=5, 12 fwd evals (tol 0); IFT backward, fixed-point "
@@ -54,6 +60,7 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
 
     from benchmarks import common
     from benchmarks.workloads import apgd, cpl, deq, kernels, memory
+    from benchmarks.workloads import time_to_result as ttr
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     malloc_fixed = common.steady_state_malloc()
@@ -67,7 +74,7 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
         mem=4 if quick else 16,
     )
     apgd_steps = 10 if quick else 100
-    only = set(only or WORKLOADS)
+    only = set(only or WORKLOADS + TIME_TO_RESULT)
     results = {
         "machine_before": common.machine(gpu),
         "quick": quick,
@@ -141,6 +148,13 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
                     mem.append(memory.run_config(fw, bw, it, sz["mem"]))
                     print("    ", mem[-1], flush=True)
         W["memory"] = mem
+    T = results["time_to_result"] = {}
+    for name, fn in ttr.WORKLOADS.items():
+        if name in only:
+            print(f"[{time.time() - t0:6.1f}s] {name} ...", flush=True)
+            T[name] = fn(**(ttr.QUICK[name] if quick else {}))
+            print(f"    {T[name].get('rows')}", flush=True)
+            write(results, out)  # a long run keeps what it has measured
     results["total_s"] = time.time() - t0
     results["machine_after"] = {"load_average_1_5_15": list(os.getloadavg())}
     write(results, out)
@@ -154,7 +168,8 @@ def markdown(res: dict) -> str:
         "",
         f"Machine: {m.get('cpu')} ({m['cpu_count']} cores), {m['platform']}; "
         f"load average (1/5/15 min) before {m['load_average_1_5_15']}, after "
-        f"{res['machine_after']['load_average_1_5_15']}; glibc malloc thresholds fixed: "
+        f"{res.get('machine_after', {}).get('load_average_1_5_15')}; "
+        "glibc malloc thresholds fixed: "
         f"{'yes' if res.get('malloc_thresholds_fixed') else 'no'} "
         "(see benchmarks.common.steady_state_malloc).",
         "",
@@ -210,7 +225,21 @@ def markdown(res: dict) -> str:
                 f"| {r['framework']} | {r['backward']} | {r['iters']} | {r['batch']} | "
                 f"{r['peak_delta_mb']:.1f} | {'' if xt is None else f'{xt:.1f}'} |"
             )
-    lines += ["", f"Total benchmark time: {res['total_s']:.0f} s.", ""]
+    if res.get("time_to_result"):
+        from benchmarks.workloads.time_to_result import markdown_rows
+
+        lines += [
+            "",
+            "## Time to result",
+            "",
+            "Each side at its best, one run each (benchmarks/workloads/time_to_result.py); "
+            "deqjax's times include its compile time. speed-up = peer / deqjax "
+            "(> 1: deqjax faster).",
+            "",
+            *markdown_rows(res["time_to_result"]),
+        ]
+    if "total_s" in res:
+        lines += ["", f"Total benchmark time: {res['total_s']:.0f} s.", ""]
     return "\n".join(lines)
 
 
@@ -243,7 +272,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run, ~1-2 min)")
     p.add_argument("--gpu", action="store_true", help="torch on CUDA; report the GPU name")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--only", nargs="*", choices=WORKLOADS, help="run only these workloads")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        choices=WORKLOADS + TIME_TO_RESULT,
+        help="run only these workloads (ttr_*: the time-to-result rows, ~25 min in all)",
+    )
     p.add_argument(
         "--threads",
         type=int,

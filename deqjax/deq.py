@@ -101,6 +101,14 @@ class DEQConfig:
         ``"gmres"``, ``"bicgstab"``, ``"normal_cg"`` (jaxopt).
       adjoint_max_iter, adjoint_tol: its budget (>= 1) and tolerance (relative
         residual, >= 0); ``adjoint_tol=0`` runs exactly ``adjoint_max_iter`` steps.
+      adjoint_ridge_mode: Anderson's ridge in the adjoint solve, ``"relative"`` (the
+        default) or ``"absolute"`` (see :class:`~deqjax.solvers.SolverConfig`); the
+        adjoint solve otherwise inherits the forward's Anderson settings. The adjoint
+        system ``u = v + Jᵀu`` is linear in the cotangent ``v``, so its solution must
+        scale with ``v``: with the absolute ridge it does not — a small cotangent (a
+        batch-mean loss, a confidently classified example) makes ``λ = ridge``
+        dominate the Gram matrix and the solve inaccurate (README, "The adjoint's
+        ridge"). ``"absolute"`` reproduces runs made before this option existed.
       phantom_steps, phantom_damping: K and λ of the phantom gradient.
     """
 
@@ -109,6 +117,7 @@ class DEQConfig:
     adjoint_solver: str = "anderson"
     adjoint_max_iter: int = 30
     adjoint_tol: float = 1e-4
+    adjoint_ridge_mode: str = "relative"
     phantom_steps: int = 5
     phantom_damping: float = 0.5
 
@@ -121,6 +130,11 @@ class DEQConfig:
         if self.adjoint_solver not in ADJOINT_SOLVERS:
             raise ValueError(
                 f"unknown adjoint_solver {self.adjoint_solver!r}; choose one of {ADJOINT_SOLVERS}"
+            )
+        if self.adjoint_ridge_mode not in ("relative", "absolute"):
+            raise ValueError(
+                f"adjoint_ridge_mode must be 'relative' or 'absolute', "
+                f"got {self.adjoint_ridge_mode!r}"
             )
         for name in ("adjoint_max_iter", "phantom_steps"):
             check_int(name, getattr(self, name))
@@ -160,6 +174,7 @@ class DEQConfig:
             stop_mode="rel",
             damping=1.0,
             return_state="best",
+            anderson_ridge_mode=self.adjoint_ridge_mode,
         )  # its residual is the returned iterate's
 
     def with_forward(self, **changes) -> DEQConfig:

@@ -92,3 +92,74 @@ def test_memory_probe_sees_an_allocation():
     """The RSS sampler reports a 64 MB array allocated while it runs."""
     mb = memory._peak_during(lambda: np.ones(16 * 2**20, np.float32).sum()) / 2**20
     assert 48 < mb < 200
+
+
+# --- time-to-result rows ------------------------------------------------------------
+def test_time_to_result_workloads_are_listed_for_the_cli():
+    from benchmarks import run
+    from benchmarks.workloads import time_to_result as ttr
+
+    assert set(run.TIME_TO_RESULT) == set(ttr.WORKLOADS) == set(ttr.QUICK)
+
+
+def test_torch_learning_rate_schedule_is_optax_s():
+    """The torch side of the training row follows build_optimizer's schedule."""
+    import optax
+
+    from benchmarks.workloads import time_to_result as ttr
+    from experiments.configs import deq_mnist
+
+    t = deq_mnist.get_config().train
+    total = 186
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=t.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, ttr._torch_schedule(t, total))
+    ref = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, t.warmup_steps, total)
+    got = []
+    for _ in range(total):
+        got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(got, [float(ref(i)) for i in range(total)], rtol=1e-5, atol=1e-9)
+    assert max(got) == pytest.approx(t.learning_rate)
+
+
+def test_torch_pgd_loop_is_a_valid_attack():
+    """The torch PGD of the time-to-result row stays in the ε-ball and [0, 1] and
+    raises the loss; its sum and mean losses give the same points on a network without
+    a solver (the sign step is scale-free; only a scale-dependent adjoint breaks that)."""
+    from benchmarks.torch_models import TorchConvNet
+    from benchmarks.workloads import time_to_result as ttr
+
+    torch.manual_seed(0)
+    net = TorchConvNet().eval()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (8, 28, 28, 1)).astype(np.float32)
+    with torch.no_grad():
+        y = net(torch.from_numpy(x).permute(0, 3, 1, 2)).argmax(1).numpy().astype(np.int32)
+    kw = dict(eps=0.1, steps=5, alpha=0.025, batch=4)
+    adv = ttr.torch_pgd(net, x, y, **kw)
+    assert np.abs(adv - x).max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    ce = lambda a: torch.nn.functional.cross_entropy(
+        net(torch.from_numpy(a).permute(0, 3, 1, 2)), torch.from_numpy(y).long()
+    ).item()
+    assert ce(adv) > ce(x) + 1e-3
+    np.testing.assert_array_equal(adv, ttr.torch_pgd(net, x, y, reduction="mean", **kw))
+
+
+@pytest.mark.e2e
+def test_train_to_accuracy_tiny_run():
+    """Both sides of the training row train from the same start and report a trace."""
+    from benchmarks.workloads import time_to_result as ttr
+
+    r = ttr.train_to_accuracy(
+        target=0.0,
+        eval_every=2,
+        epochs=1,
+        limit_train=128,
+        limit_test=50,
+        overrides={"deq.max_iter": 3, "deq.eval_max_iter": 3, "deq.adjoint_max_iter": 3},
+    )
+    for row in r["rows"].values():
+        assert row["steps_to_target"] == 2 and row["time_to_target_s"] > 0
+        assert 0.0 <= row["trace"][0]["test_accuracy"] <= 1.0

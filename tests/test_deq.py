@@ -279,6 +279,7 @@ def test_adjoint_residual_is_the_returned_solutions(solver):
         (dict(forward=DEQConfig()), TypeError, "DEQConfig.forward expects a SolverConfig"),
         (dict(backward="shine"), ValueError, "forward.method='broyden'"),
         (dict(backward="shine_refine"), ValueError, "forward.method='broyden'"),
+        (dict(adjoint_ridge_mode="abs"), ValueError, "adjoint_ridge_mode must be 'relative'"),
     ],
 )
 def test_deq_config_is_validated_at_construction(kwargs, error, match):
@@ -451,3 +452,32 @@ def test_shine_forward_mode_and_vmap(x64):
     bs = jnp.stack([b, 2 * b])
     jv = jax.vmap(jax.jacfwd(z_of_b), (0, None))(bs, pure)
     np.testing.assert_allclose(jv[0], jf, rtol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+def test_adjoint_solution_scales_with_the_cotangent(mode, x64):
+    """The adjoint system u = v + Jᵀu is linear in v, so the implicit gradient of c·L is
+    c times that of L. Anderson's relative ridge keeps a fixed-budget adjoint solve
+    equivariant to the scale; the absolute ridge does not (the negative control): a
+    small cotangent (a batch-mean loss, a confident example) lets λ dominate."""
+    a, b = problem()
+    a = 2.5 * a  # a slowly contracting cell: 5 adjoint steps do not converge
+    cfg = DEQConfig(
+        forward=SolverConfig(max_iter=300, tol=1e-13, stop_mode="abs"),
+        adjoint_max_iter=5,
+        adjoint_tol=0.0,
+        adjoint_ridge_mode=mode,
+    )
+    weights = jnp.arange(1.0, N + 1)
+
+    def scaled_loss(b, c):
+        z, _ = deq_fixed_point(cell, jnp.zeros(N), (a, b), cfg)
+        return c * jnp.sum(jnp.sin(z) * weights)
+
+    g1 = jax.grad(scaled_loss)(b, 1.0)
+    g_small = jax.grad(scaled_loss)(b, 1e-4) / 1e-4
+    rel = float(jnp.linalg.norm(g_small - g1) / jnp.linalg.norm(g1))
+    if mode == "relative":
+        assert rel < 1e-9, rel
+    else:
+        assert rel > 1e-3, rel

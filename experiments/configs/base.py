@@ -27,6 +27,10 @@ def deq_defaults() -> ml_collections.ConfigDict:
             adjoint_solver="anderson",
             adjoint_max_iter=20,
             adjoint_tol=1e-3,
+            # the adjoint solve's Anderson ridge: "relative" keeps the linear adjoint
+            # solve equivariant to the cotangent's scale (README, "The adjoint's ridge");
+            # "absolute" reproduces runs made before this key existed
+            adjoint_ridge_mode="relative",
             phantom_steps=5,
             phantom_damping=0.5,
             eval_max_iter=40,  # the forward budget at evaluation
