@@ -26,12 +26,11 @@ Runs on 1 CPU thread (set before JAX starts). Parts:
   solved to 1e-6), the adjoint residual and steps the probe reports, and the median
   time of one jitted value-and-grad (the train step without the optimizer update).
 * ``adjoint_ridge``: the adjoint's Anderson ridge, absolute vs relative
-  (``DEQConfig.adjoint_ridge_mode``), at the TRADES DEQ's evaluation solver: the
-  relative error of the input gradient of ``c · Σ CE`` (divided by ``c``) for
-  ``c = 1`` and ``c = 1/64`` (a batch mean) against a tight adjoint (Anderson, relative
-  ridge 1e-8, ≤ 300 steps, tol 1e-8) on the first 64 test images; and PGD-20 /
-  APGD-CE-20 robust accuracy at ε = 0.1 and 0.2 on the first ``--images`` test images
-  (scored by the model's own evaluation forward).
+  (``DEQConfig.adjoint_ridge_mode``), at the TRADES DEQ's evaluation solver: how far
+  the input gradient of ``c · Σ CE``, divided by ``c``, moves when ``c`` goes from 1 to
+  1/64 (a batch mean; exact linear algebra gives 0) on the first 64 test images; and
+  PGD-20 / APGD-CE-20 robust accuracy at ε = 0.1 and 0.2 on the first ``--images``
+  test images (scored by the model's own evaluation forward).
 
 ``--parts`` runs a subset (default: all).
 """
@@ -286,24 +285,20 @@ def adjoint_ridge(module, params, config, ds, n_images: int):
     y = jnp.asarray(ds.test_labels[:n_images].astype(np.int32))
     with_mode = lambda mode: dataclasses.replace(ecfg, adjoint_ridge_mode=mode)
     logits = lambda cfg: lambda xb: module.apply(variables, xb, config=cfg)[0]
-    tight = dataclasses.replace(
-        ecfg, adjoint_max_iter=300, adjoint_tol=1e-8, adjoint_ridge_mode="relative"
-    )
 
     def input_grad(cfg, c):
-        # the tight adjoint keeps the forward of cfg: only the adjoint solve differs
         loss = lambda xb: (
             c * optax.softmax_cross_entropy_with_integer_labels(logits(cfg)(xb), y[:64]).sum()
         )
         return jax.jit(jax.grad(loss))(x[:64]) / c
 
-    ref = input_grad(tight, 1.0)
-    out = {"gradient_rel_error": {}, "robust": {}}
+    out = {"scale_discrepancy": {}, "robust": {}}
     for mode in ("absolute", "relative"):
-        for c in (1.0, 1.0 / 64):
-            g = input_grad(with_mode(mode), c)
-            err = float(jnp.linalg.norm(g - ref) / jnp.linalg.norm(ref))
-            out["gradient_rel_error"][f"{mode} c={c:g}"] = err
+        g1 = input_grad(with_mode(mode), 1.0)
+        gc = input_grad(with_mode(mode), 1.0 / 64)
+        err = float(jnp.linalg.norm(gc - g1) / jnp.linalg.norm(g1))
+        out["scale_discrepancy"][mode] = err
+        print(f"adjoint_ridge {mode}: |g(c)/c - g(1)|/|g(1)| at c=1/64: {err:.3g}", flush=True)
     cold = jax.jit(logits(ecfg))
     correct = np.asarray(cold(x)).argmax(-1) == np.asarray(y)
     key = jax.random.PRNGKey(0)
