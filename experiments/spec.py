@@ -85,8 +85,11 @@ def deq_config(c: ml_collections.ConfigDict, *, evaluation: bool = False) -> DEQ
         adjoint_solver=c.adjoint_solver,
         adjoint_max_iter=c.adjoint_max_iter,
         adjoint_tol=c.adjoint_tol,
-        # a workdir written before the key existed ran the forward's (absolute) ridge
-        adjoint_ridge_mode=c.get("adjoint_ridge_mode", "absolute"),
+        # training and evaluation have their own adjoint ridge (base config); a workdir
+        # written before the keys existed ran the forward's (absolute) ridge in both
+        adjoint_ridge_mode=c.get(
+            "eval_adjoint_ridge_mode" if evaluation else "adjoint_ridge_mode", "absolute"
+        ),
         phantom_steps=c.phantom_steps,
         phantom_damping=c.phantom_damping,
     )

@@ -44,6 +44,7 @@ PARALLEL_OVERRIDES = {
     # for partitioning errors (O(1)), so they use the better-conditioned absolute ridge.
     "deq.anderson_ridge_mode": "absolute",
     "deq.adjoint_ridge_mode": "absolute",
+    "deq.eval_adjoint_ridge_mode": "absolute",
     "deq.jac_reg": 0.0,
     "train.batch_size": 16,
     "train.progress": False,
