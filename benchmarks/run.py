@@ -25,8 +25,10 @@ import json
 import os
 import time
 
+from benchmarks.workloads import time_to_result as ttr  # numpy only: no jax at import
+
 WORKLOADS = ("deq_train", "pgd", "apgd", "cpl_train", "restarts", "conv", "memory")
-TIME_TO_RESULT = ("ttr_train", "ttr_pgd", "ttr_autoattack")  # time_to_result.WORKLOADS
+TIME_TO_RESULT = tuple(ttr.WORKLOADS)  # ttr_train, ttr_pgd, ttr_autoattack
 
 NOTES = {
     "deq_train": "MDEQ batch {b}: Anderson m=5, 12 fwd evals (tol 0); IFT backward, fixed-point "
@@ -60,7 +62,6 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
 
     from benchmarks import common
     from benchmarks.workloads import apgd, cpl, deq, kernels, memory
-    from benchmarks.workloads import time_to_result as ttr
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     malloc_fixed = common.steady_state_malloc()
@@ -226,8 +227,6 @@ def markdown(res: dict) -> str:
                 f"{r['peak_delta_mb']:.1f} | {'' if xt is None else f'{xt:.1f}'} |"
             )
     if res.get("time_to_result"):
-        from benchmarks.workloads.time_to_result import markdown_rows
-
         lines += [
             "",
             "## Time to result",
@@ -236,7 +235,7 @@ def markdown(res: dict) -> str:
             "deqjax's times include its compile time. speed-up = peer / deqjax "
             "(> 1: deqjax faster).",
             "",
-            *markdown_rows(res["time_to_result"]),
+            *ttr.markdown_rows(res["time_to_result"]),
         ]
     if "total_s" in res:
         lines += ["", f"Total benchmark time: {res['total_s']:.0f} s.", ""]

@@ -319,8 +319,14 @@ def adjoint_ridge(module, params, config, ds, n_images: int):
     return out
 
 
-PARTS = ("ridge_analytic", "shine_analytic", "ridge_mdeq", "forward_mode_cost", "shine_mdeq")
-PARTS += ("adjoint_ridge",)
+PARTS = (
+    "ridge_analytic",
+    "shine_analytic",
+    "ridge_mdeq",
+    "forward_mode_cost",
+    "shine_mdeq",
+    "adjoint_ridge",
+)
 
 
 def main():

@@ -101,6 +101,7 @@ def _torch_trainer(config, init_params, n_train: int):
     import torch
 
     from benchmarks import common
+    from benchmarks.crosscheck import _robust_torch
     from benchmarks.torch_models import TorchMDEQ
 
     m, t = config.model, config.train
@@ -120,16 +121,9 @@ def _torch_trainer(config, init_params, n_train: int):
         sched.step()
         return loss.item()
 
-    def accuracy(images, labels, batch=250):
-        tm.eval()
-        with torch.no_grad():
-            pred = np.concatenate(
-                [
-                    tm(common.to_nchw(images[i : i + batch])).argmax(1).numpy()
-                    for i in range(0, len(labels), batch)
-                ]
-            )
-        return float((pred == labels).mean())
+    def accuracy(images, labels):
+        everyone = np.ones(len(labels), bool)
+        return float(_robust_torch(tm, common.to_nchw(images), labels, everyone).mean())
 
     return step, accuracy
 
@@ -160,9 +154,7 @@ def train_to_accuracy(
     config = deq_mnist.get_config()
     if epochs is not None:
         config.train.epochs = epochs
-    for k, v in (overrides or {}).items():
-        sect, name = k.split(".")
-        setattr(config[sect], name, v)
+    config.update_from_flattened_dict(overrides or {})
     ds = data_lib.mnist_5k()
     xtr, ytr = ds.train_images, ds.train_labels.astype(np.int32)
     if limit_train:
@@ -224,9 +216,7 @@ def train_to_accuracy(
     rows = {"deqjax": run_jax(state, jstep, jacc, "deqjax")} if include_default else {}
     for name, extra in (TRAIN_VARIANTS if variants is None else variants).items():
         vconfig = config.copy_and_resolve_references()
-        for k, v in extra.items():
-            sect, key = k.split(".")
-            setattr(vconfig[sect], key, v)
+        vconfig.update_from_flattened_dict(extra)
         vstate, vstep, vacc = _jax_trainer(vconfig, len(ytr))  # same seed: same weights
         rows[name] = run_jax(vstate, vstep, vacc, name)
     rows["torch + torchdeq defaults"] = run(tstep, tacc, "torch")
@@ -281,18 +271,11 @@ def pgd_warm_vs_torch(
     ds = data_lib.mnist_5k()
     x, y = ds.test_images[:n], ds.test_labels[:n].astype(np.int32)
 
-    def tpred(xa):
-        tm.eval()
-        with torch.no_grad():
-            return np.concatenate(
-                [
-                    tm(common.to_nchw(xa[i : i + 250])).argmax(1).numpy()
-                    for i in range(0, len(xa), 250)
-                ]
-            )
+    def t_robust(xa, labels, correct):  # torch's own eval-mode scoring
+        return crosscheck._robust_torch(tm, common.to_nchw(xa), labels, correct)
 
     cj = np.concatenate([np.asarray(cold(x[i : i + batch])).argmax(-1) for i in range(0, n, batch)])
-    cj, ct = cj == y, tpred(x) == y
+    cj, ct = cj == y, t_robust(x, y, np.ones(n, bool))
     counter = StepCounter()
     warm = warm_start_logits(spec.module, variables, config=ecfg, on_steps=counter)
     row_j, _ = run_deqjax(
@@ -312,7 +295,7 @@ def pgd_warm_vs_torch(
     t0 = time.perf_counter()
     adv = torch_pgd(tm, x, y, eps=eps, steps=steps, alpha=alpha, batch=batch)
     row_t = dict(s=time.perf_counter() - t0)
-    row_t["robust"] = float((ct & (tpred(adv) == y)).mean())
+    row_t["robust"] = float(t_robust(adv, y, ct).mean())
     row_t["time_to_result_s"] = row_t["s"]
     res = dict(
         n=n,
@@ -341,7 +324,7 @@ def pgd_warm_vs_torch(
         )
         sec = time.perf_counter() - t0
         mine = torch_pgd(tm, xs, ys, eps=eps, steps=steps, alpha=alpha, batch=batch)
-        pr = lambda a: float((ct[:peer_n] & (tpred(a) == ys)).mean())
+        pr = lambda a: float(t_robust(a, ys, ct[:peer_n]).mean())
         res["torchattacks_mean_ce"] = dict(
             n=peer_n, robust=pr(advs), s=sec, robust_sum_ce_loop=pr(mine)
         )
