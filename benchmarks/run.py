@@ -15,7 +15,10 @@ wall-clock seconds and the ratio deqjax / torch (< 1: deqjax faster) are reporte
 with the machine (CPU, cores, load average before and after, versions). The memory
 workload runs one fresh subprocess per configuration (see
 :mod:`benchmarks.workloads.memory`). ``--gpu`` places the torch models on CUDA and
-reports the device name (JAX uses its default backend); it is never required.
+reports the device name (JAX uses its default backend); it is never required. It does
+not move the memory rows (host RSS, JAX on the CPU unless ``JAX_PLATFORMS`` says
+otherwise) nor the torch side of the ``ttr_*`` rows, which stays on the CPU (one GPU run:
+docs/gpu_run.md).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ NOTES = {
     "cpl_train": "CPLNet 4 conv CPL (16ch, inner 32, 28x28) + sumpool 4 + 2 dense CPL (784), "
     "truncate, hinge 0.7, 1 power iteration/layer, Adam; batch {b}.",
     "conv": "The DEQ cell's conv_a alone: 3x3 stride 1 SAME, 32->64 channels, {b}x14x14, "
-    "forward (XLA:CPU conv vs torch/oneDNN)",
+    "forward ({kernels})",
     "restarts": "PGD-10 on the DEQ, batch {b}: deqjax vmaps R restarts; torch loops "
     "torchattacks.PGD R times. Time per restart.",
 }
@@ -85,11 +88,19 @@ def run(quick: bool = False, gpu: bool = False, only=None, out: str = "benchmark
     }
     W = results["workloads"]
     t0 = time.time()
+    # the conv row's kernels: XLA:CPU / XLA:GPU, torch's oneDNN (CPU) or cuDNN (CUDA)
+    import jax
+
+    conv_kernels = (
+        f"XLA:{jax.default_backend().upper()} conv vs "
+        f"torch/{'cuDNN' if dev.type == 'cuda' else 'oneDNN'}"
+    )
 
     def record(name, batch, fns, reps=reps, **extra):
         print(f"[{time.time() - t0:6.1f}s] {name} ...", flush=True)
         r = common.alternate(*fns, reps)
-        r.update(batch=batch, note=NOTES.get(name, "").format(b=batch), **extra)
+        note = NOTES.get(name, "").format(b=batch, kernels=conv_kernels)
+        r.update(batch=batch, note=note, **extra)
         W[name] = r
         print(
             f"    deqjax {r['deqjax_s']:.4f}s  torch {r.get('torch_s', float('nan')):.4f}s  "

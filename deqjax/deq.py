@@ -69,15 +69,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from deqjax import _jaxopt
 from deqjax.solvers import (
     SolverConfig,
+    StateLayout,
     apply_inverse_jacobian,
     check_config,
     check_int,
     check_real,
+    manual_axes,
     solve,
     vary_over,
     varying_axes,
@@ -85,7 +88,8 @@ from deqjax.solvers import (
 
 SHINE_MODES = ("shine", "shine_refine")
 BACKWARD_MODES = ("implicit", "phantom", "unroll") + SHINE_MODES
-ADJOINT_SOLVERS = ("fixed_point", "anderson", "broyden") + _jaxopt.KRYLOV_SOLVERS
+ITERATIVE_ADJOINT_SOLVERS = ("fixed_point", "anderson", "broyden")
+ADJOINT_SOLVERS = ("auto", "dense") + ITERATIVE_ADJOINT_SOLVERS + _jaxopt.KRYLOV_SOLVERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +100,12 @@ class DEQConfig:
       forward: :class:`SolverConfig` of the forward solve.
       backward: ``"implicit"``, ``"shine"`` or ``"shine_refine"`` (these two need
         ``forward.method="broyden"``), ``"phantom"`` or ``"unroll"``.
-      adjoint_solver: solver of the implicit adjoint system: ``"fixed_point"``,
-        ``"anderson"``, ``"broyden"`` (deqjax's solvers on ``u ↦ v + Jᵀu``) or
-        ``"gmres"``, ``"bicgstab"``, ``"normal_cg"`` (jaxopt).
+      adjoint_solver: solver of the implicit adjoint system: ``"auto"`` (the
+        default: ``"dense"`` for states of at most :data:`DENSE_ADJOINT_MAX_SIZE`
+        unknowns, else ``"anderson"``), ``"dense"`` (the Jacobian from one batched
+        VJP, then an LU solve), ``"fixed_point"``, ``"anderson"``, ``"broyden"``
+        (deqjax's solvers on ``u ↦ v + Jᵀu``) or ``"gmres"``, ``"bicgstab"``,
+        ``"normal_cg"`` (jaxopt).
       adjoint_max_iter, adjoint_tol: its budget (>= 1) and tolerance (relative
         residual, >= 0); ``adjoint_tol=0`` runs exactly ``adjoint_max_iter`` steps.
       adjoint_ridge_mode: Anderson's ridge in the adjoint solve, ``"relative"`` (the
@@ -114,7 +121,7 @@ class DEQConfig:
 
     forward: SolverConfig = SolverConfig()
     backward: str = "implicit"
-    adjoint_solver: str = "anderson"
+    adjoint_solver: str = "auto"
     adjoint_max_iter: int = 30
     adjoint_tol: float = 1e-4
     adjoint_ridge_mode: str = "relative"
@@ -160,12 +167,13 @@ class DEQConfig:
                 f"estimate: it needs forward.method='broyden', got {self.forward.method!r}"
             )
 
-    def adjoint_config(self) -> SolverConfig:
-        method = (
-            self.adjoint_solver
-            if self.adjoint_solver in ("fixed_point", "anderson", "broyden")
-            else "fixed_point"
-        )
+    def adjoint_config(self, method: str | None = None) -> SolverConfig:
+        """The :class:`SolverConfig` of an iterative adjoint solve (``method``: one of
+        ``fixed_point``, ``anderson``, ``broyden``; default: this config's adjoint
+        solver if it is one of them, else ``fixed_point``)."""
+        method = method or self.adjoint_solver
+        if method not in ITERATIVE_ADJOINT_SOLVERS:
+            method = "fixed_point"
         return dataclasses.replace(
             self.forward,
             method=method,
@@ -183,50 +191,70 @@ class DEQConfig:
         return dataclasses.replace(self, forward=dataclasses.replace(self.forward, **changes))
 
 
-def damped_steps(f: Callable, z: jax.Array, args: Any, steps: int, damping: float) -> jax.Array:
-    """``steps`` damped iterations ``z ← (1 − λ) z + λ f(z, args)``, unrolled (differentiable)."""
+def damped_steps(f: Callable, z: Any, args: Any, steps: int, damping: float) -> Any:
+    """``steps`` damped iterations ``z ← (1 − λ) z + λ f(z, args)``, unrolled
+    (differentiable); ``z`` may be a pytree."""
     for _ in range(int(steps)):
-        z = (1 - damping) * z + damping * f(z, args)
+        z = jax.tree.map(lambda a, b: (1 - damping) * a + damping * b, z, f(z, args))
     return z
 
 
-def adjoint_solve(f: Callable, z_star: jax.Array, args: Any, v: jax.Array, config: DEQConfig):
-    """Solve ``u = v + J_f(z*)ᵀ u`` for one example.
+# Below this many unknowns the adjoint (and tangent) systems are solved directly: the
+# Jacobian is built with one batched VJP and factorised (adjoint_solver="auto").
+DENSE_ADJOINT_MAX_SIZE = 128
+
+
+def adjoint_method(config: DEQConfig, size: int) -> str:
+    """The adjoint solver ``config`` uses for a state of ``size`` unknowns (resolves
+    ``"auto"``: ``"dense"`` up to :data:`DENSE_ADJOINT_MAX_SIZE`, else ``"anderson"``)."""
+    if config.adjoint_solver != "auto":
+        return config.adjoint_solver
+    return "dense" if size <= DENSE_ADJOINT_MAX_SIZE else "anderson"
+
+
+def adjoint_solve(f: Callable, z_star: Any, args: Any, v: Any, config: DEQConfig):
+    """Solve ``u = v + J_f(z*)ᵀ u`` for one example (``z_star``, ``v`` pytrees of the
+    state's structure).
 
     Returns ``(u, rel_residual, steps)`` with the residual ``‖u − v − Jᵀu‖ / ‖v‖``
     measured after the solve, whatever the solver.
     """
-    _, vjp_z = jax.vjp(lambda z: f(z, args), z_star)
-    return _solve_adjoint(lambda u: vjp_z(u)[0], v, config)
+    layout = StateLayout.of(z_star)
+    flat_f = lambda zf: layout.ravel(f(layout.unravel(zf), args))
+    _, vjp_z = jax.vjp(flat_f, layout.ravel(z_star))
+    u, rel, steps = _solve_adjoint(lambda u: vjp_z(u)[0], layout.ravel(v), config)
+    return layout.unravel(u), rel, steps
 
 
 def _solve_adjoint(jt: Callable, v: jax.Array, config: DEQConfig, u0=None):
     """Solve ``u = v + jt(u)`` (``jt`` linear: ``u ↦ Jᵀu``, or ``u ↦ Ju`` for the
-    tangent system) by ``config``'s adjoint solver started from ``u0`` (default ``v``);
-    ``(u, rel_residual, steps)``."""
+    tangent system; ``v`` a flat vector) by ``config``'s adjoint solver started from
+    ``u0`` (default ``v``); ``(u, rel_residual, steps)``."""
     u0 = v if u0 is None else u0
-    if config.adjoint_solver in _jaxopt.KRYLOV_SOLVERS:
+    method = adjoint_method(config, v.size)
+    if method == "dense":
+        eye = jnp.eye(v.size, dtype=v.dtype)
+        # rows jt(e_i) stack to the matrix of jt transposed
+        u = jnp.linalg.solve(eye - jax.vmap(jt)(eye).T, v)
+        steps = jnp.asarray(1, jnp.int32)
+        res = jnp.linalg.norm(u - v - jt(u))
+    elif method in _jaxopt.KRYLOV_SOLVERS:
         if varying_axes(v) | varying_axes(jax.eval_shape(jt, v)):
             raise ValueError(
                 f"adjoint_solver={config.adjoint_solver!r} (jaxopt's Krylov solvers, "
                 "built on jax.scipy) does not type-check inside jax.shard_map with "
                 "check_vma=True (its loop carry does not vary over the mesh); use "
-                "adjoint_solver='fixed_point', 'anderson' or 'broyden' there, or "
-                "shard_map(..., check_vma=False)"
+                "adjoint_solver='fixed_point', 'anderson', 'broyden' or 'dense' there, "
+                "or shard_map(..., check_vma=False)"
             )
         matvec = lambda u: u - jt(u)
         u = _jaxopt.krylov_solve(
-            config.adjoint_solver,
-            matvec,
-            v,
-            tol=config.adjoint_tol,
-            maxiter=config.adjoint_max_iter,
-            init=u0,
+            method, matvec, v, tol=config.adjoint_tol, maxiter=config.adjoint_max_iter, init=u0
         )
         steps = jnp.asarray(config.adjoint_max_iter, jnp.int32)
         res = jnp.linalg.norm(u - v - jt(u))
     else:
-        u, st = solve(lambda u: v + jt(u), u0, config.adjoint_config())
+        u, st = solve(lambda u: v + jt(u), u0, config.adjoint_config(method))
         steps = st.steps
         # the returned iterate's own residual ‖v + Jᵀu − u‖: no extra VJP needed
         res = st.abs_residual
@@ -241,88 +269,122 @@ def _shine_start(factors, x, transpose: bool):
     return -apply_inverse_jacobian(factors, x, transpose=transpose)
 
 
-# --- reverse mode with diagnostics: custom_vjp ------------------------------------
+def _linear_solvers(config: DEQConfig, factors, jt: Callable | None = None):
+    """``(tangent_solve, adjoint_solve)`` for ``lax.custom_linear_solve``: solvers of
+    ``(I − J) ż = b`` and of ``(I − J)ᵀ u = v`` given the matvec ``x ↦ x − K x``
+    (``K = J`` or ``Jᵀ``); each returns ``(x, (rel_residual, steps))``. With ``jt``
+    (``u ↦ Jᵀu``) the adjoint solve iterates it directly rather than
+    ``x − matvec(x)`` (the same map, without its rounding)."""
+
+    def one(transpose: bool):
+        def run(matvec, b):  # solve x = b + K x
+            if transpose and jt is not None:
+                k = jt
+            else:
+                k = lambda x: x - matvec(x)
+            start = _shine_start(factors, b, transpose=transpose)
+            if config.backward == "shine":
+                rel = jnp.linalg.norm(start - b - k(start)) / (jnp.linalg.norm(b) + 1e-12)
+                return start, (rel, jnp.asarray(0, jnp.int32))
+            x, rel, steps = _solve_adjoint(k, b, config, start)
+            return x, (rel, steps)
+
+        return run
+
+    return one(False), one(True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
-def _implicit_vjp(f, z_star, args, factors, probe, config):
-    return z_star
+def _diff_split(params):
+    """The inexact (differentiable) leaves of ``params`` and how to put them back."""
+    leaves, treedef = jax.tree.flatten(params)
+    diff = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+
+    def merge(diff_leaves):
+        full = list(leaves)
+        for i, x in zip(diff, diff_leaves):
+            full[i] = x
+        return jax.tree.unflatten(treedef, full)
+
+    return [leaves[i] for i in diff], diff, merge
 
 
-def _implicit_vjp_fwd(f, z_star, args, factors, probe, config):
-    return z_star, (z_star, args, factors)
-
-
-def _implicit_vjp_bwd(f, config, res, v):
-    z_star, args, factors = res
-    # one linearisation serves the adjoint iterations (their unused args-cotangent is
-    # dead code XLA removes from the loop body) and the final args-VJP
-    _, vjp_both = jax.vjp(f, z_star, args)
-    u0 = _shine_start(factors, v, transpose=True)
-    if config.backward == "shine":  # no solve: the args-VJP also gives Jᵀu
-        u = u0
-        jt_u, g_args = vjp_both(u)
-        rel = jnp.linalg.norm(u - v - jt_u) / (jnp.linalg.norm(v) + 1e-12)
-        steps = jnp.asarray(0, jnp.int32)
-    else:
-        u, rel, steps = _solve_adjoint(lambda u: vjp_both(u)[0], v, config, u0)
-        g_args = vjp_both(u)[1]
-    probe_ct = jnp.stack([rel, steps.astype(rel.dtype)])
-    factors_ct = jax.tree.map(jnp.zeros_like, factors)
-    return jnp.zeros_like(z_star), g_args, factors_ct, probe_ct
-
-
-_implicit_vjp.defvjp(_implicit_vjp_fwd, _implicit_vjp_bwd)
-
-
-# --- forward and reverse mode: custom_jvp + custom_linear_solve --------------------
+# --- forward and reverse mode, any order: custom_jvp + custom_linear_solve ----------
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 4))
-def _implicit_jvp(f, z_star, args, factors, config):
+def _implicit_jvp(g, z_star, params, factors, config):
     return z_star
 
 
 @_implicit_jvp.defjvp
-def _implicit_jvp_rule(f, config, primals, tangents):
-    z_star, args, factors = primals
-    args_dot = tangents[1]  # z* and the Broyden factors are constants (stopped)
-    # Both Jacobian products come from ONE VJP of f at z*: J t and ∂f/∂args·ȧ as
-    # transposes of the (linear) VJP. So f only needs reverse-mode rules (a cell with
+def _implicit_jvp_rule(g, config, primals, tangents):
+    z_star, params, factors = primals
+    params_dot = tangents[1]  # z* and the Broyden factors are constants (stopped)
+    # The primal output is the implicit function itself, called again: under an outer
+    # transformation (a Hessian, grad of grad, jvp of grad) it is differentiated by this
+    # rule once more, so derivatives of every order are implicit ones.
+    z = _implicit_jvp(g, z_star, params, factors, config)
+    # Both Jacobian products come from ONE VJP of g at z*: J t and ∂g/∂params·ṗ as
+    # transposes of the (linear) VJP. So g only needs reverse-mode rules (a cell with
     # custom_vjp pieces, e.g. deqjax.conv2d, works), and under reverse mode JAX
     # transposes them back to that VJP: grad costs what the custom_vjp path costs.
-    # (integer leaves of args have float0 tangents and no place in a linear map)
-    leaves, treedef = jax.tree.flatten(args)
-    diff = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-
-    def f_diff(z, diff_leaves):
-        full = list(leaves)
-        for i, x in zip(diff, diff_leaves):
-            full[i] = x
-        return f(z, jax.tree.unflatten(treedef, full))
-
-    _, vjp_both = jax.vjp(f_diff, z_star, [leaves[i] for i in diff])
+    # (integer leaves of params have float0 tangents and no place in a linear map)
+    diff_leaves, diff, merge = _diff_split(params)
+    _, vjp_both = jax.vjp(lambda zz, d: g(zz, merge(d)), z, diff_leaves)
     jt = lambda u: vjp_both(u)[0]
-    j_z = lambda t: jax.linear_transpose(jt, z_star)(t)[0]
-    dots = jax.tree.leaves(args_dot)
-    b = jax.linear_transpose(lambda u: vjp_both(u)[1], z_star)([dots[i] for i in diff])[0]
-
-    def tangent_solve(matvec, b):  # (I − J) ż = b  as  ż = b + J ż
-        start = _shine_start(factors, b, transpose=False)
-        if config.backward == "shine":
-            return start
-        return _solve_adjoint(lambda t: t - matvec(t), b, config, start)[0]
-
-    def adjoint_solve_(vecmat, v):  # (I − J)ᵀ u = v  as  u = v + Jᵀ u
-        start = _shine_start(factors, v, transpose=True)
-        if config.backward == "shine":
-            return start
-        return _solve_adjoint(lambda u: u - vecmat(u), v, config, start)[0]
-
-    z_dot = lax.custom_linear_solve(
-        lambda t: t - j_z(t), b, solve=tangent_solve, transpose_solve=adjoint_solve_
+    j_z = lambda t: jax.linear_transpose(jt, z)(t)[0]
+    dots = jax.tree.leaves(params_dot)
+    b = jax.linear_transpose(lambda u: vjp_both(u)[1], z)([dots[i] for i in diff])[0]
+    tangent_solve, adjoint_solve_ = _linear_solvers(config, factors)
+    z_dot, _ = lax.custom_linear_solve(
+        lambda t: t - j_z(t), b, solve=tangent_solve, transpose_solve=adjoint_solve_, has_aux=True
     )
-    return z_star, z_dot
+    return z, z_dot
+
+
+# --- reverse mode with diagnostics: custom_vjp --------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def _implicit_vjp(g, z_star, params, factors, probe, config):
+    return z_star
+
+
+def _implicit_vjp_fwd(g, z_star, params, factors, probe, config):
+    # the implicit custom_jvp, so an outer transformation sees z*'s true derivative
+    z = _implicit_jvp(g, z_star, params, factors, config)
+    return z, (z, params, factors, probe)
+
+
+def _implicit_vjp_bwd(g, config, res, v):
+    z, params, factors, probe = res
+    # One linearisation serves the adjoint iterations (their unused params-cotangent
+    # is dead code XLA removes from the loop body) and the final params-VJP. The
+    # adjoint is a custom_linear_solve, so this backward is itself differentiable
+    # (grad of grad, Hessians through a probe or the Flax DEQ).
+    _, vjp_both = jax.vjp(g, z, params)
+    if config.backward == "shine":  # no solve: u = −Hᵀv, and ONE VJP also gives Jᵀu
+        u = _shine_start(factors, v, transpose=True)
+        jt_u, g_params = vjp_both(u)
+        rel = jnp.linalg.norm(u - v - jt_u) / (jnp.linalg.norm(v) + 1e-12)
+        steps = jnp.asarray(0, jnp.int32)
+    else:
+        jt = lambda u: vjp_both(u)[0]
+        tangent_solve, adjoint_solve_ = _linear_solvers(config, factors, jt)
+        u, (rel, steps) = lax.custom_linear_solve(
+            lambda u: u - jt(u),
+            v,
+            solve=adjoint_solve_,
+            transpose_solve=tangent_solve,
+            has_aux=True,
+        )
+        g_params = vjp_both(u)[1]
+    probe_ct = lax.stop_gradient(jnp.stack([rel, steps.astype(rel.dtype)]))
+    factors_ct = jax.tree.map(jnp.zeros_like, factors)
+    return jnp.zeros_like(z), g_params, factors_ct, probe_ct.astype(probe.dtype)
+
+
+_implicit_vjp.defvjp(_implicit_vjp_fwd, _implicit_vjp_bwd)
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -330,17 +392,81 @@ def all_finite(tree: Any) -> jax.Array:
     leaves = [
         jnp.all(jnp.isfinite(x))
         for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+        if _is_array_like(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
     ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+    # a chain of ands, not jnp.all(jnp.stack(...)): under vmap on an Explicit-axis mesh
+    # stacking a batched (sharded) flag with an unbatched one is a sharding type error
+    return functools.reduce(jnp.logical_and, leaves, jnp.asarray(True))
+
+
+def _is_array_like(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic)
+
+
+def _split_args(args):
+    """``(arrays, rebuild)``: the array leaves of ``args`` (what can be traced and
+    differentiated) and a function putting them back among the other leaves
+    (functions, strings, Python numbers: constants, closed over)."""
+    leaves, treedef = jax.tree.flatten(args)
+    where = [i for i, x in enumerate(leaves) if _is_array_like(x)]
+
+    def rebuild(arrays):
+        full = list(leaves)
+        for i, x in zip(where, arrays):
+            full[i] = x
+        return jax.tree.unflatten(treedef, full)
+
+    return [leaves[i] for i in where], rebuild
+
+
+def _as_flat_cell(f, z0, args, layout: StateLayout, has_aux: bool):
+    """``(g, g_aux, params)``: the user's ``f(z, args)`` as ``g(z_flat, params)`` on
+    the flat compute-dtype state, with every array it depends on — the array leaves
+    of ``args`` AND the tracers it closes over (``jax.closure_convert``) — in the
+    pytree ``params``, so that each is differentiated exactly as ``args`` are."""
+    arrays, rebuild = _split_args(args)
+
+    def f_arrays(z, arrays):
+        out = f(z, rebuild(arrays))
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    "with has_aux=True, f must return a pair (next state, aux), got "
+                    f"{type(out).__name__}"
+                )
+            return out
+        return out, None
+
+    # Inside jax.shard_map the traced function is replayed with the state varying over
+    # the mesh axes (the solver's carry does): trace and call it with the state and
+    # args cast to vary over every manual axis in scope, so the replay type-checks.
+    axes = manual_axes()
+    vary = lambda tree: vary_over(tree, axes)
+    converted, hoisted = jax.closure_convert(f_arrays, vary(z0), vary(arrays))
+    params = (arrays, list(hoisted))
+
+    def g_tree(z, params):
+        arrays, hoisted = params
+        return converted(vary(z), vary(arrays), *hoisted)
+
+    def g(zf, params):
+        out, _ = g_tree(layout.unravel(zf), params)
+        layout.check_output(out)
+        return layout.ravel(out)
+
+    def g_aux(zf, params):
+        return g_tree(layout.unravel(zf), params)[1]
+
+    return g, g_aux, params
 
 
 def deq_fixed_point(
-    f: Callable[[jax.Array, Any], jax.Array],
-    z0: jax.Array,
+    f: Callable[[Any, Any], Any],
+    z0: Any,
     args: Any,
     config: DEQConfig = DEQConfig(),
     *,
+    has_aux: bool = False,
     backward_probe: jax.Array | None = None,
     return_trajectory: bool = False,
     num_steps=None,
@@ -348,46 +474,61 @@ def deq_fixed_point(
     """Solve ``z* = f(z*, args)`` for one example and make it differentiable.
 
     Args:
-      f: the equilibrium cell of ONE example, ``f(z, args) -> z`` (one array of z's
-        shape and dtype); ``args`` is any pytree (parameters, input injection, …)
-        that gradients flow to.
-      z0: the initial state (no gradient flows to it).
-      args: the pytree passed to ``f``.
+      f: the equilibrium cell of ONE example, ``f(z, args) -> z`` with the state's
+        structure, shapes and dtypes (``f(z, args) -> (z, aux)`` with
+        ``has_aux=True``). Arrays it closes over are differentiated exactly as
+        ``args`` are (closure conversion), so ``lambda z, _: jnp.tanh(W @ z + x)``
+        gets the gradients of ``W`` and ``x``.
+      z0: the initial state: an array or any pytree of real float arrays (no gradient
+        flows to it). bfloat16/float16 states are iterated in float32.
+      args: any pytree passed to ``f``; its array leaves are differentiable (integer
+        ones have float0 tangents), other leaves (functions, strings, numbers) are
+        constants.
       config: a :class:`DEQConfig` (static).
+      has_aux: ``f`` returns ``(z, aux)``; ``aux`` at the fixed point is returned.
       backward_probe: optional ``jnp.zeros(2)``; its gradient is the adjoint
         solve's ``[relative residual, steps]`` (implicit and SHINE modes). With a
-        probe the implicit/SHINE backward is reverse-mode only (``custom_vjp``);
-        without one it supports forward mode too (see the module docstring).
+        probe the implicit/SHINE backward is a ``custom_vjp`` (reverse mode, any order;
+        ``jax.jvp`` of it is refused by JAX); without one it supports forward mode too.
       return_trajectory: return the iterates ``z_1 … z_n`` in ``stats.trajectory``.
       num_steps: optional traced step budget (≤ ``config.forward.max_iter``).
 
     Returns:
-      ``(z, stats)``: the equilibrium (after K phantom steps in phantom mode; all NaN
-      when ``z0`` or ``args`` hold a non-finite value) and the forward
-      :class:`~deqjax.solvers.SolverStats`.
+      ``(z, stats)`` — ``((z, aux), stats)`` with ``has_aux`` — : the equilibrium (after
+      K phantom steps in phantom mode; all NaN when ``z0`` or ``args`` hold a
+      non-finite value) and the forward :class:`~deqjax.solvers.SolverStats`.
     """
     check_config(config, DEQConfig, "deq_fixed_point's config")
-    z0 = jnp.asarray(z0)
-    if not jnp.issubdtype(z0.dtype, jnp.floating):
-        raise ValueError(f"the initial state must be a float array, got dtype {z0.dtype}")
+    layout = StateLayout.of(z0)
+    g, g_aux, params = _as_flat_cell(f, z0, args, layout, has_aux)
+    zf0 = layout.ravel(z0)
     # non-finite in => non-finite out: a NaN start state makes the solver return NaN
-    z0 = jnp.where(all_finite(args), lax.stop_gradient(z0), jnp.nan)
+    zf0 = jnp.where(all_finite(params), lax.stop_gradient(zf0), jnp.nan)
     probe_term = 0.0 if backward_probe is None else 0.0 * jnp.sum(backward_probe)
-    f_nograd = lambda z: f(z, lax.stop_gradient(args))
+    stopped = lax.stop_gradient(params)
+    trajectory_stats = lambda st: st._replace(
+        trajectory=None if st.trajectory is None else jax.vmap(layout.unravel)(st.trajectory)
+    )
+
+    def finish(zf, stats):
+        z = layout.unravel(zf + probe_term)
+        stats = trajectory_stats(stats)
+        return ((z, g_aux(zf, params)) if has_aux else z), stats
+
     if config.backward == "unroll":
-        z, stats = solve(
-            lambda z: f(z, args),
-            z0,
+        zf, stats = solve(
+            lambda zf: g(zf, params),
+            zf0,
             config.forward,
             return_trajectory=return_trajectory,
             differentiable=True,
             num_steps=num_steps,
         )
-        return z + probe_term, stats
+        return finish(zf, stats)
     shine = config.backward in SHINE_MODES
     z_star, stats = solve(
-        f_nograd,
-        z0,
+        lambda zf: g(zf, stopped),
+        zf0,
         config.forward,
         return_trajectory=return_trajectory,
         num_steps=num_steps,
@@ -397,13 +538,14 @@ def deq_fixed_point(
     stats = stats._replace(inverse_jacobian=None)
     z_star = lax.stop_gradient(z_star)
     if config.backward == "phantom":
-        z = damped_steps(f, z_star, args, config.phantom_steps, config.phantom_damping)
-        return z + probe_term, stats
+        zf = damped_steps(g, z_star, params, config.phantom_steps, config.phantom_damping)
+        return finish(zf, stats)
     if backward_probe is None:
-        return _implicit_jvp(f, z_star, args, factors, config), stats
+        return finish(_implicit_jvp(g, z_star, params, factors, config), stats)
     # inside shard_map the probe's cotangent varies like z*: so must the probe
     probe = vary_over(jnp.asarray(backward_probe), varying_axes(z_star))
-    return _implicit_vjp(f, z_star, args, factors, probe, config), stats
+    zf = _implicit_vjp(g, z_star, params, factors, probe, config)
+    return finish(zf, stats)
 
 
 def jacobian_frobenius_sq(

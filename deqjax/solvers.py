@@ -225,7 +225,7 @@ def _anderson_rules(cfg: SolverConfig, n: int, dtype):
         gs = gs.at[slot].set(g_new)
         row = gs @ g_new  # unused slots hold zero rows
         gram = gram.at[slot, :].set(row).at[:, slot].set(row)
-        valid = (jnp.arange(m) <= k).astype(dtype)
+        valid = (jnp.arange(m, dtype=k.dtype) <= k).astype(dtype)
         # Bordered system [[0, 1ᵀ], [1, H]] [μ, α] = [1, 0], with unused slots
         # forced to α_i = 0 (their row becomes α_i = 0, their column is zero).
         h = gram * (valid[:, None] * valid[None, :])
@@ -237,7 +237,9 @@ def _anderson_rules(cfg: SolverConfig, n: int, dtype):
         h = h + jnp.diag(ridge * valid + (1.0 - valid))
         a = jnp.zeros((m + 1, m + 1), dtype)
         a = a.at[0, 1:].set(valid).at[1:, 0].set(valid).at[1:, 1:].set(h)
-        rhs = jnp.zeros((m + 1,), dtype).at[0].set(1.0)
+        # (rhs built from `a`, so that under vmap it is batched like `a`: an unbatched
+        # rhs meets the batched LU pivots in a gather that Explicit meshes refuse)
+        rhs = (0.0 * a[0]).at[0].set(1.0)  # a[0] = [0, valid]: finite
         alpha = jnp.linalg.solve(a, rhs)[1:]
         z_next = beta * (alpha @ fs) + (1 - beta) * (alpha @ xs) if keep_x else alpha @ fs
         return z_next, (xs, fs, gs, gram)
@@ -368,6 +370,22 @@ def vary_over(tree, axes: frozenset):
     return jax.tree.map(one, tree)
 
 
+def with_context_mesh(tree):
+    """Every array of ``tree`` passed through a no-op (``x + 0``, ``x | False``).
+
+    Under ``vmap`` on an Explicit-axis mesh (``jax.make_mesh`` + ``jax.set_mesh``), a
+    loop carry initialised from a constant (``jnp.zeros``, ``jnp.asarray(0)``) has an
+    abstract value without the mesh, and the loop's batching rule fails when it
+    batches that carry ("Resource axis: data ... is not found in mesh: ()"). Any
+    operation gives the value the context mesh; XLA removes the no-op."""
+
+    def one(x):
+        x = jnp.asarray(x)
+        return x | False if x.dtype == jnp.bool_ else x + jnp.zeros((), x.dtype)
+
+    return jax.tree.map(one, tree)
+
+
 def manual_axes() -> frozenset:
     """The ``shard_map`` (manual) mesh axes in scope; empty outside ``shard_map``."""
     return frozenset(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
@@ -386,29 +404,98 @@ def check_config(config, expected: type, where: str) -> None:
         )
 
 
-def _state_function(f: Callable, shape: tuple, dtype) -> Callable:
-    """``f`` on flat vectors, with its output checked against the state's structure,
-    shape and dtype (at trace time: a wrong dtype would otherwise be cast silently,
-    or promote the whole solve)."""
+def _is_array(x) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic)
 
-    def f_flat(zf):
-        out = f(zf.reshape(shape))
-        if not isinstance(out, jax.Array | np.ndarray):
-            raise TypeError(
-                "f must return ONE array of the state's shape "
-                f"{shape} and dtype {dtype}, got {type(out).__name__} "
-                f"{jax.tree.map(lambda x: getattr(x, 'shape', x), out)}"
-            )
-        if out.shape != shape:
-            raise ValueError(f"f must map the state shape {shape} to itself, got {out.shape}")
-        if out.dtype != dtype:
-            raise TypeError(
-                f"f must return the state's dtype {dtype} (that of z0), got {out.dtype}: "
-                "cast the parameters (or z0) so that f(z) has z's dtype"
-            )
-        return out.reshape(-1)
 
-    return f_flat
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype a solver computes in for states of ``dtype``: at least float32
+    (bfloat16/float16 states are iterated, and their norms and small linear systems
+    solved, in float32; the state is cast back when ``f`` is called)."""
+    dtype = np.dtype(dtype)
+    return dtype if dtype.itemsize >= 4 else np.dtype(jnp.float32)
+
+
+class StateLayout(NamedTuple):
+    """How a pytree state (``z0`` of any structure of real float arrays) maps to the
+    flat vector a solver iterates on, in the compute dtype of its leaves (at least
+    float32). One array of float32/float64 is only reshaped."""
+
+    treedef: Any
+    shapes: tuple
+    dtypes: tuple
+    dtype: Any  # the flat vector's (compute) dtype
+    size: int
+
+    @classmethod
+    def of(cls, z0: Any, what: str = "the initial state") -> StateLayout:
+        leaves, treedef = jax.tree.flatten(z0)
+        if not leaves:
+            raise ValueError(f"{what} is an empty pytree: give at least one float array")
+        shapes, dtypes = [], []
+        for path, leaf in jax.tree_util.tree_flatten_with_path(z0)[0]:
+            where = f"{what}{jax.tree_util.keystr(path)}"
+            if not _is_array(leaf) and not isinstance(leaf, float):
+                raise TypeError(
+                    f"{where} must be a float array, got {type(leaf).__name__}: every leaf "
+                    "of the state is iterated (put non-array data in args)"
+                )
+            dtype = jnp.result_type(leaf)
+            if jnp.issubdtype(dtype, jnp.complexfloating):
+                raise TypeError(
+                    f"{where} is complex ({dtype}); complex states are not supported: "
+                    "iterate the real and imaginary parts as a pytree state (re, im)"
+                )
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"{where} must be a float array, got dtype {dtype}")
+            shapes.append(tuple(jnp.shape(leaf)))
+            dtypes.append(np.dtype(dtype))
+        # the widest leaf's compute dtype (no implicit promotion: strict mode allows none)
+        work = max((compute_dtype(d) for d in dtypes), key=lambda d: d.itemsize)
+        size = int(sum(int(np.prod(s)) for s in shapes))
+        return cls(treedef, tuple(shapes), tuple(dtypes), np.dtype(work), size)
+
+    def ravel(self, tree) -> jax.Array:
+        leaves = [jnp.ravel(x).astype(self.dtype) for x in jax.tree.leaves(tree)]
+        return leaves[0] if len(leaves) == 1 else jnp.concatenate(leaves)
+
+    def unravel(self, flat: jax.Array) -> Any:
+        sizes = [int(np.prod(s)) for s in self.shapes]
+        parts = jnp.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) > 1 else [flat]
+        leaves = [p.reshape(s).astype(d) for p, s, d in zip(parts, self.shapes, self.dtypes)]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def check_output(self, out, where: str = "f") -> None:
+        """At trace time: ``out`` has the state's structure, shapes and dtypes (a wrong
+        dtype would otherwise be cast silently, or promote the whole solve)."""
+        if jax.tree.structure(out) != self.treedef:
+            got = jax.tree.map(lambda x: getattr(x, "shape", type(x).__name__), out)
+            raise TypeError(
+                f"{where} must return a state of the same structure as z0 "
+                f"({self.treedef}), got {jax.tree.structure(out)} {got}"
+            )
+        for leaf, shape, dtype in zip(jax.tree.leaves(out), self.shapes, self.dtypes):
+            if not _is_array(leaf):
+                raise TypeError(f"{where} must return arrays, got {type(leaf).__name__}")
+            if leaf.shape != shape:
+                raise ValueError(
+                    f"{where} must map the state shape {shape} to itself, got {leaf.shape}"
+                )
+            if leaf.dtype != dtype:
+                raise TypeError(
+                    f"{where} must return the state's dtype {dtype} (that of z0), got "
+                    f"{leaf.dtype}: cast the parameters (or z0) so that f(z) has z's dtype"
+                )
+
+    def flat_function(self, f: Callable) -> Callable:
+        """``f`` on the flat compute-dtype vector, its output checked."""
+
+        def f_flat(zf):
+            out = f(self.unravel(zf))
+            self.check_output(out)
+            return self.ravel(out)
+
+        return f_flat
 
 
 def solve(
@@ -449,16 +536,18 @@ def solve(
         raise ValueError(
             f"return_inverse_jacobian needs the Broyden solver, got method={config.method!r}"
         )
-    z0 = jnp.asarray(z0)
-    if not jnp.issubdtype(z0.dtype, jnp.floating):
-        raise ValueError(f"the initial state must be a float array, got dtype {z0.dtype}")
-    shape, dtype, n = z0.shape, z0.dtype, z0.size
+    layout = StateLayout.of(z0)
+    dtype, n = layout.dtype, layout.size
     init, update = _RULES[config.method](config, n, dtype)
     tol = jnp.asarray(config.tol, dtype)
     use_rel = config.stop_mode == "rel"
-    f_flat = _state_function(f, shape, dtype)
+    f_flat = layout.flat_function(f)
 
-    budget = config.max_iter if num_steps is None else jnp.minimum(num_steps, config.max_iter)
+    budget = (
+        jnp.asarray(config.max_iter, jnp.int32)
+        if num_steps is None
+        else jnp.minimum(jnp.asarray(num_steps).astype(jnp.int32), config.max_iter)
+    )
 
     def done(c: _Carry):
         return c.best_res < tol
@@ -505,12 +594,13 @@ def solve(
             trajectory=traj,
         )
 
-    zf = z0.reshape(-1)
+    zf = layout.ravel(z0)
     inf = jnp.asarray(jnp.inf, dtype)
     traj0 = jnp.zeros((config.max_iter, n), dtype) if return_trajectory else None
     zero = jnp.asarray(0, jnp.int32)
     bad0 = ~jnp.all(jnp.isfinite(lax.stop_gradient(zf)))
     carry = _Carry(zero, zero, zf, zf, inf, inf, inf, inf, inf, bad0, init(zf), traj0)
+    carry = with_context_mesh(carry)
     axes = manual_axes()
     if axes:  # inside shard_map: the carry varies wherever f's output or the budget does
         out_axes = varying_axes(jax.eval_shape(f_flat, zf))
@@ -529,10 +619,10 @@ def solve(
     trajectory = None
     if return_trajectory:
         # Rows past the stop repeat the returned state, so every row is a valid state.
-        rows = jnp.arange(config.max_iter)[:, None]
+        rows = jnp.arange(config.max_iter, dtype=carry.k.dtype)[:, None]
         last = poison(carry.z if config.return_state == "last" else carry.best_z)
         traj = jnp.where(rows < carry.k, carry.trajectory, last[None])
-        trajectory = traj.reshape((config.max_iter,) + shape)
+        trajectory = jax.vmap(layout.unravel)(traj)
     factors = carry.method_state[:2] if return_inverse_jacobian else None
     last = config.return_state == "last"
     stats = SolverStats(
@@ -543,4 +633,4 @@ def solve(
         trajectory=trajectory,
         inverse_jacobian=factors,
     )
-    return poison(carry.z if last else carry.best_z).reshape(shape), stats
+    return layout.unravel(poison(carry.z if last else carry.best_z)), stats

@@ -417,7 +417,11 @@ def test_shine_gradient_on_an_affine_map(x64):
     assert 1e-6 < err <= r / (1 - 0.8) * (1 + 1e-9)
     assert err < float(jnp.linalg.norm(w - exact))  # better than u = w
     assert n_pure == 1 and int(p_pure[1]) == 0
-    assert n_imp == int(p_imp[1]) + 1 > 10 and n_ref == int(p_ref[1]) + 1
+    # implicit: one VJP per adjoint step and one for the parameter gradient; the count
+    # holds one more: lax.custom_linear_solve traces its matvec once outside the loop to
+    # transpose it — dead code XLA removes, except for this counter's debug callback
+    # (an effect, never removed)
+    assert n_imp == int(p_imp[1]) + 2 > 10 and n_ref == int(p_ref[1]) + 2
 
 
 def test_shine_forward_mode_and_vmap(x64):
@@ -464,6 +468,7 @@ def test_adjoint_solution_scales_with_the_cotangent(mode, x64):
     a = 2.5 * a  # a slowly contracting cell: 5 adjoint steps do not converge
     cfg = DEQConfig(
         forward=SolverConfig(max_iter=300, tol=1e-13, stop_mode="abs"),
+        adjoint_solver="anderson",
         adjoint_max_iter=5,
         adjoint_tol=0.0,
         adjoint_ridge_mode=mode,

@@ -212,14 +212,22 @@ def test_wrong_config_type_is_a_clear_error():
         solve(lambda z: z, jnp.zeros(3), DEQConfig())
 
 
-def test_f_with_another_dtype_or_a_pytree_is_an_error():
+def test_f_with_another_dtype_or_structure_is_an_error():
+    """f's output must have z0's structure, shapes and dtypes (a pair of two
+    same-shaped arrays used to be stacked silently into one array)."""
     z0 = jnp.zeros(3, jnp.float32)
     with pytest.raises(TypeError, match="float32.*got float16"):
         solve(lambda z: (0.5 * z + 1).astype(jnp.float16), z0)
-    with pytest.raises(TypeError, match="ONE array"):
+    with pytest.raises(TypeError, match="same structure as z0"):
         solve(lambda z: (z, z), z0)
-    with pytest.raises(TypeError, match="ONE array"):
+    with pytest.raises(TypeError, match="same structure as z0"):
         solve(lambda z: {"z": z}, z0)
+    with pytest.raises(TypeError, match="same structure as z0"):
+        solve(lambda zz: zz[0], (z0, z0))
+    with pytest.raises(ValueError, match=r"state shape \(2,\)"):
+        solve(lambda zz: {"a": zz["a"][:1], "b": zz["b"]}, {"a": jnp.zeros(2), "b": z0})
+    with pytest.raises(TypeError, match="complex"):
+        solve(lambda z: z, jnp.zeros(3, jnp.complex64))
 
 
 @pytest.mark.parametrize("method", SOLVERS)
