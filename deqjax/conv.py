@@ -91,8 +91,17 @@ def _kernel_gradient(x, g, kernel_shape, stride, pads):
                 (n, i + (oh - 1) * s0 + 1, j + (ow - 1) * s1 + 1, c_in),
                 (1, s0, s1, 1),
             )
-            taps.append(jnp.einsum("nhwc,nhwo->co", xs, g))
+            # summed over the batch: on an Explicit-axis mesh with a sharded batch the
+            # (replicated) kernel gradient must say so
+            taps.append(jnp.einsum("nhwc,nhwo->co", xs, g, **_replicated_sum(g)))
     return jnp.stack(taps).reshape(kh, kw, c_in, c_out)
+
+
+def _replicated_sum(x) -> dict:
+    """``out_sharding=P()`` for a contraction over ``x``'s batch axis when that axis is
+    sharded in ``x``'s type (an Explicit-axis mesh); no keyword otherwise."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return {"out_sharding": jax.sharding.PartitionSpec()} if spec and spec[0] else {}
 
 
 def _transpose(y, w, in_hw, stride, pads):

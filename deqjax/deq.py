@@ -204,12 +204,30 @@ def damped_steps(f: Callable, z: Any, args: Any, steps: int, damping: float) -> 
 DENSE_ADJOINT_MAX_SIZE = 128
 
 
+def _mesh_in_context() -> bool:
+    mesh = jax.sharding.get_abstract_mesh()
+    return not getattr(mesh, "empty", True) and mesh.size > 1
+
+
 def adjoint_method(config: DEQConfig, size: int) -> str:
     """The adjoint solver ``config`` uses for a state of ``size`` unknowns (resolves
-    ``"auto"``: ``"dense"`` up to :data:`DENSE_ADJOINT_MAX_SIZE`, else ``"anderson"``)."""
+    ``"auto"``: ``"dense"`` up to :data:`DENSE_ADJOINT_MAX_SIZE` unknowns outside a
+    multi-device mesh, else ``"anderson"``).
+
+    Under ``jax.set_mesh`` of several devices the dense solve (a batched LU inside the
+    sharded, vmapped backward) hung XLA:CPU's SPMD program (2 forced devices, Explicit
+    and Auto axes): ``"auto"`` avoids it there and an explicit ``"dense"`` is refused."""
+    if config.adjoint_solver == "dense" and _mesh_in_context():
+        raise ValueError(
+            "adjoint_solver='dense' is not supported under a multi-device mesh "
+            "(jax.set_mesh): its batched LU hung the sharded program in our tests; use "
+            "adjoint_solver='auto' or 'anderson'"
+        )
     if config.adjoint_solver != "auto":
         return config.adjoint_solver
-    return "dense" if size <= DENSE_ADJOINT_MAX_SIZE else "anderson"
+    if size <= DENSE_ADJOINT_MAX_SIZE and not _mesh_in_context():
+        return "dense"
+    return "anderson"
 
 
 def adjoint_solve(f: Callable, z_star: Any, args: Any, v: Any, config: DEQConfig):

@@ -386,6 +386,20 @@ def with_context_mesh(tree):
     return jax.tree.map(one, tree)
 
 
+def batch_sharded_like(x, ref):
+    """``x`` (batch-major) resharded so that its leading axis is sharded like ``ref``'s.
+
+    On an Explicit-axis mesh ``vmap`` requires every mapped input to share the
+    sharding of the mapped axis; an array built inside the program (zeros, split
+    keys) is replicated, while the batch it is mapped with is sharded. Elsewhere
+    (no mesh, Auto axes: the sharding is not part of the type) ``x`` is returned."""
+    spec = getattr(getattr(jax.typeof(ref), "sharding", None), "spec", None)
+    lead = spec[0] if spec else None
+    if lead is None:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(lead))
+
+
 def manual_axes() -> frozenset:
     """The ``shard_map`` (manual) mesh axes in scope; empty outside ``shard_map``."""
     return frozenset(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))

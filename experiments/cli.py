@@ -70,17 +70,27 @@ def configure_logging(verbose: bool) -> None:
 def with_distributed(main):
     """``main`` preceded by ``jax.distributed.initialize`` when the flags or the
     environment (SLURM, TPU pod) ask for several processes, and by
-    :func:`configure_logging`."""
+    :func:`configure_logging`. An invalid ``--config`` value or a damaged checkpoint
+    ends the program with ``error: …`` on stderr (exit status 2 / 1), no traceback."""
 
     def wrapped(argv):
         from absl import flags
 
         from experiments import parallel
+        from experiments.common import CheckpointError, ConfigError, validate_config
 
         f = flags.FLAGS
-        parallel.maybe_initialize_distributed(f.coordinator_address, f.num_processes, f.process_id)
-        configure_logging(f.verbose)
-        return main(argv)
+        try:
+            if "config" in f and f["config"].present:
+                validate_config(f.config)  # before anything starts
+            parallel.maybe_initialize_distributed(
+                f.coordinator_address, f.num_processes, f.process_id
+            )
+            configure_logging(f.verbose)
+            return main(argv)
+        except (ConfigError, CheckpointError) as e:  # one clear line, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2 if isinstance(e, ConfigError) else 1)
 
     return wrapped
 

@@ -318,7 +318,11 @@ def _read_metrics(path: str) -> list:
 
 
 def train(
-    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_at_step: int | None = None,
+    skip_damaged_checkpoints: bool = False,
 ) -> dict:
     """Run (or resume) training; returns the final metrics, with ``resumed_from`` (the
     restored step, 0 for a fresh run) and ``steps_run`` (steps this call ran).
@@ -328,7 +332,14 @@ def train(
     ``train.checkpoint_every_steps``, at every epoch end, and on SIGTERM at the next
     step boundary (then it returns ``{"step", "interrupted": True, "preempted": True}``).
     ``stop_at_step`` saves a checkpoint and returns at that step, as an
-    interrupted run would (used to test exact resumption)."""
+    interrupted run would (used to test exact resumption).
+
+    Invalid config values (``train.epochs = -1``, ``batch_size = 0``, …) are refused
+    before anything is written (:func:`experiments.common.validate_config`). A damaged
+    or incomplete latest checkpoint is an error naming the step and the newest intact
+    one; ``skip_damaged_checkpoints`` (``--skip_damaged_checkpoints``) moves the
+    damaged steps aside and resumes from the intact one instead."""
+    common.validate_config(config)
     main = parallel.is_main_process()
     if main:
         common.write_text(os.path.join(workdir, "config.json"), config.to_json(indent=2))
@@ -348,7 +359,13 @@ def train(
     batch_sh = parallel.batch_sharding(mesh)
     state = parallel.put_state(state, state_sh)
     mngr = common.checkpoint_manager(workdir, keep=t.keep_checkpoints)
-    restored, progress = common.restore_latest(mngr, state, with_progress=True)
+    restored, progress = common.restore_latest(
+        mngr,
+        state,
+        with_progress=True,
+        skip_damaged=skip_damaged_checkpoints,
+        skip_hint="--skip_damaged_checkpoints",
+    )
     if restored is not None:
         state = restored
         if main:
@@ -512,8 +529,21 @@ def train(
 
 def main(argv):
     del argv  # logging is set up by cli (deqjax INFO on process 0, absl/orbax WARNING)
-    train(cli.flag("config"), cli.flag("workdir"))
+    train(
+        cli.flag("config"),
+        cli.flag("workdir"),
+        skip_damaged_checkpoints=cli.flag("skip_damaged_checkpoints"),
+    )
+
+
+def _flags(flags) -> None:
+    flags.DEFINE_bool(
+        "skip_damaged_checkpoints",
+        False,
+        "resume from the newest checkpoint that restores, moving damaged newer steps to "
+        "WORKDIR/checkpoints_damaged/ (default: a damaged latest checkpoint is an error)",
+    )
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, _flags)

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Any, NamedTuple
 
+import jax
 import ml_collections
 
 from deqjax import data as data_lib
@@ -49,11 +50,19 @@ def load_run(workdir: str) -> Run:
         config.dataset, config.data_dir or None, config.limit_train, config.limit_test
     )
     spec = models.build(config, ds.num_classes)
-    template = common.init_state(
-        spec.module, common.build_optimizer(config.train, 1), ds.image_shape, config.seed
+    # the restore needs only the state's shapes, dtypes and layout: an abstract template
+    # (initialising a DEQ eagerly to throw the values away took ~10 s)
+    abstract = jax.eval_shape(
+        lambda: common.init_state(
+            spec.module, common.build_optimizer(config.train, 1), ds.image_shape, config.seed
+        )
     )
     mesh, shard_params = parallel.mesh_from_config(config)  # restored as training laid it out
-    template = parallel.put_state(template, parallel.state_shardings(mesh, template, shard_params))
+    template = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        parallel.state_shardings(mesh, abstract, shard_params),
+    )
     state = common.restore_latest(common.checkpoint_manager(workdir), template)
     if state is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first")

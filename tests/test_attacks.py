@@ -478,8 +478,8 @@ def test_bad_inputs_raise():
         A.evaluate_ensemble(f, x, y, KEY, eps=0.1, attacks=["apgd-ce", "deepfool"])
     with pytest.raises(ValueError, match="bucket_size must"):
         A.evaluate_ensemble(f, x, y, KEY, eps=0.1, attacks=["fgsm"], compact=True, bucket_size=0)
-    with pytest.raises(ValueError, match="takes one PRNG key"):
-        A.evaluate_ensemble(f, x, y, A.example_keys(KEY, 2), eps=0.1, attacks=["fgsm"])
+    with pytest.raises(ValueError, match="per-example keys must number"):
+        A.evaluate_ensemble(f, x, y, A.example_keys(KEY, 3), eps=0.1, attacks=["fgsm"])
     with pytest.raises(ValueError, match="unknown ensemble preset"):
         A.evaluate_ensemble(f, x, y, KEY, eps=0.1, attacks="strong")
     with pytest.raises(ValueError, match="shape"):
@@ -489,7 +489,8 @@ def test_bad_inputs_raise():
         A.apgd(f2, x, y, KEY, eps=0.1, loss="dlr")
     with pytest.raises(ValueError, match="restarts"):
         A.pgd(f, x, y, KEY, eps=0.1, restarts=0)
-    # under jit value checks are skipped, shape/name checks still run
+    # under jit shape/name checks run at trace time, value checks in the program
+    # (tests/test_attack_transforms.py)
     jax.jit(lambda x: A.pgd(f, x, y, KEY, eps=0.1, steps=2))(x)
     with pytest.raises(ValueError, match="unknown norm"):
         jax.jit(lambda x: A.pgd(f, x, y, KEY, eps=0.1, norm="linfty"))(x)

@@ -1,4 +1,5 @@
-"""Equal-work checks of the benchmark peers (skipped without the ``bench`` extra).
+"""Equal-work checks of the benchmark peers (skipped without the ``bench`` extra;
+under ``CI=true`` its absence fails).
 
 Each workload's PyTorch peer must compute the same thing as deqjax from the same
 weights, or the timing comparison is meaningless. Timings are never asserted.
@@ -7,9 +8,11 @@ weights, or the timing comparison is meaningless. Timings are never asserted.
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("torchdeq")
-pytest.importorskip("torchattacks")
+from tests.helpers import import_or_skip
+
+torch = import_or_skip("torch")  # under CI=true a missing peer fails instead
+import_or_skip("torchdeq")
+import_or_skip("torchattacks")
 
 from benchmarks.workloads import apgd, cpl, deq, kernels, memory  # noqa: E402
 

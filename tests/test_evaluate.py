@@ -70,6 +70,43 @@ def test_report_overrides_and_bad_options(trained_tiny_deq):
         evaluate_lib.evaluate(trained_tiny_deq, {"eps": "-0.1"}, quiet=True)
 
 
+def test_forward_not_converged_flag_and_its_threshold(trained_tiny_deq, tmp_path):
+    """The flag is raised below 90% converged forward solves (``min_converged``) and
+    not at or above it; a DEQ report carries it from its solver statistics: with an
+    evaluation budget of 1 step no solve converges, and the report says so and is
+    marked unreliable; with a loose tolerance (0.5) they converge and the flag is down."""
+    import shutil
+
+    from deqjax.attacks import sanity_flags
+
+    for frac, flagged in ((0.0, True), (0.89, True), (0.8999, True), (0.9, False), (1.0, False)):
+        r = sanity_flags(converged_fraction=frac)
+        assert r.flags == {"forward_not_converged": flagged}, frac
+        assert ("(< 90%)" in r.explanations["forward_not_converged"]) == flagged
+    assert sanity_flags(converged_fraction=0.93, min_converged=0.95).flags == {
+        "forward_not_converged": True
+    }
+    assert not sanity_flags(converged_fraction=0.5, min_converged=0.4).flags[
+        "forward_not_converged"
+    ]
+    cheap = {"attacks": "fgsm", "gradients": "implicit", "eps": "0.1", "n_examples": "24"}
+    fractions = {}
+    for name, deq in (("budget1", {"eval_max_iter": 1}), ("loose", {"tol": 0.5})):
+        workdir = tmp_path / name
+        shutil.copytree(trained_tiny_deq, workdir)
+        config = json.loads((workdir / "config.json").read_text())
+        config["deq"].update(deq)
+        (workdir / "config.json").write_text(json.dumps(config))
+        report = evaluate_lib.evaluate(str(workdir), cheap, quiet=True)
+        frac = report["solver"]["converged_fraction"]
+        fractions[name] = frac
+        assert report["sanity"]["flags"]["forward_not_converged"] == (frac < 0.9), frac
+        if frac < 0.9:
+            assert report["sanity"]["unreliable"]
+            assert "`forward_not_converged`: True" in (workdir / "report.md").read_text()
+    assert fractions["budget1"] == 0.0 and fractions["loose"] >= 0.9, fractions  # both sides
+
+
 def test_missing_workdir(tmp_path):
     with pytest.raises(FileNotFoundError, match="experiments.train"):
         evaluate_lib.evaluate(str(tmp_path), quiet=True)

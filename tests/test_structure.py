@@ -150,3 +150,18 @@ def test_import_alone_check_catches_a_module_that_leans_on_another(tmp_path):
     assert out.returncode == 0, out.stderr
     last = out.stdout.strip().splitlines()[-1]
     assert "deqjax_probe_pkg.b" in last and "deqjax_probe_pkg.a" not in last, last
+
+
+def test_a_missing_torch_peer_fails_under_ci_and_skips_elsewhere(monkeypatch):
+    """The torch cross-checks (tests/test_crosscheck.py, test_benchmarks.py, the FAB
+    reference check) import their peers through ``import_or_skip``: a skip on a
+    developer machine without them, a failure under ``CI=true`` (CI installs them)."""
+    from tests.helpers import import_or_skip
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true but 'deqjax_no_such_peer'"):
+        import_or_skip("deqjax_no_such_peer")
+    assert import_or_skip("json").__name__ == "json"
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        import_or_skip("deqjax_no_such_peer")

@@ -6,6 +6,26 @@ Every attack is a pure, jit-able function
 ``y`` int labels (B,). ``x_adv`` always lies in [0, 1] and in the eps-ball.
 ``key`` is one PRNG key, or one key per example (``example_keys``) so that an
 example's random draws do not depend on the batch it is attacked in.
+
+**Precision.** ``x`` may be bfloat16 / float16 (and the model's logits too): the
+attacks compute in float32 (at least), the model sees its inputs in ``x``'s dtype,
+and ``x_adv`` comes back in ``x``'s dtype, in [0, 1] and in the eps-ball *as stored*
+(each coordinate rounded towards ``x``).
+
+**Sharding.** The attacks run on batches sharded over an Explicit- or Auto-axis mesh
+(``jax.set_mesh``) and inside ``jax.shard_map`` (default ``check_vma=True``). Shard
+per-example keys (``example_keys``) with the batch (``evaluate_ensemble`` takes them
+too) and the sharded result equals the unsharded one; with one key, each shard draws
+its randomness as if it were the whole batch.
+
+**Runtime checks.** Bad values raise ``ValueError``: at once when they are concrete,
+and, when they are traced (``jax.jit``), when the program runs: ``eps`` finite and
+>= 0 (> 0 for FAB), ``x`` finite in [0, 1], labels in [0, C), ``step_size`` >= 0 (the
+program's error names the problem). One predicate evaluation and a ``lax.cond`` per
+attack call, a host callback only on failure. Switch the in-program checks off with
+``DEQJAX_RUNTIME_CHECKS=0`` (at import) or ``deqjax.attacks.set_runtime_checks(False)``
+(applies to attacks traced afterwards). ``key`` must be a PRNG key (not ``None`` or an
+int); an empty batch returns empty results without calling the model.
 """
 
 from deqjax.attacks._common import (
@@ -16,6 +36,8 @@ from deqjax.attacks._common import (
     margin,
     project,
     random_start,
+    runtime_checks_enabled,
+    set_runtime_checks,
     targeted_dlr_loss,
 )
 from deqjax.attacks.apgd import apgd, apgd_targeted, checkpoints
@@ -59,7 +81,9 @@ __all__ = [
     "project",
     "project_hyperplane_box",
     "random_start",
+    "runtime_checks_enabled",
     "sanity_flags",
+    "set_runtime_checks",
     "square",
     "targeted_dlr_loss",
     "with_restarts",

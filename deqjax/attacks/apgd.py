@@ -97,8 +97,8 @@ def apgd_core(
         return loss_fn(zs, y, *extra), C.margin(zs, y)
 
     fs0, m0 = selected(x0, f0, z0)
-    eta0 = jnp.full(x.shape[:1], 2.0 * eps, x.dtype)
-    zeros = jnp.zeros(x.shape[:1], x.dtype)
+    eta0 = C.batch_full(x, 2.0 * eps, x.dtype)
+    zeros = C.batch_full(x, 0.0, x.dtype)
     init = dict(
         xc=x0,
         xp=x0,
@@ -110,7 +110,7 @@ def apgd_core(
         eta=eta0,
         succ=zeros,
         fb_last=f0,
-        red_last=jnp.zeros(x.shape[:1], bool),
+        red_last=C.batch_full(x, False, bool),
         xr=x0,
         fr=fs0,
         mr=m0,
@@ -161,14 +161,14 @@ def apgd_core(
         )
         return new, fn
 
-    s, trace = lax.scan(body, init, (is_ck, length, mom))
+    s, trace = C.scan(body, init, (is_ck, length, mom))
     return s["xr"], jnp.concatenate([f0[None], trace], axis=0)
 
 
 def _apgd_single(
     logits_fn, x, y, key, *, eps, norm, steps, loss, rand_init, return_trace, select_fn=None
 ):
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
+    nc = C.num_classes(logits_fn, x)
     steps = C.check_positive_int("steps", steps)
     x_adv, trace = apgd_core(
         logits_fn,
@@ -185,6 +185,7 @@ def _apgd_single(
     return (x_adv, trace) if return_trace else x_adv
 
 
+@C.attack_api()
 def apgd(
     logits_fn,
     x,
@@ -225,7 +226,7 @@ def apgd(
 def _apgd_t_single(
     logits_fn, x, y, key, *, eps, norm, steps, n_target_classes, rand_init, targets, select_fn=None
 ):
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
+    nc = C.num_classes(logits_fn, x)
     steps = C.check_positive_int("steps", steps)
     k = C.check_positive_int("n_target_classes", n_target_classes)
     if nc < 4:
@@ -257,10 +258,11 @@ def _apgd_t_single(
         )
         return C.keep_worst(select_fn or logits_fn, x_worst, xa, y), None
 
-    x_worst, _ = lax.scan(body, x, (js, keys))
+    x_worst, _ = C.scan(body, x, (js, keys))
     return x_worst
 
 
+@C.attack_api()
 def apgd_targeted(
     logits_fn,
     x,

@@ -175,8 +175,12 @@ def _compacted(attack, logits_fn, x, y, keys, robust, x_worst, buckets):
     """Run ``attack(x_b, y_b, keys_b)`` on the rows still ``robust`` only (gathered
     first, in index order). Sizes ``buckets`` (descending): the larger ones take whole
     buckets while enough rows remain, the smallest one takes the rest (its last bucket
-    filled with other rows, whose results are dropped). Returns (robust, x_worst)."""
+    filled with other rows, whose results are dropped). Returns (robust, x_worst).
+    Under an Explicit mesh the gathers and scatters work on replicated rows and each
+    bucket is sharded like the batch when the mesh divides its size."""
     b = x.shape[0]
+    like = x  # the batch sharding to restore
+    x, y, keys, robust, x_worst = map(C.replicate, (x, y, keys, robust, x_worst))
     order = jnp.argsort(~robust, stable=True)  # robust rows first, in index order
     n = jnp.sum(robust)
     carry, start = (robust, x_worst), jnp.zeros((), n.dtype)
@@ -186,7 +190,8 @@ def _compacted(attack, logits_fn, x, y, keys, robust, x_worst, buckets):
             rob, xw = carry
             pos = start + i * size + jnp.arange(size)
             idx = order[jnp.minimum(pos, b - 1)]
-            xa = _first(attack(x[idx], y[idx], keys[idx]))
+            rows = (C.shard_rows_like(a[idx], like) for a in (x, y, keys))
+            xa = C.replicate(_first(attack(*rows)))
             broke = (pos < n) & (jnp.argmax(logits_fn(xa), -1) != y[idx])
             dest = jnp.where(broke, idx, b)  # out of range: dropped
             return rob.at[dest].set(False, mode="drop"), xw.at[dest].set(xa, mode="drop")
@@ -196,7 +201,7 @@ def _compacted(attack, logits_fn, x, y, keys, robust, x_worst, buckets):
         count = (left + size - 1) // size if last else left // size
         carry = lax.fori_loop(0, count, body, carry)
         start = start + count * size
-    return carry
+    return tuple(C.like_batch(a, like) for a in carry)
 
 
 def _attack_survivors(fn, logits_fn, x, y, keys, robust, x_worst, *, eps, norm, buckets):
@@ -217,6 +222,14 @@ def _attack_survivors(fn, logits_fn, x, y, keys, robust, x_worst, *, eps, norm, 
     return lax.fori_loop(0, k, stage, (robust, x_worst))
 
 
+def _attack_keys(key, i, b):
+    """Per-example keys of attack ``i``: ``fold_in(fold_in(key, i), example)`` from one
+    key, ``fold_in(key_example, i)`` from per-example keys."""
+    if C.is_batched_key(key):
+        return jax.vmap(lambda k: jax.random.fold_in(k, i))(key)
+    return C.example_keys(jax.random.fold_in(key, i), b)
+
+
 def evaluate_ensemble(
     logits_fn,
     x,
@@ -235,7 +248,13 @@ def evaluate_ensemble(
     """Run an ensemble of attacks and return the worst-case robustness.
 
     Args:
-      logits_fn, x, y, eps, norm: as for every attack. ``key``: one PRNG key.
+      logits_fn, x, y, eps, norm: as for every attack (bf16 / f16 images and models
+        too: the margins are compared in float32, ``x_adv`` is in x's dtype).
+      key: one PRNG key (attack ``a`` draws example ``i``'s randomness from
+        ``fold_in(fold_in(key, a), i)``), or one key per example (``fold_in(key_i, a)``):
+        an example's draws then do not depend on its position, so a batch split over
+        devices (``jax.shard_map`` with the keys sharded like the batch) gives the
+        unsharded result.
       attacks: "standard", "plus", or a list of names from ``ATTACK_NAMES`` and/or
         ``(name, attack)`` pairs with ``attack(logits_fn, x, y, keys, eps=, norm=)``;
         ``keys`` are per-example keys (B, 2) (every attack of this package takes them).
@@ -248,32 +267,35 @@ def evaluate_ensemble(
         at most 15 wasted rows per stage; raise them on accelerators). Each size
         compiles its own copy of every attack.
     """
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm)
-    if C.is_batched_key(jnp.asarray(key)):
-        raise ValueError(
-            "evaluate_ensemble takes one PRNG key and derives the per-example keys itself; "
-            f"got keys of shape {jnp.shape(key)}."
-        )
+    x, y, nc, key = C.validate(logits_fn, x, y, eps, norm, key)
+    score = C.with_dtypes(logits_fn, x.dtype, C.compute_dtype(x.dtype))  # margins in f32+
     kcap = max(1, min(n_target_classes, nc - 1))
     resolved = _resolve(attacks, n_iter=n_iter, n_queries=n_queries, n_target_classes=kcap)
     b = x.shape[0]
+    if b == 0:  # nothing to attack (the model is not called): accuracies are NaN
+        nan, none = jnp.full((), jnp.nan, jnp.float32), jnp.zeros((0,), bool)
+        names = [name for name, _ in resolved]
+        per = {} if compact else {name: nan for name in names}
+        per_rob = {} if compact else {name: none for name in names}
+        return EnsembleResult(nan, nan, per, {name: nan for name in names}, none, per_rob, x)
     buckets = _bucket_sizes(bucket_size, b)
-    z = logits_fn(x)
+    z = score(x)
     correct = jnp.argmax(z, -1) == y
     robust = correct
     x_worst = x
     m_worst = C.margin(z, y)
     per_acc, cum_acc, per_rob = {}, {}, {}
     for i, (name, fn) in enumerate(resolved):
-        keys = C.example_keys(jax.random.fold_in(key, i), b)
-        if compact:
-            robust, x_worst = _attack_survivors(
-                fn, logits_fn, x, y, keys, robust, x_worst, eps=eps, norm=norm, buckets=buckets
-            )
-            cum_acc[name] = jnp.mean(robust)
-            continue
-        xa = _first(fn(logits_fn, x, y, keys, eps=eps, norm=norm))
-        za = logits_fn(xa)
+        keys = _attack_keys(key, i, b)
+        with C.checks_done():  # x, y, eps were checked above
+            if compact:
+                robust, x_worst = _attack_survivors(
+                    fn, logits_fn, x, y, keys, robust, x_worst, eps=eps, norm=norm, buckets=buckets
+                )
+                cum_acc[name] = jnp.mean(robust)
+                continue
+            xa = _first(fn(logits_fn, x, y, keys, eps=eps, norm=norm))
+        za = score(xa)
         rob_a = correct & (jnp.argmax(za, -1) == y)
         ma = C.margin(za, y)
         # only examples still robust use this attack's point (lower margin wins)

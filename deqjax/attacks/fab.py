@@ -37,10 +37,14 @@ attack returns, per example, the closest misclassified point found if it lies in
 eps-ball, else x itself (so the output always satisfies the ball and box
 constraints). ``return_distance=True`` also returns that smallest distance (inf if
 none was found, 0 for an example misclassified already), over all restarts and
-targets — the minimal-perturbation result of the paper.
+targets — the minimal-perturbation result of the paper. On bf16 / f16 images each
+candidate x⁽ᵏ⁺¹⁾ is judged (misclassified? how far?) as it would be stored, rounded
+to the images' dtype towards x₀; the iterates themselves stay in float32.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +121,7 @@ def _boundary(logits_fn, x1, y, target, nc):
     huge value (as the reference). Targeted: only j = target, (B, 1) and (B, 1, n)."""
     shape = x1.shape
     fn = lambda xf: logits_fn(xf.reshape(shape))
-    xf = x1.reshape(shape[0], -1)
+    xf = x1.reshape(shape[0], math.prod(shape[1:]))
     z, vjp = jax.vjp(fn, xf)
     ey = jax.nn.one_hot(y, nc, dtype=z.dtype)
     if target is None:
@@ -135,7 +139,8 @@ def _fab_run(logits_fn, x, y, x_init, target, nc, *, norm, steps, alpha_max, eta
     """One FAB run from ``x_init``; returns (closest adversarial point, its distance)
     per example, distance inf where none was found (point then x)."""
     b_, shape = x.shape[0], x.shape
-    x0 = x.reshape(b_, -1)
+    n = math.prod(shape[1:])
+    x0 = x.reshape(b_, n)
 
     def body(s, _):
         x1, best_x, best_d = s
@@ -152,16 +157,19 @@ def _fab_run(logits_fn, x, y, x_init, target, nc, *, norm, steps, alpha_max, eta
         a2 = jnp.maximum(_norm(d2, norm), 1e-8)
         alpha = jnp.clip(a1 / (a1 + a2), 0.0, alpha_max)[:, None]
         xn = jnp.clip((1 - alpha) * (x1 + eta * d1) + alpha * (x0 + eta * d2), 0.0, 1.0)
-        adv = jnp.argmax(logits_fn(xn.reshape(shape)), -1) != y
-        dn = _norm(xn - x0, norm)
+        # the candidate as stored (low-precision images: rounded towards x0, so never
+        # farther than xn); the iterates themselves stay unrounded
+        xs = C.to_storage(xn, x0, None, "l2")
+        adv = jnp.argmax(logits_fn(xs.reshape(shape)), -1) != y
+        dn = _norm(xs - x0, norm)
         better = adv & (dn < best_d)
-        best_x = jnp.where(better[:, None], xn, best_x)
+        best_x = jnp.where(better[:, None], xs, best_x)
         best_d = jnp.where(better, dn, best_d)
         x1 = jnp.where(adv[:, None], x0 + beta * (xn - x0), xn)
         return (x1, best_x, best_d), None
 
-    init = (x_init.reshape(b_, -1), x0, jnp.full((b_,), jnp.inf, x.dtype))
-    (_, best_x, best_d), _ = lax.scan(body, init, None, length=steps)
+    init = (x_init.reshape(b_, n), x0, C.batch_full(x, jnp.inf, x.dtype))
+    (_, best_x, best_d), _ = C.scan(body, init, None, length=steps)
     return best_x.reshape(shape), best_d
 
 
@@ -169,10 +177,10 @@ def _restart_start(key, x, eps, norm):
     """x + ½·eps·t/‖t‖ (t uniform in the L∞ cube or Gaussian), clipped to [0, 1]."""
     if norm == "linf":
         t = C.draw(lambda k, s: jax.random.uniform(k, s, x.dtype, -1.0, 1.0), key, x.shape)
-        n = jnp.max(jnp.abs(t.reshape(x.shape[0], -1)), -1)
+        n = jnp.max(jnp.abs(t.reshape(x.shape[0], math.prod(x.shape[1:]))), -1)
     else:
         t = C.draw(lambda k, s: jax.random.normal(k, s, x.dtype), key, x.shape)
-        n = jnp.sqrt(jnp.sum(t.reshape(x.shape[0], -1) ** 2, -1))
+        n = jnp.sqrt(jnp.sum(t.reshape(x.shape[0], math.prod(x.shape[1:])) ** 2, -1))
     return jnp.clip(x + 0.5 * eps * t / C.bcast(jnp.maximum(n, 1e-12), x), 0.0, 1.0)
 
 
@@ -189,16 +197,10 @@ def _fab_restarts(logits_fn, x, y, key, target, nc, *, eps, norm, restarts, **kw
 
     xs, ds = jax.vmap(one)(keys, rand)  # (R, B, ...), (R, B)
     best = jnp.argmin(ds, axis=0)
-    idx = jnp.arange(x.shape[0])
-    return xs[best, idx], ds[best, idx]
+    return C.pick(xs, best), C.pick(ds, best)
 
 
-def _check_fab(eps, steps, restarts, alpha_max, eta, beta):
-    if C.is_concrete(eps) and not float(eps) > 0:
-        raise ValueError(
-            f"FAB needs eps > 0 (it scales the random restarts and decides which "
-            f"minimal perturbations count), got {float(eps)}."
-        )
+def _check_fab(steps, restarts, alpha_max, eta, beta):
     C.check_positive_int("steps", steps)
     C.check_positive_int("restarts", restarts)
     if not 0.0 <= alpha_max <= 1.0:
@@ -220,6 +222,7 @@ def _finish(x, y, logits_fn, best_x, best_d, eps, norm, return_distance):
     return (x_adv, best_d) if return_distance else x_adv
 
 
+@C.attack_api(positive_eps=True)
 def fab(
     logits_fn,
     x,
@@ -250,8 +253,8 @@ def fab(
       x_adv (B, ...) in [0, 1] ∩ B_eps(x): the closest misclassified point found if
       within eps, else x (and the distances if asked).
     """
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
-    _check_fab(eps, steps, restarts, alpha_max, eta, beta)
+    nc = C.num_classes(logits_fn, x)
+    _check_fab(steps, restarts, alpha_max, eta, beta)
     kw = dict(steps=steps, alpha_max=alpha_max, eta=eta, beta=beta)
     bx, bd = _fab_restarts(
         logits_fn, x, y, key, None, nc, eps=eps, norm=norm, restarts=restarts, **kw
@@ -259,6 +262,7 @@ def fab(
     return _finish(x, y, logits_fn, bx, bd, eps, norm, return_distance)
 
 
+@C.attack_api(positive_eps=True)
 def fab_targeted(
     logits_fn,
     x,
@@ -284,8 +288,8 @@ def fab_targeted(
     targets run, so running them one at a time (the compacting ensemble) reproduces
     each target's run. Other arguments and the output as :func:`fab`.
     """
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
-    _check_fab(eps, steps, restarts, alpha_max, eta, beta)
+    nc = C.num_classes(logits_fn, x)
+    _check_fab(steps, restarts, alpha_max, eta, beta)
     k = C.check_positive_int("n_target_classes", n_target_classes)
     if k > nc - 1:
         raise ValueError(
@@ -294,7 +298,7 @@ def fab_targeted(
         )
     js = C.target_indices(targets, k)
     clean = logits_fn(x)
-    keys = C.split_key(jnp.asarray(key), k)[js]
+    keys = C.split_key(key, k)[js]
     kw = dict(steps=steps, alpha_max=alpha_max, eta=eta, beta=beta)
 
     def body(carry, inp):
@@ -315,6 +319,6 @@ def fab_targeted(
         closer = td < bd
         return (C.bwhere(closer, tx, bx), jnp.where(closer, td, bd)), None
 
-    init = (x, jnp.full(x.shape[:1], jnp.inf, x.dtype))
-    (bx, bd), _ = lax.scan(body, init, (js, keys))
+    init = (x, C.batch_full(x, jnp.inf, x.dtype))
+    (bx, bd), _ = C.scan(body, init, (js, keys))
     return _finish(x, y, logits_fn, bx, bd, eps, norm, return_distance)

@@ -25,11 +25,12 @@ from deqjax.attacks.restarts import run_with_restarts
 SCHEDULES = ("constant", "cosine", "step")
 
 
+@C.attack_api(needs_key=False)
 def fgsm(logits_fn, x, y, key=None, *, eps, norm="linf", loss="ce"):
     """Fast gradient (sign) method; one step of size ``eps``. ``key`` is unused
     (kept for the common attack signature)."""
     del key
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm)
+    nc = C.num_classes(logits_fn, x)
     _, _, g = C.loss_and_grad(logits_fn, C.get_loss(loss, nc))(x, y)
     return C.project(x + eps * C.ascent_direction(g, norm), x, eps, norm)
 
@@ -64,7 +65,7 @@ def _pgd_single(
     return_trace,
     select_fn=None,
 ):
-    x, y, nc = C.validate(logits_fn, x, y, eps, norm, key)
+    nc = C.num_classes(logits_fn, x)
     steps = C.check_positive_int("steps", steps)
     loss_fn = C.get_loss(loss, nc)
     lg = C.loss_grad_state(logits_fn, loss_fn)
@@ -96,9 +97,9 @@ def _pgd_single(
         xn = C.project(xk + alpha * C.ascent_direction(gk, norm), x, eps, norm)
         return (xn, bx, bf, bm, st), fk
 
-    init_loss = jnp.full(x.shape[:1], -jnp.inf, x.dtype)
-    init = (x0, x0, init_loss, jnp.full_like(init_loss, jnp.inf), C.initial_state(logits_fn, x0))
-    (x_last, bx, bf, bm, st), trace = lax.scan(body, init, alphas)
+    init_loss = C.batch_full(x, -jnp.inf, x.dtype)
+    init = (x0, x0, init_loss, C.batch_full(x, jnp.inf, x.dtype), C.initial_state(logits_fn, x0))
+    (x_last, bx, bf, bm, st), trace = C.scan(body, init, alphas)
     # the last iterate needs its loss and logits only: no unused final gradient
     z_last, _ = C.logits_and_state(logits_fn, x_last, st)
     f_last = loss_fn(z_last, y)
@@ -109,6 +110,7 @@ def _pgd_single(
     return bx
 
 
+@C.attack_api(nonnegative=("step_size",))
 def pgd(
     logits_fn,
     x,
@@ -135,7 +137,7 @@ def pgd(
       x: inputs in [0, 1], shape (B, ...). y: int labels (B,).
       key: PRNG key for the random start (and restarts).
       eps: radius. norm: "linf" or "l2". steps: number of gradient steps (static).
-      step_size: α (default 2.5·eps/steps). schedule: "constant" | "cosine" | "step".
+      step_size: α >= 0 (default 2.5·eps/steps). schedule: "constant" | "cosine" | "step".
       rand_init: uniform random start in the ball. loss: "ce" | "dlr".
       restarts: independent vmapped restarts, per-example worst case kept.
       return_trace: also return the attack loss at every iterate, shape (steps+1, B).
@@ -145,7 +147,8 @@ def pgd(
         (:func:`deqjax.bpda.guided`); one extra forward of ``select_fn`` per iterate.
 
     Returns:
-      x_adv (B, ...) in [0, 1] with ‖x_adv − x‖ ≤ eps (and the trace if asked).
+      x_adv (B, ...) in [0, 1] with ‖x_adv − x‖ ≤ eps, in x's dtype (and the trace if
+      asked).
     """
     return run_with_restarts(
         _pgd_single,

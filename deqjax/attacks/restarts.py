@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from deqjax.attacks._common import check_positive_int, margin, split_key
+from deqjax.attacks._common import check_key, check_positive_int, margin, pick, split_key
 
 
 def restart_keys(key, n_restarts: int):
@@ -31,9 +31,8 @@ def select_worst(logits_fn, xs, y, *others):
     traces (R, T, B)) gathered with the same choice."""
     margins = jax.vmap(lambda xa: margin(logits_fn(xa), y))(xs)  # (R, B)
     idx = jnp.argmin(margins, axis=0)  # (B,)
-    b = jnp.arange(xs.shape[1])
-    out = xs[idx, b]
-    picked = tuple(o[idx, ..., b].T if o.ndim == 3 else o[idx, b] for o in others)
+    out = pick(xs, idx)
+    picked = tuple(pick(o, idx, axis=o.ndim - 1) for o in others)
     return (out,) + picked if others else out
 
 
@@ -45,6 +44,7 @@ def run_with_restarts(attack, n_restarts, logits_fn, x, y, key, **kwargs):
     :func:`deqjax.attacks.pgd`) also chooses the restart.
     """
     n = check_positive_int("restarts", n_restarts)
+    key = check_key(key, jnp.shape(x)[0])
     if n == 1:
         return attack(logits_fn, x, y, key, **kwargs)
     x = jnp.asarray(x)

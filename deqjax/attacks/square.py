@@ -19,8 +19,9 @@ forward passes are used, never ``jax.grad``).
   update adds to the window a per-channel random-sign block of L2 norm
   eps·s/√(HW) (≈ eps·√p) and rescales δ onto the eps-sphere, instead of the
   paper's mass-moving pseudo-Gaussian squares.
-* Once every example of the batch is misclassified the remaining queries are
-  skipped (as the reference stops on broken examples); robust flags are unchanged.
+* An example stops moving once misclassified (as the reference attacks only the
+  examples not yet fooled), so its result does not depend on the rest of its batch;
+  once every example of the batch is misclassified the remaining queries are skipped.
 * Inputs of rank 2 (B, D) are treated as 1-D signals (windows of length
   round(p·D)); rank 3 (B, H, W) as one-channel images; rank 4 is (B, H, W, C).
 """
@@ -79,7 +80,6 @@ def _window(key, b, h, w, sh, sw):
 def _square_single(
     logits_fn, x, y, key, *, eps, norm, n_queries, p_init, rescale_schedule, return_trace
 ):
-    x, y, _ = C.validate(logits_fn, x, y, eps, norm, key)
     n_queries = C.check_positive_int("n_queries", n_queries)
     if not (0.0 < p_init <= 1.0):
         raise ValueError(f"p_init must be in (0, 1], got {p_init}.")
@@ -100,7 +100,7 @@ def _square_single(
     else:
         g = C.draw(lambda k, s: jax.random.normal(k, s, xi.dtype), k0, xi.shape)
         d0 = eps * g / jnp.maximum(C._bnorm(g), C._TINY)
-    xb = jnp.clip(xi + d0, 0.0, 1.0)
+    xb = C.to_storage(jnp.clip(xi + d0, 0.0, 1.0), xi, eps, norm)
     mb = C.margin(fn(xb), y)
 
     def query(carry, inp):
@@ -117,10 +117,11 @@ def _square_single(
             step = eps * jnp.sqrt(size / (h * w)) / jnp.sqrt(size * c)  # per-entry
             dn = delta + jnp.where(mask, step * signs, 0.0)
             dn = dn * eps / jnp.maximum(C._bnorm(dn), C._TINY)
-        xn = jnp.clip(xi + dn, 0.0, 1.0)
+        xn = C.to_storage(jnp.clip(xi + dn, 0.0, 1.0), xi, eps, norm)
         mn = C.margin(fn(xn), y)
-        acc = mn < mb
-        return (C.bwhere(acc, xn, xb), jnp.where(acc, mn, mb)), jnp.minimum(mn, mb)
+        acc = (mn < mb) & (mb >= 0)  # a broken example stays where it broke
+        mb = jnp.where(acc, mn, mb)
+        return (C.bwhere(acc, xn, xb), mb), mb
 
     def body(carry, inp):
         # once every example of the batch is misclassified, skip the remaining queries
@@ -128,13 +129,14 @@ def _square_single(
         return lax.cond(jnp.any(carry[1] >= 0), query, lambda c, _: (c, c[1]), carry, inp)
 
     keys = C.split_key(kloop, n_queries)
-    (xb, mb_end), trace = lax.scan(body, (xb, mb), (keys, jnp.asarray(sh), jnp.asarray(sw)))
+    (xb, mb_end), trace = C.scan(body, (xb, mb), (keys, jnp.asarray(sh), jnp.asarray(sw)))
     x_adv = C.project(jnp.reshape(xb, x.shape), x, eps, norm)  # guard against round-off
     if return_trace:
         return x_adv, -jnp.concatenate([mb[None], trace], axis=0)
     return x_adv
 
 
+@C.attack_api()
 def square(
     logits_fn,
     x,

@@ -22,6 +22,7 @@ from deqjax.deq import (
 )
 from deqjax.deq_gradients import AttackView, defended_state, estimate_state
 from deqjax.regulation import RandomSteps
+from deqjax.solvers import batch_sharded_like
 
 
 def cell_as_function(cell: nn.Module, method: str | None = None):
@@ -150,7 +151,8 @@ class DEQ(nn.Module):
         params = self.cell.variables["params"]
         f = cell_as_function(self.cell)
         if backward_probe is None:
-            backward_probe = jnp.zeros((u.shape[0], 2), u.dtype)
+            backward_probe = batch_sharded_like(jnp.zeros((u.shape[0], 2), u.dtype), u)
+        z0 = batch_sharded_like(z0, u)
 
         num_steps = None
         if random_steps is not None:
@@ -178,7 +180,7 @@ class DEQ(nn.Module):
 
             z, stats = jax.vmap(one)(z0, u, backward_probe)
         if jacobian_key is not None:
-            keys = jax.random.split(jacobian_key, u.shape[0])
+            keys = batch_sharded_like(jax.random.split(jacobian_key, u.shape[0]), u)
             est = jax.vmap(
                 lambda z_i, u_i, k: jacobian_frobenius_sq(
                     f, jax.lax.stop_gradient(z_i), (params, u_i), k, jacobian_samples
