@@ -412,7 +412,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     settings are also checked by :class:`deqjax.deq.DEQConfig` itself (named here by
     their ``deq.`` key)."""
     from experiments.configs.base import base_config
-    from experiments.spec import deq_config
+    from experiments.spec import ACTIVATION_DTYPES, MIXED_PRECISION_FAMILIES, deq_config
 
     defaults = base_config()
     bad = []
@@ -427,6 +427,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if why is not None:
             example = f"; set e.g. --config.{key}={default}" if default is not None else ""
             bad.append(f"config.{key} = {node!r}: {why} ({what}){example}")
+    model = config.get("model")
+    dtype = model.get("dtype") if isinstance(model, ml_collections.ConfigDict) else None
+    if dtype is not None and dtype not in ACTIVATION_DTYPES:
+        bad.append(
+            f"config.model.dtype = {dtype!r}: must be one of {tuple(ACTIVATION_DTYPES)} (the "
+            "activations' dtype); set e.g. --config.model.dtype=bfloat16"
+        )
+    elif dtype not in (None, "float32") and model.get("name") not in MIXED_PRECISION_FAMILIES:
+        bad.append(
+            f"config.model.dtype = {dtype!r}: the {model.get('name')!r} family computes in "
+            f"float32 only (bfloat16/float16 activations: {', '.join(MIXED_PRECISION_FAMILIES)}); "
+            "set --config.model.dtype=float32"
+        )
     deq = config.get("deq")
     if deq is not None and not any(b.startswith("config.deq.") for b in bad):
         for evaluation in (False, True):

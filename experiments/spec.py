@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
+import jax.numpy as jnp
 import ml_collections
 
 from deqjax.deq import DEQConfig
@@ -62,6 +63,23 @@ class Evaluated(NamedTuple):
 def split_list(s) -> list[str]:
     """``"a, b,c"`` → ``["a", "b", "c"]`` (comma-separated config values)."""
     return [p.strip() for p in str(s).split(",") if p.strip()]
+
+
+# ``config.model.dtype``: the dtype a model computes its activations in (parameters,
+# optimiser state, solver internals and logits stay float32; docs/mixed_precision.md).
+# "float32" is the models' own default (None: the inputs' dtype, float32 images).
+ACTIVATION_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# the families whose builder reads config.model.dtype (others refuse anything but float32)
+MIXED_PRECISION_FAMILIES = ("mdeq", "explicit_mdeq")
+
+
+def activation_dtype(m: ml_collections.ConfigDict):
+    """The activations' dtype of the ``config.model`` block (None for ``"float32"``; a
+    workdir written before the key existed computed in float32)."""
+    name = m.get("dtype", "float32")
+    if name not in ACTIVATION_DTYPES:
+        raise ValueError(f"unknown model.dtype {name!r}; choose one of {tuple(ACTIVATION_DTYPES)}")
+    return ACTIVATION_DTYPES[name]
 
 
 def deq_config(c: ml_collections.ConfigDict, *, evaluation: bool = False) -> DEQConfig:

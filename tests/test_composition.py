@@ -198,8 +198,10 @@ def test_input_gradient_penalty_through_the_flax_deq(x64):
 # --- 3. pytree states, aux, args of any kind ---------------------------------------
 
 
-@pytest.mark.parametrize("method", SOLVERS)
-@pytest.mark.parametrize("backward", ["implicit", "implicit_probe", "unroll"])
+@pytest.mark.parametrize(
+    "method,backward",
+    [(m, "implicit") for m in SOLVERS] + [("anderson", "implicit_probe"), ("anderson", "unroll")],
+)
 def test_pytree_state_equals_the_flat_solve(method, backward, x64):
     """A dict state {"u": (2,), "v": (2, 2)} gives the fixed point and gradient of the
     same map on the flat (6,) vector."""
@@ -281,9 +283,19 @@ def test_state_structure_errors():
 # --- 4. mixed precision ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", SOLVERS)
-@pytest.mark.parametrize("backward", ["implicit", "implicit_probe", "phantom", "unroll"])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+LOW_PRECISION_CASES = [(m, "implicit", jnp.bfloat16) for m in SOLVERS] + [
+    ("anderson", b, d)
+    for b, d in [
+        ("implicit_probe", jnp.bfloat16),
+        ("phantom", jnp.bfloat16),
+        ("unroll", jnp.bfloat16),
+        ("implicit", jnp.float16),
+        ("implicit_probe", jnp.float16),
+    ]
+]
+
+
+@pytest.mark.parametrize("method,backward,dtype", LOW_PRECISION_CASES)
 def test_low_precision_state_and_parameters(method, backward, dtype):
     """bf16/f16 states and parameters: the solver iterates in float32 (Anderson's small
     system, Broyden's updates, norms), returns the state's dtype, and lands within the

@@ -22,7 +22,7 @@ from deqjax.deq import (
 )
 from deqjax.deq_gradients import AttackView, defended_state, estimate_state
 from deqjax.regulation import RandomSteps
-from deqjax.solvers import batch_sharded_like
+from deqjax.solvers import batch_sharded_like, compute_dtype
 
 
 def cell_as_function(cell: nn.Module, method: str | None = None):
@@ -150,8 +150,10 @@ class DEQ(nn.Module):
             self.cell(z0, u)  # create the cell's parameters
         params = self.cell.variables["params"]
         f = cell_as_function(self.cell)
+        # the probe carries [relative residual, steps]: at least float32 (bf16 states)
+        stats_dtype = compute_dtype(u.dtype)
         if backward_probe is None:
-            backward_probe = batch_sharded_like(jnp.zeros((u.shape[0], 2), u.dtype), u)
+            backward_probe = batch_sharded_like(jnp.zeros((u.shape[0], 2), stats_dtype), u)
         z0 = batch_sharded_like(z0, u)
 
         num_steps = None
@@ -186,6 +188,7 @@ class DEQ(nn.Module):
                     f, jax.lax.stop_gradient(z_i), (params, u_i), k, jacobian_samples
                 )
             )(z, u, keys)
+            est = est.astype(stats_dtype)  # a loss term: at least float32
             self.sow("losses", "jacobian_frobenius_sq", jnp.mean(est) / z[0].size)
         return z, stats
 

@@ -9,9 +9,17 @@ with 3×3 convolutions ``conv_a: width → inner`` and ``conv_b: inner → width
 GroupNorm (``groups`` groups). Input injection ``u = conv3×3/stride 2(x)``; head
 ``GN → global average pool → dense``. Bai, Koltun & Kolter 2020, "Multiscale Deep
 Equilibrium Models".
+
+Mixed precision: ``dtype`` (``None`` by default: the input's dtype, i.e. float32 for
+float32 images) is the dtype the injection, the cell and the head's normalisation
+compute their activations in (``jnp.bfloat16``/``jnp.float16``); parameters stay
+float32, the solver iterates the state in float32 (:func:`deqjax.deq.deq_fixed_point`)
+and the head's dense layer computes the logits in float32.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,22 +37,25 @@ class MDEQCell(nn.Module):
     width: int = 32
     inner: int = 64
     groups: int = 8
+    dtype: Any = None  # activations' dtype (None: the inputs'); parameters stay float32
 
     @nn.compact
     def __call__(self, z, u):
-        h = nn.relu(nn.GroupNorm(self.groups, name="gn_a")(FastConv(self.inner, name="conv_a")(z)))
-        h = nn.GroupNorm(self.groups, name="gn_b")(FastConv(self.width, name="conv_b")(h))
-        return nn.GroupNorm(self.groups, name="gn_out")(nn.relu(z + h + u))
+        conv = lambda n, name: FastConv(n, name=name, dtype=self.dtype)
+        gn = lambda name: nn.GroupNorm(self.groups, name=name, dtype=self.dtype)
+        h = nn.relu(gn("gn_a")(conv(self.inner, "conv_a")(z)))
+        h = gn("gn_b")(conv(self.width, "conv_b")(h))
+        return gn("gn_out")(nn.relu(z + h + u))
 
 
 class Injection(nn.Module):
     width: int = 32
+    dtype: Any = None  # the output's (the DEQ state's) dtype; None: the input's
 
     @nn.compact
     def __call__(self, x):
-        return FastConv(self.width, 3, strides=2, name="conv")(
-            x
-        )  # nn.Conv's params, fast input-VJP
+        # nn.Conv's params, fast input-VJP
+        return FastConv(self.width, 3, strides=2, name="conv", dtype=self.dtype)(x)
 
 
 HEADS = ("gap", "pool_flatten")
@@ -63,16 +74,20 @@ def pool_features(z, kind: str):
 class Head(nn.Module):
     """``GN → global average pool → dense`` (``"gap"``, the benchmark head) or
     ``GN → 2×2 average pool → flatten → dense`` (``"pool_flatten"``, which keeps
-    spatial layout and trains much faster on MNIST-sized inputs)."""
+    spatial layout and trains much faster on MNIST-sized inputs). With ``dtype`` the
+    normalisation and pooling compute in it and the dense layer in float32: the
+    logits are float32."""
 
     num_classes: int = 10
     groups: int = 8
     kind: str = "gap"
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, z):
-        feats = pool_features(nn.GroupNorm(self.groups, name="gn")(z), self.kind)
-        return nn.Dense(self.num_classes, name="dense")(feats)
+        feats = pool_features(nn.GroupNorm(self.groups, name="gn", dtype=self.dtype)(z), self.kind)
+        logits_dtype = None if self.dtype is None else jnp.float32
+        return nn.Dense(self.num_classes, name="dense", dtype=logits_dtype)(feats)
 
 
 def check_images(x, channels: int | None = None):
@@ -152,7 +167,9 @@ class DEQClassifierMethods:
 
 
 class MDEQClassifier(DEQClassifierMethods, nn.Module):
-    """Injection → DEQ(MDEQCell) → head. Returns ``(logits, stats)``."""
+    """Injection → DEQ(MDEQCell) → head. Returns ``(logits, stats)``. ``dtype``
+    (e.g. ``jnp.bfloat16``): the activations' and the DEQ state's dtype (module
+    docstring, "Mixed precision")."""
 
     num_classes: int = 10
     width: int = 32
@@ -160,11 +177,14 @@ class MDEQClassifier(DEQClassifierMethods, nn.Module):
     groups: int = 8
     head_kind: str = "gap"
     deq: DEQConfig = DEQConfig()
+    dtype: Any = None
 
     def setup(self):
-        self.injection = Injection(self.width)
-        self.equilibrium = DEQ(MDEQCell(self.width, self.inner, self.groups), self.deq)
-        self.head = Head(self.num_classes, self.groups, self.head_kind)
+        self.injection = Injection(self.width, dtype=self.dtype)
+        self.equilibrium = DEQ(
+            MDEQCell(self.width, self.inner, self.groups, dtype=self.dtype), self.deq
+        )
+        self.head = Head(self.num_classes, self.groups, self.head_kind, dtype=self.dtype)
 
 
 class ExplicitMDEQ(nn.Module):
@@ -177,16 +197,18 @@ class ExplicitMDEQ(nn.Module):
     groups: int = 8
     head_kind: str = "gap"
     depth: int = 6
+    dtype: Any = None  # as MDEQClassifier's
 
     @nn.compact
     def __call__(self, x, **unused):
         check_images(x)
-        u = Injection(self.width, name="injection")(x)
-        cell = MDEQCell(self.width, self.inner, self.groups, name="cell")
+        u = Injection(self.width, name="injection", dtype=self.dtype)(x)
+        cell = MDEQCell(self.width, self.inner, self.groups, name="cell", dtype=self.dtype)
         z = jnp.zeros_like(u)
         for _ in range(self.depth):
             z = cell(z, u)
-        return Head(self.num_classes, self.groups, self.head_kind, name="head")(z), None
+        head = Head(self.num_classes, self.groups, self.head_kind, name="head", dtype=self.dtype)
+        return head(z), None
 
 
 def warm_start_logits(

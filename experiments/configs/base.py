@@ -52,8 +52,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.limit_test = 0
     c.seed = 0
 
+    # dtype: the activations' dtype, "float32" | "bfloat16" | "float16" (mdeq and
+    # explicit_mdeq); parameters, optimiser state, solver internals and logits stay
+    # float32 (docs/mixed_precision.md)
     c.model = ml_collections.ConfigDict(
-        dict(name="mdeq", width=32, inner=64, groups=8, depth=6, head="pool_flatten")
+        dict(
+            name="mdeq", width=32, inner=64, groups=8, depth=6, head="pool_flatten", dtype="float32"
+        )
     )
     c.deq = deq_defaults()
 

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from deqjax.models import ExplicitMDEQ, MDEQClassifier
-from experiments.spec import ModelSpec, deq_config
+from experiments.spec import ModelSpec, activation_dtype, deq_config
 
 
 def build(config, num_classes: int) -> ModelSpec:
-    """``mdeq``: injection → DEQ(MDEQ cell) → head; evaluated at ``deq.eval_max_iter``."""
+    """``mdeq``: injection → DEQ(MDEQ cell) → head; evaluated at ``deq.eval_max_iter``.
+    ``model.dtype``: the activations' dtype (parameters stay float32)."""
     m = config.model
     module = MDEQClassifier(
         num_classes=num_classes,
@@ -17,6 +18,7 @@ def build(config, num_classes: int) -> ModelSpec:
         groups=m.groups,
         head_kind=m.head,
         deq=deq_config(config.deq),
+        dtype=activation_dtype(m),
     )
     return ModelSpec(
         module, is_deq=True, eval_kwargs={"config": deq_config(config.deq, evaluation=True)}
@@ -34,5 +36,6 @@ def build_explicit(config, num_classes: int) -> ModelSpec:
             groups=m.groups,
             head_kind=m.head,
             depth=m.depth,
+            dtype=activation_dtype(m),
         )
     )

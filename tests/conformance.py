@@ -1,0 +1,353 @@
+"""The composition matrix: every public pure function × the JAX transformations our
+users apply to it. Each cell is a check run by tests/test_conformance.py (it passes, or
+asserts the documented clear error) or a reference to the test module that runs it in
+a subprocess with forced devices, or "n/a" with the reason. The README's table is
+rendered from this module: ``python -m tests.conformance`` prints it, and a test keeps
+the README in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deqjax import DEQConfig, SolverConfig, deq_fixed_point
+from deqjax import attacks as A
+
+N = 4
+TRANSFORMS = (
+    "jit",
+    "vmap",
+    "vmap∘vmap",
+    "grad",
+    "jvp",
+    "hessian",
+    "closure",
+    "pytree state",
+    "float64",
+    "bfloat16",
+    "Explicit mesh",
+    "shard_map",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    status: str  # "yes", "error" (a clear error, asserted) or "n/a"
+    check: Callable[[], None] | None = None  # runs the cell (yes/error cells)
+    where: str = ""  # a test module running it elsewhere (forced devices)
+    note: str = ""
+
+
+# --- the DEQ core -------------------------------------------------------------------
+
+A_MAT = 0.6 * np.asarray(jax.random.normal(jax.random.PRNGKey(0), (N, N))) / np.sqrt(N)
+B_VEC = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (N,)), np.float64)
+
+
+def _config(backward):
+    method = "broyden" if backward.startswith("shine") else "anderson"
+    return DEQConfig(
+        forward=SolverConfig(method=method, max_iter=300, tol=1e-12, stop_mode="abs"),
+        backward=backward.removesuffix("+probe"),
+        adjoint_tol=1e-12,
+        adjoint_max_iter=300,
+        phantom_steps=60,
+        phantom_damping=1.0,
+    )
+
+
+def _deq_loss(backward, dtype=jnp.float64, closure=False, pytree=False):
+    cfg = _config(backward)
+    probe = jnp.zeros(2, dtype) if backward.endswith("+probe") else None
+
+    def loss(b):
+        a = A_MAT.astype(dtype)
+        if pytree:
+            cell = lambda z, p: {
+                "h": jnp.tanh(p[0] @ jnp.concatenate([z["h"], z["t"]]) + p[1])[:2],
+                "t": jnp.tanh(p[0] @ jnp.concatenate([z["h"], z["t"]]) + p[1])[2:],
+            }
+            z0 = {"h": jnp.zeros(2, dtype), "t": jnp.zeros(N - 2, dtype)}
+            z = deq_fixed_point(cell, z0, (a, b), cfg, backward_probe=probe)[0]
+            z = jnp.concatenate([z["h"], z["t"]])
+        elif closure:
+            z = deq_fixed_point(
+                lambda z, _: jnp.tanh(a @ z + b), jnp.zeros(N, dtype), (), cfg, backward_probe=probe
+            )[0]
+        else:
+            z = deq_fixed_point(
+                lambda z, p: jnp.tanh(p[0] @ z + p[1]),
+                jnp.zeros(N, dtype),
+                (a, b),
+                cfg,
+                backward_probe=probe,
+            )[0]
+        return jnp.sum(jnp.sin(z.astype(jnp.float64)) * jnp.arange(1.0, N + 1))
+
+    return loss
+
+
+def _fd_grad(fn, b, h=1e-6):
+    return jnp.stack([(fn(b + h * e) - fn(b - h * e)) / (2 * h) for e in jnp.eye(N)])
+
+
+def _close(x, y, tol=1e-7):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+def _near_in_bf16(backward, loss):
+    """bf16 state and parameters: the gradient (bf16) within 25% (in norm) of float64's."""
+    g16 = jax.grad(_deq_loss(backward, jnp.bfloat16))(jnp.asarray(B_VEC, jnp.bfloat16))
+    g = jax.grad(loss)(B_VEC)
+    assert g16.dtype == jnp.bfloat16
+    assert float(jnp.linalg.norm(g16.astype(jnp.float64) - g)) <= 0.25 * float(jnp.linalg.norm(g))
+
+
+def _deq_cells(backward):
+    loss = _deq_loss(backward)
+    bs = B_VEC + 0.1 * jnp.arange(6.0).reshape(3, 2, 1)  # (3, 2, N)
+    forward_ok = not backward.endswith("+probe")
+
+    cells = {
+        "jit": Cell("yes", lambda: _close(jax.jit(loss)(B_VEC), loss(B_VEC), 1e-12)),
+        "vmap": Cell(
+            "yes", lambda: _close(jax.vmap(loss)(bs[0]), jnp.stack([loss(b) for b in bs[0]]), 1e-12)
+        ),
+        "vmap∘vmap": Cell(
+            "yes",
+            lambda: _close(
+                jax.vmap(jax.vmap(loss))(bs), jax.vmap(loss)(bs.reshape(-1, N)).reshape(3, 2), 1e-12
+            ),
+        ),
+        "grad": Cell("yes", lambda: _close(jax.grad(loss)(B_VEC), _fd_grad(loss, B_VEC), 1e-6)),
+        "hessian": Cell(
+            "yes", lambda: _close(jax.hessian(loss)(B_VEC), _fd_grad(jax.grad(loss), B_VEC), 1e-6)
+        ),
+        "closure": Cell(
+            "yes",
+            lambda: _close(
+                jax.grad(_deq_loss(backward, closure=True))(B_VEC), jax.grad(loss)(B_VEC), 1e-9
+            ),
+        ),
+        "pytree state": Cell(
+            "yes",
+            lambda: _close(
+                jax.grad(_deq_loss(backward, pytree=True))(B_VEC), jax.grad(loss)(B_VEC), 1e-9
+            ),
+        ),
+        "float64": Cell("yes", lambda: _close(loss(B_VEC), _deq_loss("unroll")(B_VEC), 1e-10)),
+        "bfloat16": Cell("yes", lambda: _near_in_bf16(backward, loss)),
+        "Explicit mesh": Cell("yes", where="tests/test_meshes.py"),
+        "shard_map": Cell("yes", where="tests/test_transforms.py"),
+    }
+    v = np.ones(N)
+    if forward_ok:
+        cells["jvp"] = Cell(
+            "yes", lambda: _close(jax.jvp(loss, (B_VEC,), (v,))[1], _fd_grad(loss, B_VEC) @ v, 1e-6)
+        )
+    else:
+
+        def refused():
+            try:
+                jax.jvp(loss, (B_VEC,), (v,))
+            except TypeError as e:
+                assert "forward-mode" in str(e), e
+            else:
+                raise AssertionError("jvp through the probe's custom_vjp did not raise")
+
+        cells["jvp"] = Cell(
+            "error",
+            refused,
+            note="JAX refuses jvp of the probe's custom_vjp: drop the probe (jacfwd∘grad works)",
+        )
+    return cells
+
+
+# --- attacks ------------------------------------------------------------------------
+
+_W = jax.random.normal(jax.random.PRNGKey(2), (2 * 2 * 1, 5))  # 5 classes (APGD-T's DLR)
+
+
+def _logits(x):
+    return x.reshape(x.shape[0], -1).astype(jnp.float32) @ _W * 4.0
+
+
+def _images(dtype=jnp.float32):
+    x = jax.random.uniform(jax.random.PRNGKey(3), (4, 2, 2, 1)).astype(dtype)
+    return x, jnp.argmax(_logits(x), -1)
+
+
+ATTACKS = {
+    "fgsm": lambda f, x, y, k: A.fgsm(f, x, y, k, eps=0.1),
+    "pgd": lambda f, x, y, k: A.pgd(f, x, y, k, eps=0.1, steps=3),
+    "apgd": lambda f, x, y, k: A.apgd(f, x, y, k, eps=0.1, steps=3),
+    "apgd_targeted": lambda f, x, y, k: A.apgd_targeted(
+        f, x, y, k, eps=0.1, steps=3, n_target_classes=3
+    ),
+    "fab": lambda f, x, y, k: A.fab(f, x, y, k, eps=0.1, steps=3),
+    "fab_targeted": lambda f, x, y, k: A.fab_targeted(
+        f, x, y, k, eps=0.1, steps=3, n_target_classes=3
+    ),
+    "square": lambda f, x, y, k: A.square(f, x, y, k, eps=0.1, n_queries=5),
+}
+
+
+def _in_ball(x_adv, x, eps=0.1):
+    """x_adv keeps x's dtype and lies in the ε-ball and [0, 1]: exactly as stored for
+    half precision, to one rounding of ε in float32/float64."""
+    assert x_adv.dtype == x.dtype, (x_adv.dtype, x.dtype)
+    d = float(jnp.abs(x_adv.astype(jnp.float64) - x.astype(jnp.float64)).max())
+    slack = 0.0 if jnp.finfo(x.dtype).bits == 16 else 1e-6 * eps
+    assert d <= eps + slack, d
+    assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+
+
+def _attack_cells(name):
+    attack = ATTACKS[name]
+    x, y = _images()
+    key = jax.random.PRNGKey(4)
+    keys = jax.random.split(key, 3)
+    run = lambda k: attack(_logits, x, y, k)
+    na_diff = "n/a: an attack returns a searched point, not a differentiable function of x"
+
+    def closure():
+        params = {"w": _W}
+        out = attack(lambda x: x.reshape(x.shape[0], -1) @ params["w"] * 4.0, x, y, key)
+        _close(out, run(key), 1e-6)
+
+    def f64():  # (the matrix runs with jax_enable_x64)
+        x64 = x.astype(jnp.float64)
+        _in_ball(attack(_logits, x64, y, key), x64)
+
+    def bf16():
+        xb, yb = _images(jnp.bfloat16)
+        _in_ball(attack(_logits, xb, yb, key), xb)
+
+    return {
+        "jit": Cell("yes", lambda: _close(jax.jit(run)(key), run(key), 1e-6)),
+        "vmap": Cell(
+            "yes", lambda: _close(jax.vmap(run)(keys), jnp.stack([run(k) for k in keys]), 1e-6)
+        ),
+        "vmap∘vmap": Cell(
+            "yes",
+            lambda: _close(jax.vmap(jax.vmap(run))(keys[None]), jax.vmap(run)(keys)[None], 1e-6),
+        ),
+        "grad": Cell("n/a", note=na_diff),
+        "jvp": Cell("n/a", note=na_diff),
+        "hessian": Cell("n/a", note=na_diff),
+        "closure": Cell("yes", closure),
+        "pytree state": Cell("n/a", note="n/a: images are one array"),
+        "float64": Cell("yes", f64),
+        "bfloat16": Cell("yes", bf16),
+        "Explicit mesh": Cell("yes", where="tests/test_attack_transforms.py"),
+        "shard_map": Cell("yes", where="tests/test_attack_transforms.py"),
+    }
+
+
+def _flax_deq_cells():
+    from deqjax.models import MDEQClassifier
+
+    cfg = DEQConfig(
+        forward=SolverConfig(max_iter=40, tol=1e-6), adjoint_tol=1e-8, adjoint_max_iter=60
+    )
+    model = MDEQClassifier(width=4, inner=4, groups=2, deq=cfg)
+    x = jax.random.uniform(jax.random.PRNGKey(5), (2, 4, 4, 1))
+    params = model.init(jax.random.PRNGKey(6), x)
+    loss = lambda x: jnp.sum(jnp.sin(model.apply(params, x)[0]))
+
+    def grad_fd():
+        g = jax.grad(loss)(x)
+        d = jax.random.normal(jax.random.PRNGKey(7), x.shape)
+        h = 1e-2
+        fd = (loss(x + h * d) - loss(x - h * d)) / (2 * h)
+        _close(jnp.sum(g * d), fd, 2e-2)
+
+    def hvp():
+        d = jax.random.normal(jax.random.PRNGKey(7), x.shape)
+        rev = jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) * d))(x)
+        h = 1e-2
+        fd = (jax.grad(loss)(x + h * d) - jax.grad(loss)(x - h * d)) / (2 * h)
+        _close(rev, fd, 5e-2)
+
+    def refused():
+        try:
+            jax.jvp(loss, (x,), (x,))
+        except TypeError as e:
+            assert "forward-mode" in str(e), e
+        else:
+            raise AssertionError("jvp through the Flax DEQ did not raise")
+
+    def in_shard_map():  # a 1-device mesh: shard_map's check_vma typing all the same
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",))
+        spec = jax.sharding.PartitionSpec("x")
+        per_example = lambda x: jax.vmap(jax.grad(lambda xi: loss(xi[None])))(x)
+        sharded = jax.shard_map(per_example, mesh=mesh, in_specs=spec, out_specs=spec)
+        _close(jax.jit(sharded)(x), per_example(x), 1e-5)
+
+    return {
+        "jit": Cell("yes", lambda: _close(jax.jit(loss)(x), loss(x), 2e-3)),
+        "vmap": Cell(
+            "yes",
+            lambda: _close(
+                jax.vmap(lambda xi: loss(xi[None]))(x),
+                jnp.stack([loss(xi[None]) for xi in x]),
+                1e-5,
+            ),
+        ),
+        "vmap∘vmap": Cell(
+            "yes",
+            lambda: _close(
+                jax.vmap(jax.vmap(lambda xi: loss(xi[None])))(x[None]),
+                jnp.stack([loss(xi[None]) for xi in x])[None],
+                1e-5,
+            ),
+        ),
+        "grad": Cell("yes", grad_fd),
+        "jvp": Cell(
+            "error",
+            refused,
+            note="the layer passes a backward probe (custom_vjp): reverse mode; jacfwd∘grad works",
+        ),
+        "hessian": Cell("yes", hvp, note="Hessian-vector products by reverse over reverse"),
+        "closure": Cell("yes", where="tests/test_composition.py"),
+        "pytree state": Cell("n/a", note="n/a: the layer's state is the injection's array"),
+        "float64": Cell("yes", where="tests/test_composition.py"),
+        "bfloat16": Cell("yes", where="tests/test_mixed_precision.py", note="model.dtype"),
+        "Explicit mesh": Cell("yes", where="tests/test_meshes.py"),
+        "shard_map": Cell("yes", in_shard_map, note="input gradients in shard_map"),
+    }
+
+
+def rows() -> dict[str, dict[str, Cell]]:
+    out = {
+        f"deq_fixed_point ({b})": _deq_cells(b)
+        for b in ("implicit", "implicit+probe", "phantom", "unroll", "shine_refine")
+    }
+    out["Flax DEQ / MDEQClassifier"] = _flax_deq_cells()
+    out.update({name: _attack_cells(name) for name in ATTACKS})
+    return out
+
+
+SYMBOL = {"yes": "✓", "error": "error", "n/a": "–"}
+
+
+def markdown() -> str:
+    table = rows()
+    lines = [
+        "| function | " + " | ".join(TRANSFORMS) + " |",
+        "| --- |" + " --- |" * len(TRANSFORMS),
+    ]
+    for name, cells in table.items():
+        lines.append(
+            f"| `{name}` | " + " | ".join(SYMBOL[cells[t].status] for t in TRANSFORMS) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
