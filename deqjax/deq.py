@@ -251,7 +251,8 @@ def _solve_adjoint(jt: Callable, v: jax.Array, config: DEQConfig, u0=None):
     u0 = v if u0 is None else u0
     method = adjoint_method(config, v.size)
     if method == "dense":
-        eye = jnp.eye(v.size, dtype=v.dtype)
+        # (inside shard_map the basis must vary over the mesh axes v varies over)
+        eye = vary_over(jnp.eye(v.size, dtype=v.dtype), varying_axes(v))
         # rows jt(e_i) stack to the matrix of jt transposed
         u = jnp.linalg.solve(eye - jax.vmap(jt)(eye).T, v)
         steps = jnp.asarray(1, jnp.int32)
@@ -303,9 +304,11 @@ def _linear_solvers(config: DEQConfig, factors, jt: Callable | None = None):
             start = _shine_start(factors, b, transpose=transpose)
             if config.backward == "shine":
                 rel = jnp.linalg.norm(start - b - k(start)) / (jnp.linalg.norm(b) + 1e-12)
-                return start, (rel, jnp.asarray(0, jnp.int32))
-            x, rel, steps = _solve_adjoint(k, b, config, start)
-            return x, (rel, steps)
+                x, steps = start, jnp.asarray(0, jnp.int32)
+            else:
+                x, rel, steps = _solve_adjoint(k, b, config, start)
+            # inside shard_map every output of the linear solve varies like x
+            return x, vary_over((rel, steps), varying_axes(x))
 
         return run
 
