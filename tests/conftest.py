@@ -1,3 +1,4 @@
+import gc
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -6,9 +7,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# No persistent compilation cache: with it, two full runs under pytest-xdist each died
-# of a segmentation fault inside JAX's cache path (`_compile_and_write_cache`: one in
-# the cache write, one in the compile it wraps), in different tests that pass alone.
+# Full runs under pytest-xdist died of segmentation faults / aborts inside XLA's compile
+# in tests that pass alone: each worker accumulates thousands of compiled executables,
+# whose memory mappings approach the kernel's vm.max_map_count (65530 here). So no
+# persistent compilation cache, the compiled executables are released after every test
+# module, and .ci/run raises the limit.
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_executables():
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
