@@ -1,7 +1,7 @@
 """Runs every cell of the composition matrix (tests/conformance.py): each public
 function under each transformation passes its check against a reference, or raises
 the documented clear error; cells run in forced-device subprocesses name their
-module. The README's table is the matrix rendered."""
+module. The table of docs/concepts/composition.md is the matrix rendered."""
 
 import os
 
@@ -31,11 +31,12 @@ def test_cell(row, transform, x64):
     ROWS[row][transform].check()
 
 
-def test_readme_table_is_the_rendered_matrix():
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def test_docs_table_is_the_rendered_matrix():
+    page = os.path.join(ROOT, "docs", "concepts", "composition.md")
+    text = open(page, encoding="utf-8").read()
     start, end = "<!-- conformance:start -->\n", "<!-- conformance:end -->"
-    assert start in text and end in text, "README lacks the conformance table markers"
+    assert start in text and end in text, f"{page} lacks the conformance table markers"
     table = text.split(start, 1)[1].split(end, 1)[0]
     assert table == conformance.markdown(), (
-        "README's composition table is out of date: run `python -m tests.conformance`"
+        f"{page}'s composition table is out of date: run `python -m tests.conformance`"
     )
