@@ -24,7 +24,7 @@ direction.
   ``select_fn``). Per example it is never weaker than the transfer attack of the same
   view (PGD, APGD, APGD-T): every example the transfer attack breaks, it breaks. This
   is what makes an adaptive evaluation at least as strong as transfer by construction
-  (SPEC §7), at the cost of one defended forward per iterate.
+  (docs/concepts/evaluation.md), at the cost of one defended forward per iterate.
 * :func:`bpda_purified` — for a defence that transforms its input,
   ``defence(x) -> (logits, x′)``: value of the defended logits, gradient of the
   surrogate at the transformed input ``x′`` with the transformation's Jacobian replaced

@@ -1,7 +1,8 @@
 """Gradient estimators for attacking DEQs through their intermediate states.
 
 Yang et al. 2023, "Improving Adversarial Robustness of DEQs with Explicit Regulations"
-and "A Closer Look at the Adversarial Robustness of Deep Equilibrium Models" (SPEC §3):
+and "A Closer Look at the Adversarial Robustness of Deep Equilibrium Models"
+(docs/methods/deq_attacks.md):
 ready-made attacks differentiate a DEQ with the implicit gradient at the solver's final
 state, which is misaligned with the black-box forward when the solve has not converged
 (gradient obfuscation). Gradients through intermediate states expose it.

@@ -1,7 +1,7 @@
 """Learned Lyapunov functions and projected (provably stable) dynamics.
 
 LyaDEQ (Chu, Wei, Liu, Zhao & Miyatake 2024, "Lyapunov-Stable Deep Equilibrium
-Models", AAAI; SPEC §2)
+Models", AAAI; docs/methods/lyadeq.md)
 views a DEQ as the dynamical system ``dz/dt = F(z; x) = f(z, x) − z`` and makes it
 stable with the construction of Manek & Kolter 2019 ("Learning stable deep dynamics
 models", NeurIPS):
@@ -9,7 +9,7 @@ models", NeurIPS):
 * an input-convex network (Amos, Xu & Kolter 2017, ICNN)
   ``u₁ = σ(W₀ z + b₀)``, ``u_{i+1} = σ(W_i z + b_i + softplus(U_i) u_i)``,
   ``g(z) = W_k z + softplus(U_k) u_k`` with σ convex and non-decreasing, so
-  ``g`` is convex in ``z`` (SPEC's output bias ``b_k`` is left out: it cancels in
+  ``g`` is convex in ``z`` (the paper's output bias ``b_k`` is left out: it cancels in
   ``g(z) − g(0)`` and would never receive a gradient);
 * a positive definite Lyapunov candidate ``V(z) = ReHU_d(g(z) − g(0)) + η‖z‖²``;
 * the projection ``F̂ = F − ∇V · ReLU(∇Vᵀ F + α V) / ‖∇V‖²`` which guarantees
@@ -20,7 +20,7 @@ models", NeurIPS):
 ``z = 0``; there the projection term is defined as 0 (``F̂(0) = F(0)``), computed with a
 double-``where`` so that neither the value nor any derivative is NaN.
 
-A LyaDEQ (SPEC §2, decision) is the **finite-time** system ``z₀ = 0``,
+A LyaDEQ (docs/methods/lyadeq.md) is the **finite-time** system ``z₀ = 0``,
 ``z_{k+1} = z_k + h · F̂(z_k; x)``, output ``z_K``: the roots of ``F̂`` are not used
 (for α > 0 and z ≠ 0, ``∇Vᵀ F̂ ≤ −αV < 0``, so the only possible root is ``z = 0``).
 The continuous-time decrease does not carry over to Euler steps of size ``h``:
@@ -229,7 +229,7 @@ def lyapunov_along(
     Returns ``(values, increases)``: ``V(z_k)`` for ``k = 0 … K`` and the booleans
     ``V(z_{k+1}) > V(z_k)`` for ``k = 0 … K − 1``. The projection guarantees
     ``dV/dt ≤ −αV`` for the flow; an Euler step ``z + h F̂(z)`` can still increase
-    ``V`` (SPEC §2 asks for this fraction on trained models)."""
+    ``V``, so this fraction is measured and reported on trained models."""
     states = jnp.asarray(states)
     if states.ndim < 2 or states.shape[0] < 2:
         raise ValueError(
@@ -270,7 +270,7 @@ def stability_check(
     """Run a finite-time map ``run(z₀) -> z_K`` from ``z₀`` and from ``z₀ + δ_j``,
     ``δ_j = scale · ε_j``, ``ε_j ~ N(0, I)``, ``j = 1 … n_perturb`` (vmapped; one key
     for all draws), and report how far the final states are from the unperturbed one
-    (SPEC §2: trajectories from perturbed initial states should end close together).
+    (trajectories from perturbed initial states should end close together).
     One example; vmap over ``(z0, key)`` and whatever ``run`` closes over for a batch.
     Jittable with ``n_perturb`` static."""
     if int(n_perturb) < 1:

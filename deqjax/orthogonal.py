@@ -1,6 +1,6 @@
 """Fully connected layers with exactly orthonormal weights (Stiefel manifold).
 
-LyaDEQ (Chu et al. 2024, "Lyapunov-Stable Deep Equilibrium Models", AAAI; SPEC §2)
+LyaDEQ (Chu et al. 2024, "Lyapunov-Stable Deep Equilibrium Models", AAAI)
 puts an orthogonal fully connected layer after the Lyapunov-stable equilibrium to
 separate the crowded stable fixed points of different classes. ``W`` (``n_out × n_in``)
 has orthonormal columns (``WᵀW = I``, tall or square) or rows (``WWᵀ = I``, wide),

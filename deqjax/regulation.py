@@ -2,7 +2,7 @@
 input entropy reduction (inference).
 
 Yang et al. 2023, "Improving Adversarial Robustness of Deep Equilibrium Models with
-Explicit Regulations Along the Neural Dynamics" (SPEC §5).
+Explicit Regulations Along the Neural Dynamics" (ICML; docs/methods/regulation.md).
 
 **Random intermediate states.** At every training forward draw ``n ~ U{1, …, n_max}``,
 run exactly n solver steps and use ``z_n`` with the phantom gradient instead of the

@@ -8,7 +8,7 @@ for an explicit network there is one view); for a defended model it may be anoth
 model altogether (a transfer attack, see :func:`deqjax.bpda.adaptive_views`). For each
 ε, every gradient attack runs through every view, gradient-free attacks run once, every
 output is scored by ``score``, and an example is robust only if it is classified
-correctly clean and under all of them (SPEC §3 and §7). Sanity flags (SPEC §7) come with
+correctly clean and under all of them (docs/concepts/evaluation.md). Sanity flags come with
 every evaluation.
 
 Scale: each chunk of ``batch_size`` examples is split over the devices of a mesh

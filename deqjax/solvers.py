@@ -5,7 +5,7 @@ to an array of the same shape. Batching is ``jax.vmap`` over the solve; under vm
 ``lax.while_loop`` keeps iterating while any example is unconverged, but every
 example's state is frozen from the step its own residual passed the tolerance, so a
 slow example never changes the answer of a fast one and every example reports its
-own iteration count and residual (SPEC §1).
+own iteration count and residual (docs/concepts/solvers.md).
 
 Stopping: the residual of the evaluated iterate ``z_k``,
 ``abs = ‖f(z_k) − z_k‖`` and ``rel = ‖f(z_k) − z_k‖ / ‖f(z_k)‖``, is compared with
@@ -15,7 +15,7 @@ is the evaluated iterate with the lowest residual (as in Bai et al.'s DEQ solver
 so a solver that starts to diverge still returns its best point, and the statistics
 are exact for the point returned.
 
-**Non-finite values** (SPEC §1: non-finite in => non-finite out, never a made-up
+**Non-finite values** (non-finite in => non-finite out, never a made-up
 finite answer). A non-finite ``z0``, or a non-finite value in any ``f(z_k)`` the
 solver evaluates for an example still running, ends that example's solve: its
 returned state is all NaN, its residuals NaN and ``converged`` False (under vmap the

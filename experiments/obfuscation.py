@@ -1,4 +1,4 @@
-r"""Gradient-obfuscation sweep of a trained DEQ (SPEC §3, seed 001).
+r"""Gradient-obfuscation sweep of a trained DEQ (docs/methods/deq_attacks.md).
 
     python -m experiments.obfuscation --workdir runs/deq_mnist_trades \
         [--eps=0.1,0.2,0.3] [--state_indices=1,2,4,8] [--attack_steps=2,5] \

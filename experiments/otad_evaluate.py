@@ -1,6 +1,6 @@
 r"""Robustness reports of an OTAD workdir: the same network without OTAD, with the
 CIP solver, and (``otad_nn``) with the neural CIP (Gai, Wang & Zhang,
-arXiv:2408.00329; SPEC sections 6 and 7).
+arXiv:2408.00329; docs/methods/otad.md).
 
     python -m experiments.otad_evaluate --workdir runs/otad_mnist_nn [--n_examples=100] [--refit]
 

@@ -87,7 +87,7 @@ def make_loss_fn(spec: ModelSpec, config):
     (``implicit`` or ``phantom``) while the weight update uses ``deq.backward``. With
     ``deq.random_states_max = n_max > 0`` every training forward uses random
     intermediate states (one draw for the inner attack, one for the weight update, per
-    batch; SPEC §5). ``adv.warm_start`` (DEQs): each inner attack step's solve starts
+    batch). ``adv.warm_start`` (DEQs): each inner attack step's solve starts
     from the previous step's equilibrium (:func:`deqjax.models.warm_start_logits`; needs
     a tolerance-stopped forward and ``adv.attack_gradient`` implicit or phantom); the
     weight update's forward stays cold. Sown regularisers are added with their weights

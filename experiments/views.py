@@ -1,13 +1,13 @@
 """The attacked views of a model: ``{view name: logits_fn}`` per evaluated model.
 
 Every view of one model computes that model's logits; views differ only in the gradient
-an attack follows (SPEC §3, §7). The one entry point is :func:`model_views`:
+an attack follows (docs/concepts/attack_views.md). The one entry point is :func:`model_views`:
 
 * an explicit network: ``{"autodiff": f}``;
 * a DEQ: its gradient views (:func:`deq_views`: ``implicit``, ``unroll`` — the exact
   gradient of the evaluation forward's own steps —, ``phantom``, ``intermediate_z{i}``,
   ``ensemble``, ``simultaneous_adjoint``) from ``robustness.gradients``;
-* a model with an input-transforming defence (input entropy reduction, SPEC §5): the
+* a model with an input-transforming defence (input entropy reduction): the
   adaptive views of :func:`deqjax.bpda.adaptive_views` around the undefended model's
   views — full autodiff through the defence, BPDA composed with *every* undefended view
   (``bpda_<view>``, ``bpda_purified_<view>``), and the transfer attacks
@@ -78,7 +78,7 @@ def undefended_views(run: Run, r) -> dict[str, Callable]:
 
 
 def entropy_defence(run: Run) -> Callable:
-    """``x -> (logits, x_purified)``: input entropy reduction (SPEC §5) around the DEQ,
+    """``x -> (logits, x_purified)``: input entropy reduction (Yang et al. 2023) around the DEQ,
     with the settings of ``config.entropy_reduction``."""
     spec, er = run.spec, run.config.entropy_reduction
     module = spec.module

@@ -1,4 +1,5 @@
-"""Certificates that are proofs (SPEC §4): Gram-iteration upper bounds on the CPL
+"""Certificates that are proofs (docs/concepts/certificates.md): Gram-iteration
+upper bounds on the CPL
 layers' operator norms (Delattre et al. 2023) against exact norms, networks stepped
 with them are 1-Lipschitz (exact Jacobians), and certified_radius only accepts logits
 of such a network."""

@@ -1,4 +1,4 @@
-"""Gradient obfuscation of an adversarially trained DEQ, measured (SPEC §3, seed 001).
+"""Gradient obfuscation of an adversarially trained DEQ, measured (docs/results/obfuscation.md).
 
 `tests/data/deq_mnist_trades_params.msgpack` holds `deq_mnist_trades` trained here (TRADES,
 3 epochs). The same PGD-10 (same random starts) follows the naive implicit gradient and

@@ -1,4 +1,4 @@
-"""lyadeq trains through the common loop as the finite-time model of SPEC §2, and its
+"""lyadeq trains through the common loop as the finite-time model of docs/methods/lyadeq.md, and its
 report carries the stability and gradient sections."""
 
 import ml_collections

@@ -1,4 +1,4 @@
-"""LyaDEQ: Lyapunov function, projected dynamics, orthogonal layer, model (SPEC §2)."""
+"""LyaDEQ: Lyapunov function, projected dynamics, orthogonal layer, model (Chu et al. 2024)."""
 
 import functools
 
@@ -209,7 +209,7 @@ def test_orthogonal_bad_input():
 
 
 def test_icnn_has_no_dead_output_bias():
-    """SPEC's output bias b_k of g cancels in g(z) − g(0): V cannot depend on it, so
+    """The paper's output bias b_k of g cancels in g(z) − g(0): V cannot depend on it, so
     it is not a parameter (it could never be trained)."""
     params = icnn_init(jax.random.PRNGKey(0), DIM, (8, 8))
     assert set(params[-1]) == {"W", "U"} and all("b" in layer for layer in params[:-1])

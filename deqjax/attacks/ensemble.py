@@ -72,7 +72,7 @@ ATTACK_NAMES = (
 )
 PRESETS = ("standard", "plus")
 GRADIENT_FREE = ("square",)
-PRESET_SPECS = {  # (name, restarts), in the reference's order
+PRESET_ATTACKS = {  # (name, restarts), in the reference's order
     "standard": [("apgd-ce", 1), ("apgd-t", 1), ("fab-t", 1), ("square", 1)],
     "plus": [
         ("apgd-ce", 5),
@@ -128,7 +128,7 @@ def make_attack(name, *, n_iter=100, n_queries=5000, n_target_classes=9, restart
 def preset(name, *, n_iter=100, n_queries=5000, n_target_classes=9):
     """List of (name, attack) pairs of a preset ("standard" or "plus"; see the module
     docstring for what they match)."""
-    if name not in PRESET_SPECS:
+    if name not in PRESET_ATTACKS:
         raise ValueError(
             f"unknown ensemble preset {name!r}; use one of {PRESETS} "
             "or a list of attack names / (name, callable) pairs."
@@ -136,7 +136,7 @@ def preset(name, *, n_iter=100, n_queries=5000, n_target_classes=9):
     kw = dict(n_iter=n_iter, n_queries=n_queries, n_target_classes=n_target_classes)
     return [
         (n if r == 1 else f"{n}-x{r}", make_attack(n, restarts=r, **kw))
-        for n, r in PRESET_SPECS[name]
+        for n, r in PRESET_ATTACKS[name]
     ]
 
 

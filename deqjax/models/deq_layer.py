@@ -40,13 +40,13 @@ def cell_as_function(cell: nn.Module, method: str | None = None):
 def refuse_implicit(cell: nn.Module, implicit_gradient: bool) -> None:
     """Raise if the implicit gradient is asked of a cell that has no equilibrium.
 
-    A cell with ``has_equilibrium = False`` — a LyaDEQ, which SPEC §2 defines as a
+    A cell with ``has_equilibrium = False`` — a LyaDEQ, which deqjax defines as a
     finite-time system (K steps from z₀ = 0, output z_K), not a fixed point — has
     nothing for the implicit function theorem to differentiate."""
     if implicit_gradient and not getattr(cell, "has_equilibrium", True):
         raise ValueError(
             f"{type(cell).__name__} defines a finite-time system (K steps from z0 = 0, "
-            "output z_K; SPEC §2), not an equilibrium: there is no fixed point to "
+            "output z_K), not an equilibrium: there is no fixed point to "
             "differentiate implicitly. Use backward='unroll' (the exact gradient of the "
             "K steps) or 'phantom', and attack views other than 'implicit'"
         )
@@ -133,7 +133,7 @@ class DEQ(nn.Module):
         draw ``n ~ U{1, …, max_steps}`` once for the batch, run exactly n solver steps
         and return ``z_n`` with the phantom gradient (K = ``config.phantom_steps``,
         λ = ``config.phantom_damping``) — the "random intermediate states" of Yang
-        et al. 2023 (SPEC §5).
+        et al. 2023 (docs/methods/regulation.md).
 
         With ``jacobian_key``, also sow the Hutchinson estimate of
         ``‖J_f(z*)‖_F² / dim(z)`` (batch mean) into the ``"losses"`` collection

@@ -1,13 +1,13 @@
 """LyaDEQ: a Lyapunov-stable DEQ image classifier (Flax wrappers).
 
 Chu, Wei, Liu, Zhao & Miyatake 2024, "Lyapunov-Stable Deep Equilibrium Models"
-(AAAI; SPEC §2), with the stable projection of Manek & Kolter 2019. Given a base
+(AAAI; docs/methods/lyadeq.md), with the stable projection of Manek & Kolter 2019. Given a base
 cell ``f(z, u)`` (here :class:`~deqjax.models.mdeq.MDEQCell`, the same cell and
 injection as the plain DEQ so the comparison is fair), the residual dynamics
 ``F(z; u) = f(z, u) − z`` are projected with a learned Lyapunov function ``V``
 (:mod:`deqjax.lyapunov`): ``F̂ = F − ∇V · ReLU(∇Vᵀ F + α V) / ‖∇V‖²``.
 
-**A LyaDEQ is a finite-time system** (SPEC §2, decision): ``z₀ = 0``,
+**A LyaDEQ is a finite-time system** (docs/methods/lyadeq.md): ``z₀ = 0``,
 ``z_{k+1} = z_k + h · F̂(z_k; u)`` for ``k = 0 … K − 1``, output ``z_K``, then an
 orthogonal fully connected layer (:mod:`deqjax.orthogonal`) and the classifier. K
 (``steps``) and h (``step_size``) are hyperparameters of the model, the same in
@@ -105,7 +105,7 @@ class LyapunovCell(nn.Module):
     are vmapped over the batch. Parameters: ``base_cell`` and ``icnn``.
 
     ``has_equilibrium = False``: iterated K times it defines a finite-time system, and
-    the DEQ layer refuses its implicit gradient (SPEC §2)."""
+    the DEQ layer refuses its implicit gradient."""
 
     base_cell: nn.Module
     icnn_widths: Sequence[int] = (64,)
@@ -228,7 +228,7 @@ class LyaDEQClassifier(DEQClassifierMethods, nn.Module):
         if got != want:
             raise ValueError(
                 f"a LyaDEQ is the finite-time system of K = {self.steps} steps of size "
-                f"h = {self.step_size} (SPEC §2): a call-time config may change its "
+                f"h = {self.step_size}: a call-time config may change its "
                 f"backward, not its forward; got (method, max_iter, tol, damping) = {got}, "
                 f"need {want}"
             )

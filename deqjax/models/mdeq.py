@@ -1,6 +1,6 @@
 """The reference image DEQ (a small single-scale "MDEQ") and its explicit twin.
 
-Cell (the benchmark cell of deqjax; SPEC §1's residual MDEQ cell without weight
+Cell (the benchmark cell of deqjax; the robustness papers' residual MDEQ cell without weight
 norm and dropout):
 
     f(z, u) = GN(ReLU(z + GN(conv_b(ReLU(GN(conv_a(z))))) + u))

@@ -9,7 +9,8 @@ Agnostic Adversarial Attack", arXiv:2408.00329. Given the K neighbours
 
 Two forms of ``q_j`` are offered (``form=``):
 
-* ``"authors"`` (l = 0 only), as stated for OTAD in SPEC section 6:
+* ``"authors"`` (l = 0 only), the test-time problem of the OTAD paper
+  (docs/methods/otad.md):
   ``q_j(g) = u_j - <g - z_j, x - x_j> + |g - z_j|^2 / (2L)``.
 * ``"envelope"`` (any 0 <= l < L): the Taylor-Hendrickx-Glineur condition
   "the new point (x, f, g) lies above neighbour j" (the lower smooth strongly

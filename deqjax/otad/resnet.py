@@ -8,8 +8,8 @@ Gai, Wang & Zhang, arXiv:2408.00329. A residual flow
 
 The penalty is the (discrete, kinetic) transport cost of the flow; minimising
 it pushes ``T: x^0 -> x^N`` towards an optimal transport map, i.e. the gradient
-of a convex potential (Brenier), which the CIP then interpolates. SPEC section
-6 (choice): the authors' exact regulariser is not public; this is the transport
+of a convex potential (Brenier), which the CIP then interpolates. Our choice
+(docs/methods/otad.md): the authors' exact regulariser is not public; this is the transport
 cost of the residual flow. Embeddings and features are returned *flattened*
 (B, d) so that T is a map between vectors, as the CIP needs.
 """

@@ -95,7 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )  # DEQ gradient path of the inner attack: implicit | phantom; warm_start: each inner
     # step's solve starts from the previous step's equilibrium (deqjax.models.warm_start_logits)
-    # Input entropy reduction at inference (DEQs; SPEC §5): R rounds of T_f solver steps,
+    # Input entropy reduction at inference (DEQs; Yang et al. 2023): R rounds of T_f solver steps,
     # `steps` sign-gradient steps of size `step_size` on the input between rounds.
     c.entropy_reduction = ml_collections.ConfigDict(
         dict(

@@ -1,4 +1,4 @@
-"""PGD-AT of an MDEQ on CIFAR-10 with the DEQ robustness papers' setting (SPEC §3):
+"""PGD-AT of an MDEQ on CIFAR-10 with the DEQ robustness papers' setting:
 ε = 8/255, step 2/255, 10 steps, uniform random start; Broyden 8 forward steps,
 7 backward. Needs a prepared TFDS cifar10 (``tfds build cifar10``)."""
 

@@ -1,4 +1,4 @@
-"""CIFAR-10 TRADES DEQ with both regulations and the authors' settings (SPEC §5):
+"""CIFAR-10 TRADES DEQ with both regulations and the authors' settings:
 random intermediate states in training; entropy reduction at inference with
 ε = 8/255, η = 2/255, 10 steps. Needs a prepared TFDS cifar10."""
 

@@ -1,5 +1,5 @@
-"""deq_mnist_pgdat in the setting of the DEQ-robustness papers (Yang et al. 2023, SPEC
-§3): Broyden with a fixed budget of 8 forward and 7 backward (adjoint) steps — the
+"""deq_mnist_pgdat in the setting of the DEQ-robustness papers (Yang et al. 2022,
+2023): Broyden with a fixed budget of 8 forward and 7 backward (adjoint) steps — the
 misaligned budgets under which the implicit gradient and the forward solve disagree —
 and PGD adversarial training whose inner attack differentiates the model exactly as the
 weight update does (the implicit gradient). The evaluation forward is the trained one

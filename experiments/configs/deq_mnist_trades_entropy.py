@@ -1,4 +1,4 @@
-"""deq_mnist_trades evaluated with input entropy reduction at inference (SPEC §5):
+"""deq_mnist_trades evaluated with input entropy reduction at inference:
 R = 3 rounds of T_f = 8 solver steps, 5 sign-gradient steps (η = 0.025) between rounds
 inside an L∞ ball of 0.1 around the given input. Training is plain TRADES; the report
 labels the adaptive (BPDA, full autodiff) and non-adaptive protocols."""

@@ -1,4 +1,4 @@
-"""deq_mnist_trades with random intermediate states (Yang et al. 2023, SPEC §5): every
+"""deq_mnist_trades with random intermediate states (Yang et al. 2023): every
 training forward, the inner attack's included, runs n ~ U{1, …, 12} solver steps and
 uses z_n with the phantom gradient (K = 5, λ = 0.5)."""
 

@@ -1,5 +1,5 @@
 """LyaDEQ on mnist_5k with the injection, cell, head and training of deq_mnist (a fair
-comparison), run as the finite-time system of SPEC §2: K = ``lyapunov.steps`` steps
+comparison), run as the finite-time system of docs/methods/lyadeq.md: K = ``lyapunov.steps`` steps
 ``z ← z + h F̂(z)`` (h = ``lyapunov.step_size``) from z₀ = 0, the same K in training and
 at test time, with the exact (unrolled) gradient by default (``deq.backward=phantom``:
 the last ``deq.phantom_steps`` steps only). α, η, d, the ICNN widths and the

@@ -5,7 +5,7 @@ nearest training points (l = 0, L = 2, relaxed upward when the LP is infeasible)
     python -m experiments.train --config experiments/configs/otad_mnist.py --workdir runs/otad_mnist
     python -m experiments.otad_evaluate --workdir runs/otad_mnist   # fits the index first
 
-Choices (SPEC section 6):
+Choices (docs/methods/otad.md):
 * neighbours are searched in the network's embedding space x^0 (``otad.neighbours =
   "embedding"``; ``"input"`` = raw pixels): the CIP's guarantees
   ``|g(x) - z_j| <= L |x - x_j|`` are stated in x^0, so the nearest points in x^0

@@ -1,4 +1,4 @@
-"""LyaDEQ (SPEC §2): the MDEQ injection and cell, made Lyapunov-stable by the projected
+"""LyaDEQ (Chu et al. 2024): the MDEQ injection and cell, made Lyapunov-stable by the projected
 dynamics and run as a finite-time system (K steps ``z ← z + h F̂(z)`` from 0), then an
 orthogonal layer and the classifier.
 
@@ -45,7 +45,7 @@ def check_finite_time(config) -> None:
     if bad:
         raise ValueError(
             f"a LyaDEQ is the finite-time system of lyapunov.steps = {k} steps of size "
-            f"lyapunov.step_size = {h}, the same in training and at test time (SPEC §2); "
+            f"lyapunov.step_size = {h}, the same in training and at test time; "
             f"the deq block disagrees: {bad}, need { ({key: need[key] for key in bad}) }. "
             "Change lyapunov.steps / lyapunov.step_size (the lyadeq configs tie the deq "
             "keys to them)"
@@ -139,7 +139,8 @@ def stability_hook(spec, state, x, y, eps_list, r, *, n_spread=16, n_perturb=16,
 
 
 def build(config, num_classes: int) -> ModelSpec:
-    """The ``lyadeq`` family: :class:`LyaDEQClassifier` (the finite-time system of SPEC §2)
+    """The ``lyadeq`` family: :class:`LyaDEQClassifier` (the finite-time system
+    of docs/methods/lyadeq.md)
     with the stability and gradient-norm report sections."""
     check_finite_time(config)
     m, ly, dq = config.model, config.lyapunov, config.deq

@@ -10,7 +10,7 @@ Three registered names share one trained network, so that the comparison is
   ``module(x) -> (logits, None)``). It sows the transport cost
   ``mean_batch sum_k |x^{k+1} - x^k|^2`` into the ``"losses"`` collection and
   ``ModelSpec.regularizers`` weights it by ``otad.transport_weight``, so
-  ``experiments.train`` minimises ``CE + lambda * transport`` (SPEC section 6).
+  ``experiments.train`` minimises ``CE + lambda * transport`` (docs/methods/otad.md).
 * ``otad`` -- the same training; at test time the feature ``T(x^0)`` is
   replaced by the CIP solution on the K nearest training points.
 * ``otad_nn`` -- as ``otad`` plus a :class:`deqjax.otad.NeuralCIP` trained
