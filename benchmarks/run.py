@@ -18,7 +18,7 @@ workload runs one fresh subprocess per configuration (see
 reports the device name (JAX uses its default backend); it is never required. It does
 not move the memory rows (host RSS, JAX on the CPU unless ``JAX_PLATFORMS`` says
 otherwise) nor the torch side of the ``ttr_*`` rows, which stays on the CPU (one GPU run:
-docs/gpu_run.md).
+docs/benchmarks/gpu_run.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Solver checks behind the README's solver section: Anderson's regulariser (absolute,
+"""Solver checks behind docs/results/solvers.md: Anderson's regulariser (absolute,
 as before, vs relative to the Gram matrix) and the SHINE backward, on analytic
 problems and on the shipped TRADES DEQ (``tests/data/deq_mnist_trades_params.msgpack``
 with ``experiments/configs/deq_mnist_trades.py``).

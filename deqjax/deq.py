@@ -114,8 +114,8 @@ class DEQConfig:
         system ``u = v + Jᵀu`` is linear in the cotangent ``v``, so its solution must
         scale with ``v``: with the absolute ridge it does not — a small cotangent (a
         batch-mean loss, a confidently classified example) makes ``λ = ridge``
-        dominate the Gram matrix and the solve inaccurate (README, "The adjoint's
-        ridge"). ``"absolute"`` reproduces runs made before this option existed.
+        dominate the Gram matrix and the solve inaccurate (docs/concepts/solvers.md,
+        "Anderson's ridge"). ``"absolute"`` reproduces runs made before this option existed.
       phantom_steps, phantom_damping: K and λ of the phantom gradient.
     """
 

@@ -66,7 +66,7 @@ def split_list(s) -> list[str]:
 
 
 # ``config.model.dtype``: the dtype a model computes its activations in (parameters,
-# optimiser state, solver internals and logits stay float32; docs/mixed_precision.md).
+# optimiser state, solver internals and logits stay float32; docs/concepts/mixed_precision.md).
 # "float32" is the models' own default (None: the inputs' dtype, float32 images).
 ACTIVATION_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # the families whose builder reads config.model.dtype (others refuse anything but float32)

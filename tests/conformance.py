@@ -1,9 +1,9 @@
 """The composition matrix: every public pure function × the JAX transformations our
 users apply to it. Each cell is a check run by tests/test_conformance.py (it passes, or
 asserts the documented clear error) or a reference to the test module that runs it in
-a subprocess with forced devices, or "n/a" with the reason. The README's table is
-rendered from this module: ``python -m tests.conformance`` prints it, and a test keeps
-the README in step.
+a subprocess with forced devices, or "n/a" with the reason. The table of
+docs/concepts/composition.md is rendered from this module: ``python -m tests.conformance``
+prints it, and a test keeps the page in step.
 """
 
 from __future__ import annotations

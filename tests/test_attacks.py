@@ -313,7 +313,7 @@ def test_sanity_flags_host_logic():
         "pgd/autodiff": 0.56,
         "pgd/transfer_simultaneous_adjoint": 0.51,
         "square": 0.52,
-    }  # the README's ε = 0.1 row before adaptive views composed BPDA with every view
+    }  # the documented ε = 0.1 row before adaptive views composed BPDA with every view
     rep = A.sanity_flags(per_attack=measured)
     assert (
         rep.flags["adaptive_weaker_than_transfer"]

@@ -5,7 +5,7 @@
 the simultaneous adjoint — the adjoint iteration run along the forward solver's
 intermediate states — and both are scored on the model's own 40-step forward. On this
 model the attack through the intermediate states finds adversarial examples the naive
-implicit-gradient attack misses (README, "Results")."""
+implicit-gradient attack misses (docs/results/obfuscation.md)."""
 
 import os
 

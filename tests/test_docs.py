@@ -130,6 +130,17 @@ def test_no_reference_to_the_external_specification():
     assert not found, found
 
 
+def test_readme_links_exist():
+    """The README is read on the code host, outside the site: its relative links point at
+    files of the repository."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", fh.read())
+    local = [link for link in links if "://" not in link]
+    assert local and all(os.path.exists(os.path.join(ROOT, link)) for link in local), [
+        link for link in local if not os.path.exists(os.path.join(ROOT, link))
+    ]
+
+
 def test_navigation_pages_exist():
     yaml = pytest.importorskip("yaml")
     with open(os.path.join(ROOT, "mkdocs.yml"), encoding="utf-8") as fh:

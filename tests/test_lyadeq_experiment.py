@@ -55,7 +55,7 @@ def test_lyadeq_trains_and_reports_stability_and_gradients(tmp_path):
     assert g["icnn_min_leaf_max_abs_change"] > 0  # ... and every ICNN parameter moved
     assert 0.0 <= st["fraction_icnn_term_alive"] <= 1.0
     assert 0.0 <= sp["fraction_prediction_changed"] <= 1.0
-    # the README's comparison table and plot from reports (naive view: unroll here)
+    # the docs' comparison table and plot from reports (naive view: unroll here)
     table = lyadeq_family.comparison_table([("LyaDEQ", report)])
     assert "| LyaDEQ |" in table and "ε=0.1 naive / worst" in table
     lyadeq_family.main(["--out", str(tmp_path / "cmp.png"), f"LyaDEQ={tmp_path}"])

@@ -1,5 +1,5 @@
 """``config.model.dtype``: the MDEQ family computes its activations in bfloat16/float16
-while parameters, optimiser state and logits stay float32 (docs/mixed_precision.md)."""
+while parameters, optimiser state and logits stay float32 (docs/concepts/mixed_precision.md)."""
 
 import jax
 import jax.numpy as jnp

@@ -23,7 +23,7 @@ states ``z_1 … z_K`` are the solver trajectory. Gradients:
 * ``"implicit"``: refused — there is no equilibrium to differentiate. (The earlier
   root formulation was not well posed: for α > 0 ``F̂`` has no root, for α = 0 a solve
   from ``z₀ = 0`` stalls on spurious roots, and at a base root the projection is
-  inactive so the implicit gradient never reaches ``V``; see README, "LyaDEQ".)
+  inactive so the implicit gradient never reaches ``V``; see docs/methods/lyadeq.md.)
 
 Solver statistics of a LyaDEQ: ``steps`` = K, the residual ``‖h F̂(z_{K−1})‖`` is
 information only, and ``converged`` means "the K steps gave a finite output" (there is

@@ -19,7 +19,7 @@ def deq_defaults() -> ml_collections.ConfigDict:
             anderson_ridge=1e-4,
             # "absolute" (λ = ridge, as Bai et al. and torchdeq) or "relative" (λ scaled to
             # the Gram matrix; the library default): training deq_mnist with the relative
-            # ridge gave a DEQ whose evaluation solves converge far less (README, Results)
+            # ridge gave a DEQ whose evaluation solves converge far less (docs/results/deq.md)
             anderson_ridge_mode="absolute",
             anderson_beta=1.0,
             broyden_memory=0,
@@ -31,7 +31,7 @@ def deq_defaults() -> ml_collections.ConfigDict:
             # trained with it converges at evaluation 92% vs 47% with "relative") and at
             # evaluation (relative: the linear adjoint solve then scales with the
             # cotangent, and attacks through the implicit gradient are 2-4 points
-            # stronger); README, "The adjoint's ridge"
+            # stronger); docs/results/solvers.md, "The adjoint's ridge"
             adjoint_ridge_mode="absolute",
             eval_adjoint_ridge_mode="relative",
             phantom_steps=5,
@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # dtype: the activations' dtype, "float32" | "bfloat16" | "float16" (mdeq and
     # explicit_mdeq); parameters, optimiser state, solver internals and logits stay
-    # float32 (docs/mixed_precision.md)
+    # float32 (docs/concepts/mixed_precision.md)
     c.model = ml_collections.ConfigDict(
         dict(
             name="mdeq", width=32, inner=64, groups=8, depth=6, head="pool_flatten", dtype="float32"

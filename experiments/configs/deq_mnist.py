@@ -17,7 +17,7 @@ def get_config():
     c = base_config()
     # Jacobian regularisation (Bai et al. 2021) and 60 evaluation steps: 92% of the test
     # images' evaluation solves converge (rel. tol 1e-3), against 24% without it at 40
-    # steps; accuracy 0.965 vs 0.968 (README, Results)
+    # steps; accuracy 0.965 vs 0.968 (docs/results/deq.md)
     c.deq.jac_reg = 4.0
     c.deq.eval_max_iter = 60
     c.robustness.update(

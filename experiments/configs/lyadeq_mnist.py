@@ -3,7 +3,7 @@ comparison), run as the finite-time system of docs/methods/lyadeq.md: K = ``lyap
 ``z ← z + h F̂(z)`` (h = ``lyapunov.step_size``) from z₀ = 0, the same K in training and
 at test time, with the exact (unrolled) gradient by default (``deq.backward=phantom``:
 the last ``deq.phantom_steps`` steps only). α, η, d, the ICNN widths and the
-orthogonal layer are configuration; see README, section "LyaDEQ", for how the
+orthogonal layer are configuration; see docs/results/lyadeq.md for how the
 defaults were chosen."""
 
 import ml_collections

@@ -2,7 +2,7 @@
 deq_mnist_trades: the inner attack follows the phantom gradient (for a LyaDEQ: the last
 ``deq.phantom_steps`` of its K steps), the weight update the exact gradient (unroll).
 
-Measured (README, LyaDEQ): the model learns to defeat that phantom inner attack — 0.92
+Measured (docs/results/lyadeq.md): the model learns to defeat that phantom inner attack — 0.92
 "robust" at ε = 0.3 through the phantom view, 0.00 through the exact K-step gradient.
 ``--config.adv.attack_gradient=unroll`` trains against the exact gradient (not yet
 measured)."""

@@ -12,8 +12,9 @@ fraction of steps that increase it; the spread of ``z_K`` over perturbed starts)
 ``gradient_norms`` section (the loss gradient reaching the ICNN next to the cell's, and
 how far each ICNN parameter moved from its initialisation).
 
-``python -m experiments.families.lyadeq --out docs/lyadeq_vs_deq.png NAME=WORKDIR ...``
-draws the README's comparison plot (worst case and naive view against ε) from reports.
+``python -m experiments.families.lyadeq --out docs/results/lyadeq_vs_deq.png NAME=WORKDIR ...``
+draws the comparison plot of docs/results/lyadeq.md
+(worst case and naive view against ε) from reports.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def build(config, num_classes: int) -> ModelSpec:
     )
 
 
-# --- README comparison: table and plot from reports ---------------------------------
+# --- the docs' comparison: table and plot from reports ------------------------------
 
 
 def _naive(report) -> str:
