@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from experiments.families import cpl, lyadeq, mdeq, otad
+from experiments.families import cpl, lyadeq, mdeq, mondeq, otad
 from experiments.spec import ModelSpec
 
 REGISTRY: dict[str, Callable[[ml_collections.ConfigDict, int], ModelSpec]] = {
@@ -19,6 +19,7 @@ REGISTRY: dict[str, Callable[[ml_collections.ConfigDict, int], ModelSpec]] = {
     "explicit_mdeq": mdeq.build_explicit,
     "cpl": cpl.build,
     "lyadeq": lyadeq.build,
+    "mondeq": mondeq.build,
     **{name: otad.build for name in otad.FAMILY},
 }
 
