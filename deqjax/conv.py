@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from deqjax.solvers import batch_axis_spec
+
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
@@ -100,8 +102,7 @@ def _kernel_gradient(x, g, kernel_shape, stride, pads):
 def _replicated_sum(x) -> dict:
     """``out_sharding=P()`` for a contraction over ``x``'s batch axis when that axis is
     sharded in ``x``'s type (an Explicit-axis mesh); no keyword otherwise."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    return {"out_sharding": jax.sharding.PartitionSpec()} if spec and spec[0] else {}
+    return {"out_sharding": jax.sharding.PartitionSpec()} if batch_axis_spec(x) else {}
 
 
 def _transpose(y, w, in_hw, stride, pads):

@@ -69,7 +69,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from deqjax import _jaxopt
@@ -80,6 +79,7 @@ from deqjax.solvers import (
     check_config,
     check_int,
     check_real,
+    is_array,
     manual_axes,
     solve,
     vary_over,
@@ -315,18 +315,23 @@ def _linear_solvers(config: DEQConfig, factors, jt: Callable | None = None):
     return one(False), one(True)
 
 
-def _diff_split(params):
-    """The inexact (differentiable) leaves of ``params`` and how to put them back."""
-    leaves, treedef = jax.tree.flatten(params)
-    diff = [i for i, x in enumerate(leaves) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+def _partition_leaves(tree, keep: Callable[[Any], bool]):
+    """``(kept, indices, merge)``: the leaves of ``tree`` for which ``keep`` holds, their
+    positions, and ``merge(new_kept)`` putting replacements back among the others."""
+    leaves, treedef = jax.tree.flatten(tree)
+    where = [i for i, x in enumerate(leaves) if keep(x)]
 
-    def merge(diff_leaves):
+    def merge(kept):
         full = list(leaves)
-        for i, x in zip(diff, diff_leaves):
+        for i, x in zip(where, kept):
             full[i] = x
         return jax.tree.unflatten(treedef, full)
 
-    return [leaves[i] for i in diff], diff, merge
+    return [leaves[i] for i in where], where, merge
+
+
+def _is_inexact(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
 # --- forward and reverse mode, any order: custom_jvp + custom_linear_solve ----------
@@ -350,7 +355,7 @@ def _implicit_jvp_rule(g, config, primals, tangents):
     # custom_vjp pieces, e.g. deqjax.conv2d, works), and under reverse mode JAX
     # transposes them back to that VJP: grad costs what the custom_vjp path costs.
     # (integer leaves of params have float0 tangents and no place in a linear map)
-    diff_leaves, diff, merge = _diff_split(params)
+    diff_leaves, diff, merge = _partition_leaves(params, _is_inexact)
     _, vjp_both = jax.vjp(lambda zz, d: g(zz, merge(d)), z, diff_leaves)
     jt = lambda u: vjp_both(u)[0]
     j_z = lambda t: jax.linear_transpose(jt, z)(t)[0]
@@ -411,33 +416,11 @@ _implicit_vjp.defvjp(_implicit_vjp_fwd, _implicit_vjp_bwd)
 def all_finite(tree: Any) -> jax.Array:
     """Whether every floating-point leaf of ``tree`` is finite (a scalar bool)."""
     leaves = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if _is_array_like(x) and jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+        jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if is_array(x) and _is_inexact(x)
     ]
     # a chain of ands, not jnp.all(jnp.stack(...)): under vmap on an Explicit-axis mesh
     # stacking a batched (sharded) flag with an unbatched one is a sharding type error
     return functools.reduce(jnp.logical_and, leaves, jnp.asarray(True))
-
-
-def _is_array_like(x) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic)
-
-
-def _split_args(args):
-    """``(arrays, rebuild)``: the array leaves of ``args`` (what can be traced and
-    differentiated) and a function putting them back among the other leaves
-    (functions, strings, Python numbers: constants, closed over)."""
-    leaves, treedef = jax.tree.flatten(args)
-    where = [i for i, x in enumerate(leaves) if _is_array_like(x)]
-
-    def rebuild(arrays):
-        full = list(leaves)
-        for i, x in zip(where, arrays):
-            full[i] = x
-        return jax.tree.unflatten(treedef, full)
-
-    return [leaves[i] for i in where], rebuild
 
 
 def _as_flat_cell(f, z0, args, layout: StateLayout, has_aux: bool):
@@ -445,7 +428,9 @@ def _as_flat_cell(f, z0, args, layout: StateLayout, has_aux: bool):
     the flat compute-dtype state, with every array it depends on — the array leaves
     of ``args`` AND the tracers it closes over (``jax.closure_convert``) — in the
     pytree ``params``, so that each is differentiated exactly as ``args`` are."""
-    arrays, rebuild = _split_args(args)
+    # the array leaves (traced, differentiable); functions, strings and Python numbers
+    # stay constants, closed over
+    arrays, _, rebuild = _partition_leaves(args, is_array)
 
     def f_arrays(z, arrays):
         out = f(z, rebuild(arrays))

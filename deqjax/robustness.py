@@ -34,6 +34,7 @@ import numpy as np
 
 from deqjax import attacks as A
 from deqjax.attacks import _common as C
+from deqjax.attacks.sanity import is_adaptive_view, is_transfer_view
 
 GRADIENT_ATTACKS = ("fgsm", "pgd", "pgd-dlr", "apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t")
 GRADIENT_FREE_ATTACKS = ("square",)
@@ -67,6 +68,52 @@ def _attack_fn(name: str, n_iter: int, n_queries: int, restarts: int, n_target_c
     )
 
 
+# FAB's projections need the forward solve this exact to give a warm start the cold
+# attack's result (measured: tests/test_warm_start.py, deqjax.attacks.WarmStartLogits)
+FAB_WARM_START_MAX_TOL = 1e-4
+
+
+def _view_for(attack: str, view):
+    """The view ``attack`` runs through: a warm-startable view as given, except for FAB
+    when the view's forward tolerance is unknown or looser than
+    :data:`FAB_WARM_START_MAX_TOL` (then its cold forward: the same model)."""
+    if attack in ("fab", "fab-t") and isinstance(view, C.WarmStartLogits):
+        if view.tol is None or view.tol > FAB_WARM_START_MAX_TOL:
+            return lambda x: view(x)
+    return view
+
+
+class EvaluationStopped(Exception):
+    """Raised by :func:`evaluate_robustness` when ``stop()`` said so after an attack run:
+    the finished runs are in its ``store``; the same call resumes from them."""
+
+
+def _bucket_caps(compact: bool, chunk: int, buckets) -> tuple[int, ...]:
+    """Real rows per bucket, descending: one size when not compacting; else ``buckets``
+    (default ``(chunk, ⌈chunk/4⌉)``), capped at ``chunk``."""
+    if not compact:
+        return (chunk,)
+    if buckets is None:
+        buckets = (chunk, -(-chunk // 4))
+    sizes = sorted({min(int(s), chunk) for s in buckets}, reverse=True)
+    if not sizes or sizes[-1] < 1:
+        raise ValueError(f"bucket sizes must be positive, got {buckets!r}")
+    return tuple(sizes)
+
+
+def _run_order(runs: dict, compact: bool) -> list[str]:
+    """Labels in the order they run. Compacting, every gradient attack through the
+    non-transfer views first, then through the transfer views, then the gradient-free
+    attacks: what a later group breaks is what every earlier one left (the flags)."""
+    labels = list(runs)
+    if not compact:
+        return labels
+    grad = [lab for lab in labels if runs[lab][0] in GRADIENT_ATTACKS]
+    transfer = [lab for lab in grad if is_transfer_view(lab)]
+    rest = [lab for lab in grad if lab not in transfer]
+    return rest + transfer + [lab for lab in labels if lab not in grad]
+
+
 def evaluate_robustness(
     views: Mapping[str, Callable],
     x,
@@ -84,13 +131,22 @@ def evaluate_robustness(
     progress=None,
     mesh: jax.sharding.Mesh | None = None,
     score: Callable | None = None,
+    compact: bool = False,
+    buckets: Sequence[int] | None = None,
+    store=None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Clean and robust accuracy per attack, per gradient view, and the worst case.
 
     Args:
       views: ``{gradient name: logits_fn}`` (the attacked views; gradient-free attacks
-        run once, through the first).
+        run once, through the first). A :class:`~deqjax.attacks.WarmStartLogits` view
+        is attacked with warm-started solves (FAB only when its ``tol`` ≤
+        :data:`FAB_WARM_START_MAX_TOL`, else cold).
       x, y: examples in [0, 1] and their labels (host arrays).
+      key: one PRNG key; attack ``a`` at the ``i``-th ε gives example ``j`` the key
+        ``fold_in(fold_in(fold_in(key, i), a), j)`` — the same for every view, chunk and
+        bucket it is attacked in.
       eps_list: radii; ``norm``: ``"linf"`` or ``"l2"``.
       attacks: names from :data:`GRADIENT_ATTACKS` and :data:`GRADIENT_FREE_ATTACKS`.
       progress: optional callable ``progress(description, done, total)`` told what
@@ -98,11 +154,27 @@ def evaluate_robustness(
       mesh: devices to split each chunk over (its first axis); default all devices.
       score: the model's logits function that scores clean inputs and every attack's
         output (a defended model's own forward); default the first view.
+      compact: attack, at each ε, only the examples that every earlier attack run (attack
+        × view) at that ε left robust, gathered into buckets of ``buckets`` real rows
+        (default ``(batch_size, ⌈batch_size/4⌉)``: the larger while enough remain, the
+        smaller for the rest; each size compiles once). The worst case is the same as
+        without; ``robust_accuracy[eps][label]`` is then cumulative (robust after this
+        and every earlier run at that ε), not the run's standalone accuracy.
+      store: optional ``load(name) -> dict | None`` / ``save(name, arrays)``: each
+        finished (ε, attack run) is saved, and one already saved is not run again
+        (resuming an interrupted evaluation of the same settings).
+      stop: optional ``stop() -> bool`` asked after each run; True raises
+        :class:`EvaluationStopped` (the runs so far are in ``store``).
 
     Returns a JSON-ready dict: ``clean_accuracy``, ``nonfinite_logits`` (count),
-    ``robust_accuracy[eps][attack/view]``, ``worst_case[eps]``, ``sanity`` flags and
-    explanations.
+    ``robust_accuracy[eps][attack/view]``, ``worst_case[eps]`` (an example broken at a
+    smaller ε counts as broken at every larger one: the point lies in both balls),
+    ``attacked[eps][label]`` (examples each run attacked) and ``new_breaks[eps][label]``
+    (examples it broke that every earlier run at that ε left), the per-example
+    ``outcomes`` (packed bits, :mod:`deqjax.stats`), ``sanity`` flags and explanations.
     """
+    from deqjax import stats
+
     if not views:
         raise ValueError("views must hold at least one logits function")
     for a in attacks:
@@ -111,6 +183,7 @@ def evaluate_robustness(
         C.check_eps(float(e))
     C.check_norm(norm)
     x, y = np.asarray(x), np.asarray(y)
+    n = len(x)
     names = list(views)
     score = views[names[0]] if score is None else score
     if mesh is None:
@@ -119,38 +192,62 @@ def evaluate_robustness(
     n_dev = int(mesh.shape[axis])
     batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    chunk = max(1, min(int(batch_size), len(x)))
-    size = -(-chunk // n_dev) * n_dev
+    chunk = max(1, min(int(batch_size), n))
+    caps = _bucket_caps(compact, chunk, buckets)
+    padded = {c: -(-c // n_dev) * n_dev for c in caps}
     score_jit = jax.jit(score, out_shardings=rep)
+    if jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
 
     def to_global(a):
-        rows = batch_sh.addressable_devices_indices_map((size,) + a.shape[1:])
+        size = a.shape[0]
+        rows = batch_sh.addressable_devices_indices_map(a.shape)
         lo = min(ix[0].start or 0 for ix in rows.values())
         hi = max(size if ix[0].stop is None else ix[0].stop for ix in rows.values())
         return jax.make_array_from_process_local_data(batch_sh, a[lo:hi], a.shape)
 
-    def batched(fn):
-        """``fn(x_chunk, y_chunk, n_real)`` over sharded, padded chunks; outputs concatenated."""
-        outs = []
-        for i in range(0, len(x), chunk):
-            m = len(x[i : i + chunk])
-            take = i + np.minimum(np.arange(size), m - 1)
-            outs.append(fn(to_global(x[take]), to_global(y[take]), m))
-        return jax.tree.map(lambda *a: np.concatenate([np.atleast_1d(v) for v in a]), *outs)
+    def batched(fn, idx=None, extra=None):
+        """``fn(x_chunk, y_chunk, [extra_chunk,] n_real)`` over sharded, padded buckets of
+        the rows ``idx`` (default all, in order); outputs concatenated."""
+        idx = np.arange(n) if idx is None else np.asarray(idx)
+        outs, start = [], 0
+        while start < len(idx):
+            left = len(idx) - start
+            cap = next((c for c in caps if c <= left), caps[-1])
+            m = min(cap, left)
+            take = idx[start + np.minimum(np.arange(padded[cap]), m - 1)]
+            args = [to_global(x[take]), to_global(y[take])]
+            if extra is not None:
+                args.append(to_global(extra[take]))
+            outs.append(fn(*args, m))
+            start += m
+        if not outs:
+            return None
+        return jax.tree.map(lambda *a: np.concatenate([np.atleast_1d(v) for v in a], -1), *outs)
 
-    logits = batched(lambda xb, yb, m: np.asarray(score_jit(xb))[:m])
+    logits = batched(lambda xb, yb, m: np.asarray(score_jit(xb))[:m].T).T
     finite = np.all(np.isfinite(logits), axis=1)
     correct = (np.argmax(logits, -1) == y) & finite
     report = {
-        "n_examples": int(len(x)),
+        "n_examples": int(n),
         "norm": norm,
         "eps": [float(e) for e in eps_list],
         "views": names,
         "attacks": list(attacks),
+        "compact": bool(compact),
         "clean_accuracy": float(correct.mean()),
         "nonfinite_logits": int((~finite).sum()),
         "robust_accuracy": {},
         "worst_case": {},
+        "attacked": {},
+        "new_breaks": {},
+        "outcomes": {
+            "encoding": stats.BITS_ENCODING,
+            "images": stats.examples_fingerprint(x, y),
+            "clean": stats.pack_bits(correct),
+            "robust_accuracy": {},
+            "worst_case": {},
+        },
     }
 
     grad_stats = {}
@@ -169,8 +266,8 @@ def evaluate_robustness(
 
     def compile_attack(fn, view):
         @functools.partial(jax.jit, out_shardings=rep)
-        def run(xb, yb, eps_arr, k):
-            out = fn(view, xb, yb, k, eps=eps_arr, norm=norm)
+        def run(xb, yb, keys, eps_arr):
+            out = fn(view, xb, yb, keys, eps=eps_arr, norm=norm)
             x_adv, trace = out if isinstance(out, tuple) else (out, jnp.zeros((1, yb.shape[0])))
             z = score(x_adv)
             ok = (jnp.argmax(z, -1) == yb) & jnp.all(jnp.isfinite(z), -1)
@@ -178,7 +275,7 @@ def evaluate_robustness(
 
         return run
 
-    # One compiled function per (attack, view), reused for every ε (ε and key are traced).
+    # One compiled function per (attack, view), reused for every ε (ε and keys are traced).
     runs = {}
     for a in attacks:
         fn = _attack_fn(a, n_iter, n_queries, restarts, n_target_classes)
@@ -187,38 +284,82 @@ def evaluate_robustness(
             select = getattr(views[v], "select", None)  # a guided view (deqjax.bpda.guided)
             if select is not None and a in SELECTING_ATTACKS:
                 attack = functools.partial(fn, select_fn=select)
-            runs[f"{a}/{v}" if a in GRADIENT_ATTACKS else a] = (a, compile_attack(attack, views[v]))
+            runs[f"{a}/{v}" if a in GRADIENT_ATTACKS else a] = (
+                a,
+                compile_attack(attack, _view_for(a, views[v])),
+            )
+    order = _run_order(runs, compact)
 
-    curve, traces = [], {}
-    total = len(eps_list) * len(runs)
+    own, traces, compact_checks = {}, {}, {}
+    total = len(eps_list) * len(order)
     for i, eps in enumerate(eps_list):
-        robust = correct.copy()
-        per = {}
-        for j, (label, (a, run)) in enumerate(runs.items()):
+        e = str(float(eps))
+        alive = correct.copy()  # robust to every run so far at this ε
+        per, attacked, new, bits = {}, {}, {}, {}
+        for j, label in enumerate(order):
+            a, run = runs[label]
             if progress:
-                progress(f"eps={eps:g} {label}", i * len(runs) + j, total)
-            # every view of one attack gets the same key (same random starts): the
-            # views are compared on equal terms, not on their draws
-            k = jax.random.fold_in(jax.random.fold_in(key, i), list(attacks).index(a))
+                progress(f"eps={eps:g} {label}", i * len(order) + j, total)
+            name = f"eps{i}_{label}"
+            saved = store.load(name) if store is not None else None
+            if saved is None:
+                idx = np.flatnonzero(alive) if compact else np.arange(n)
+                # every view of one attack gets the same keys (same random starts): the
+                # views are compared on equal terms, not on their draws
+                k = jax.random.fold_in(jax.random.fold_in(key, i), list(attacks).index(a))
+                ex_keys = np.asarray(C.example_keys(k, n))
 
-            def unpadded(xb, yb, m, run=run, eps=eps, k=k):
-                ok, trace = run(xb, yb, jnp.float32(eps), k)
-                return np.asarray(ok)[:m], np.asarray(trace)[:, :m]
+                def unpadded(xb, yb, kb, m, run=run, eps=eps):
+                    ok, trace = run(xb, yb, kb, jnp.float32(eps))
+                    return np.asarray(ok)[:m], np.asarray(trace)[:, :m]
 
-            ok, trace = batched(unpadded)
-            ok = ok & correct
-            per[label] = float(ok.mean())
-            robust &= ok
-            if a == "pgd" and i == len(eps_list) - 1:
-                traces[label] = trace
-        report["robust_accuracy"][str(float(eps))] = per
-        report["worst_case"][str(float(eps))] = float(robust.mean())
-        curve.append((float(eps), float(robust.mean())))
+                out = batched(unpadded, idx, ex_keys)
+                ok_rows, trace = out if out is not None else (np.zeros(0, bool), None)
+                ok = np.ones(n, bool)
+                ok[idx] = ok_rows
+                saved = {"attacked": np.isin(np.arange(n), idx), "ok": ok}
+                if trace is not None:
+                    saved["trace"] = trace
+                if store is not None:
+                    store.save(name, saved)
+            ok = np.asarray(saved["ok"], bool) & correct
+            broke = alive & ~ok
+            new[label] = int(broke.sum())
+            attacked[label] = int(np.sum(saved["attacked"]))
+            before = int(alive.sum())
+            alive &= ok
+            if compact:
+                per[label] = float(alive.mean())
+                bits[label] = stats.pack_bits(alive)
+                compact_checks.setdefault(e, []).append((label, before, new[label]))
+            else:
+                per[label] = float(ok.mean())
+                bits[label] = stats.pack_bits(ok)
+            if a == "pgd" and i == len(eps_list) - 1 and "trace" in saved:
+                traces[label] = np.asarray(saved["trace"])
+            if stop is not None and stop():
+                raise EvaluationStopped(f"stopped after {i * len(order) + j + 1} of {total} runs")
+        own[float(eps)] = alive
+        report["robust_accuracy"][e] = {lab: per[lab] for lab in runs}
+        report["attacked"][e] = {lab: attacked[lab] for lab in runs}
+        report["new_breaks"][e] = {lab: new[lab] for lab in runs}
+        report["outcomes"]["robust_accuracy"][e] = {lab: bits[lab] for lab in runs}
+
+    # a point inside a smaller ball is inside every larger one
+    for eps in eps_list:
+        worst = np.logical_and.reduce([r for e2, r in own.items() if e2 <= float(eps)])
+        report["worst_case"][str(float(eps))] = float(worst.mean())
+        report["outcomes"]["worst_case"][str(float(eps))] = stats.pack_bits(worst)
+    # the attacks' own curve (no smaller-ε points): does an attack fail at larger ε?
+    curve = [(e2, float(r.mean())) for e2, r in own.items()]
 
     flags, why = {}, {}
     for eps in eps_list:
-        per = report["robust_accuracy"][str(float(eps))]
-        r = A.sanity_flags(per_attack=per)
+        e = str(float(eps))
+        if compact:
+            r = _compact_flags(compact_checks[e], runs)
+        else:
+            r = A.sanity_flags(per_attack=report["robust_accuracy"][e])
         for k in r.flags:
             flags[k] = flags.get(k, False) or r.flags[k]
             why.setdefault(k, []).append(f"eps={eps:g}: {r.explanations[k]}")
@@ -242,3 +383,37 @@ def evaluate_robustness(
     }
     report["gradient_stats"] = grad_stats
     return report
+
+
+def _compact_flags(checks, runs, alpha: float = 0.002) -> A.SanityReport:
+    """The per-attack flags of a compacted ε, from what each group of runs broke among
+    the examples every earlier run left (AutoAttack's check: the gradient-free attack,
+    run last, should not lower the robust accuracy by more than a fraction ``alpha``).
+    ``checks``: ``[(label, robust before it, new breaks)]`` in run order."""
+    flags, why = {}, {}
+    free = [(lab, b, k) for lab, b, k in checks if runs[lab][0] in GRADIENT_FREE_ATTACKS]
+    if free and len(free) < len(checks):
+        before, broke = free[0][1], sum(k for _, _, k in free)
+        flags["gradient_free_beats_gradient"] = broke > alpha * before
+        why["gradient_free_beats_gradient"] = (
+            f"the gradient-free attack broke {broke} of the {before} examples every gradient "
+            "attack and view left"
+            + ("; gradients are likely masked/obfuscated" if broke > alpha * before else "; ok")
+        )
+    grad = [(lab, b, k) for lab, b, k in checks if runs[lab][0] in GRADIENT_ATTACKS]
+    transfer = [(lab, b, k) for lab, b, k in grad if is_transfer_view(lab)]
+    adaptive = [c for c in grad if is_adaptive_view(c[0])]
+    if adaptive and transfer:
+        before, broke = transfer[0][1], sum(k for _, _, k in transfer)
+        flags["adaptive_weaker_than_transfer"] = broke > 0
+        why["adaptive_weaker_than_transfer"] = (
+            f"the transfer attacks broke {broke} of the {before} examples every adaptive "
+            "attack/view left"
+            + (
+                "; the adaptive attacks' gradients through the defence are poor: strengthen "
+                "them (more steps, BPDA over more views, EOT)"
+                if broke
+                else "; ok"
+            )
+        )
+    return A.SanityReport(flags, why)

@@ -391,18 +391,26 @@ def with_context_mesh(tree):
     return jax.tree.map(one, tree)
 
 
+def batch_axis_spec(x):
+    """The Explicit-mesh axes the leading (batch) axis of ``x`` is sharded over, from
+    its type; ``None`` without a mesh, on Auto axes, or when it is replicated."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec[0] if spec else None
+
+
 def batch_sharded_like(x, ref):
-    """``x`` (batch-major) resharded so that its leading axis is sharded like ``ref``'s.
+    """``x`` (batch-major) resharded so that its leading axis is sharded like ``ref``'s
+    (other axes replicated); unchanged when it already is, and for scalars.
 
     On an Explicit-axis mesh ``vmap`` requires every mapped input to share the
     sharding of the mapped axis; an array built inside the program (zeros, split
     keys) is replicated, while the batch it is mapped with is sharded. Elsewhere
     (no mesh, Auto axes: the sharding is not part of the type) ``x`` is returned."""
-    spec = getattr(getattr(jax.typeof(ref), "sharding", None), "spec", None)
-    lead = spec[0] if spec else None
-    if lead is None:
+    want = batch_axis_spec(ref)
+    if jnp.ndim(x) == 0 or want == batch_axis_spec(x):
         return x
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(lead))
+    spec = jax.sharding.PartitionSpec(want, *([None] * (jnp.ndim(x) - 1)))
+    return jax.sharding.reshard(x, spec)
 
 
 def manual_axes() -> frozenset:
@@ -423,7 +431,8 @@ def check_config(config, expected: type, where: str) -> None:
         )
 
 
-def _is_array(x) -> bool:
+def is_array(x) -> bool:
+    """A JAX or NumPy array (or NumPy scalar): a leaf that can be traced."""
     return isinstance(x, jax.Array | np.ndarray | np.generic)
 
 
@@ -448,13 +457,13 @@ class StateLayout(NamedTuple):
 
     @classmethod
     def of(cls, z0: Any, what: str = "the initial state") -> StateLayout:
-        leaves, treedef = jax.tree.flatten(z0)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(z0)
         if not leaves:
             raise ValueError(f"{what} is an empty pytree: give at least one float array")
         shapes, dtypes = [], []
-        for path, leaf in jax.tree_util.tree_flatten_with_path(z0)[0]:
+        for path, leaf in leaves:
             where = f"{what}{jax.tree_util.keystr(path)}"
-            if not _is_array(leaf) and not isinstance(leaf, float):
+            if not is_array(leaf) and not isinstance(leaf, float):
                 raise TypeError(
                     f"{where} must be a float array, got {type(leaf).__name__}: every leaf "
                     "of the state is iterated (put non-array data in args)"
@@ -494,7 +503,7 @@ class StateLayout(NamedTuple):
                 f"({self.treedef}), got {jax.tree.structure(out)} {got}"
             )
         for leaf, shape, dtype in zip(jax.tree.leaves(out), self.shapes, self.dtypes):
-            if not _is_array(leaf):
+            if not is_array(leaf):
                 raise TypeError(f"{where} must return arrays, got {type(leaf).__name__}")
             if leaf.shape != shape:
                 raise ValueError(

@@ -93,13 +93,18 @@ def save_checkpoint(
     state: TrainState,
     progress: dict | None = None,
     force: bool = False,
+    extra: dict | None = None,
 ) -> None:
     """Save ``state`` and a JSON ``progress`` item (e.g. the running sums of the epoch's
-    training metrics, so a resumed run logs what an uninterrupted one would)."""
+    training metrics, so a resumed run logs what an uninterrupted one would); ``extra``:
+    more pytree items by name (e.g. training's ``fixed_points`` store)."""
+    items = {name: ocp.args.StandardSave(tree) for name, tree in (extra or {}).items()}
     mngr.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress or {})
+            state=ocp.args.StandardSave(state),
+            progress=ocp.args.JsonSave(progress or {}),
+            **items,
         ),
         force=force,
     )
@@ -114,17 +119,26 @@ class ConfigError(ValueError):
     """Config values that cannot work, each named by its key, with the fix."""
 
 
-def _restore_step(mngr: ocp.CheckpointManager, step: int, abstract, with_progress: bool):
+def _restore_step(
+    mngr: ocp.CheckpointManager, step: int, abstract, with_progress: bool, extra=None
+):
     from etils import epath
 
-    if not (epath.Path(mngr.directory) / str(step) / "state").exists():
+    folder = epath.Path(mngr.directory) / str(step)
+    if not (folder / "state").exists():
         # written before progress items: the state is the step's only item
-        return mngr.restore(step, args=ocp.args.StandardRestore(abstract)), None
+        state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        return (state, None, {}) if extra is not None else (state, None)
     args = {"state": ocp.args.StandardRestore(abstract)}
     if with_progress:
         args["progress"] = ocp.args.JsonRestore()
+    present = {k: v for k, v in (extra or {}).items() if (folder / k).exists()}
+    args.update({k: ocp.args.StandardRestore(v) for k, v in present.items()})
     out = mngr.restore(step, args=ocp.args.Composite(**args))
-    return out.state, out.get("progress") if with_progress else None
+    progress = out.get("progress") if with_progress else None
+    if extra is None:
+        return out.state, progress
+    return out.state, progress, {k: out.get(k) for k in present}
 
 
 def _short(error: BaseException, n: int = 300) -> str:
@@ -142,6 +156,7 @@ def restore_latest(
     *,
     skip_damaged: bool = False,
     skip_hint: str = "",
+    extra: dict | None = None,
 ):
     """The latest ``TrainState`` (arrays placed like ``template``'s, i.e. sharded when the
     template is), or None; with ``with_progress``: ``(state, progress dict or None)``.
@@ -152,10 +167,19 @@ def restore_latest(
     own. With ``skip_damaged`` the unreadable newer steps are moved to
     ``WORKDIR/checkpoints_damaged/`` (kept, not deleted) and the newest intact step is
     returned. ``skip_hint`` is how the caller's interface sets ``skip_damaged`` (e.g. a
-    command-line flag), quoted in the message."""
+    command-line flag), quoted in the message.
+
+    ``extra`` (``{name: template}``, e.g. training's ``fixed_points`` store): also restore
+    those items where the step has them; the return then gains a third element, the
+    dict of the restored ones (an item the step lacks is absent; with_progress only)."""
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
+        if extra is not None:
+            return None, None, {}
         return (None, None) if with_progress else None
+    if extra is not None and not with_progress:
+        raise ValueError("restore_latest: extra items need with_progress=True")
+    extra_abstract = None if extra is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, extra)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     directory = str(mngr.directory)
     workdir = os.path.dirname(directory.rstrip("/"))
@@ -163,7 +187,7 @@ def restore_latest(
     undo_quiet = _quiet_failed_restore_aftermath()
     for i, step in enumerate(steps):
         try:
-            state, progress = _restore_step(mngr, step, abstract, with_progress)
+            restored = _restore_step(mngr, step, abstract, with_progress, extra_abstract)
         except Exception as e:  # orbax, tensorstore and JSON errors of every kind
             logging.getLogger("asyncio").addFilter(_drop_unretrieved_reads)
             damaged.append(step)
@@ -187,6 +211,9 @@ def restore_latest(
                 moved_to,
                 step,
             )
+        if extra is not None:
+            return restored
+        state, progress = restored
         return (state, progress) if with_progress else state
     raise CheckpointError(
         f"no checkpoint in workdir {workdir} can be restored (steps {damaged}, all damaged "
@@ -352,6 +379,7 @@ _RULES = (
     ("train.checkpoint_every_steps", "int>=1", "the steps between checkpoints"),
     ("train.keep_checkpoints", "int>=1", "the number of checkpoints kept"),
     ("train.nonconvergence_warning", "frac", "the non-converged fraction that warns"),
+    ("train.seeds", "int>=1", "the number of seeds trained together"),
     ("eval.batch_size", "int>=1", "the evaluation batch size"),
     ("adv.eps", "num>=0", "the radius of the inner attack"),
     ("adv.step", "num>0", "the step size of the inner attack"),

@@ -247,10 +247,12 @@ def host_epoch_batches(
     epoch: int,
     start_batch: int = 0,
     rows: tuple[int, int] | None = None,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    with_indices: bool = False,
+) -> Iterator[tuple[np.ndarray, ...]]:
     """This process's rows ``rows`` of each global batch of
     :func:`deqjax.data.epoch_batches` (same permutation, drop_last): with
-    ``rows=(0, batch_size)`` exactly its batches."""
+    ``rows=(0, batch_size)`` exactly its batches. ``with_indices``: ``(images,
+    labels, dataset indices)``."""
     n = len(images)
     if batch_size > n:
         raise ValueError(f"batch_size {batch_size} exceeds the {n} examples available")
@@ -258,7 +260,7 @@ def host_epoch_batches(
     perm = data_lib.epoch_permutation(n, seed, epoch)
     for b in range(start_batch, n // batch_size):
         idx = perm[b * batch_size : (b + 1) * batch_size][lo:hi]
-        yield images[idx], labels[idx]
+        yield (images[idx], labels[idx], idx) if with_indices else (images[idx], labels[idx])
 
 
 def pad_batch(arrays: Sequence[np.ndarray], size: int):

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from deqjax.bpda import adaptive_views
 from deqjax.deq_gradients import AttackView
+from deqjax.models import warm_start_logits
 from deqjax.regulation import entropy_reduction
 from experiments.spec import Evaluated, ModelSpec, split_list
 from experiments.workdir import Run
@@ -36,16 +37,30 @@ def deq_views(
     attack_steps: int = 5,
     attack_damping: float = 0.5,
     config=None,
+    warm_start: bool = False,
 ) -> dict[str, Callable]:
     """``{name: logits_fn}`` of a DEQ for each gradient in ``gradients`` (``intermediate``
     gives one view per index in ``state_indices``, named ``intermediate_z{i}``).
-    ``config`` replaces the evaluation :class:`~deqjax.deq.DEQConfig` (another budget)."""
+    ``config`` replaces the evaluation :class:`~deqjax.deq.DEQConfig` (another budget).
+
+    ``warm_start``: a view that a warm start leaves exact (implicit or phantom gradient,
+    tolerance-stopped forward, a model with an equilibrium:
+    :func:`deqjax.models.deq_layer.check_warm_start`) is a
+    :class:`~deqjax.attacks.WarmStartLogits`, so every iterative attack starts each
+    solve from the previous iterate's fixed point; the others stay cold."""
     variables = {"params": state.params, **state.model_state}
     kwargs = dict(spec.eval_kwargs)
     if config is not None:
         kwargs["config"] = config
 
     def logits(view: AttackView):
+        if warm_start and hasattr(spec.module, "warm_forward") and set(kwargs) <= {"config"}:
+            try:
+                return warm_start_logits(
+                    spec.module, variables, config=kwargs.get("config"), view=view
+                )
+            except ValueError:  # a warm start would change this view: cold
+                pass
         return lambda x: spec.module.apply(variables, x, **kwargs, view=view)[0]
 
     out = {}
@@ -74,6 +89,7 @@ def undefended_views(run: Run, r) -> dict[str, Callable]:
         state_indices=split_list(r.state_indices),
         attack_steps=r.attack_steps,
         attack_damping=r.attack_damping,
+        warm_start=bool(r.get("warm_start", False)),
     )
 
 

@@ -108,6 +108,17 @@ def _near_in_bf16(backward, loss):
     assert float(jnp.linalg.norm(g16.astype(jnp.float64) - g)) <= 0.25 * float(jnp.linalg.norm(g))
 
 
+def _jvp_refused(fn, x, tangent):
+    """``jax.jvp`` through a backward probe's ``custom_vjp`` raises JAX's forward-mode
+    error (never a silent answer)."""
+    try:
+        jax.jvp(fn, (x,), (tangent,))
+    except TypeError as e:
+        assert "forward-mode" in str(e), e
+    else:
+        raise AssertionError("jvp through a custom_vjp backward did not raise")
+
+
 def _deq_cells(backward):
     loss = _deq_loss(backward)
     bs = B_VEC + 0.1 * jnp.arange(6.0).reshape(3, 2, 1)  # (3, 2, N)
@@ -151,18 +162,9 @@ def _deq_cells(backward):
             "yes", lambda: _close(jax.jvp(loss, (B_VEC,), (v,))[1], _fd_grad(loss, B_VEC) @ v, 1e-6)
         )
     else:
-
-        def refused():
-            try:
-                jax.jvp(loss, (B_VEC,), (v,))
-            except TypeError as e:
-                assert "forward-mode" in str(e), e
-            else:
-                raise AssertionError("jvp through the probe's custom_vjp did not raise")
-
         cells["jvp"] = Cell(
             "error",
-            refused,
+            lambda: _jvp_refused(loss, B_VEC, v),
             note="JAX refuses jvp of the probe's custom_vjp: drop the probe (jacfwd∘grad works)",
         )
     return cells
@@ -284,14 +286,6 @@ def _flax_deq_cells():
         fd = (jax.grad(loss)(x + h * d) - jax.grad(loss)(x - h * d)) / (2 * h)
         _close(rev, fd, 1e-6)
 
-    def refused():
-        try:
-            jax.jvp(loss, (x,), (x,))
-        except TypeError as e:
-            assert "forward-mode" in str(e), e
-        else:
-            raise AssertionError("jvp through the Flax DEQ did not raise")
-
     def in_shard_map():  # a 1-device mesh: shard_map's check_vma typing all the same
         mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",))
         spec = jax.sharding.PartitionSpec("x")
@@ -320,7 +314,7 @@ def _flax_deq_cells():
         "grad": Cell("yes", grad_fd),
         "jvp": Cell(
             "error",
-            refused,
+            lambda: _jvp_refused(loss, x, x),
             note="the layer passes a backward probe (custom_vjp): reverse mode; jacfwd∘grad works",
         ),
         "hessian": Cell("yes", hvp, note="Hessian-vector products by reverse over reverse"),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import ml_collections
 
@@ -142,3 +144,37 @@ def loss_gradients(workdir: str) -> list:
         out_shardings=parallel.replicated(mesh),
     )(run.state.params, x, y)
     return [np.asarray(g) for g in jax.tree.leaves(grad)]
+
+
+def run_forced_device_worker(script: str, devices: int, *args: str, timeout: int = 600) -> dict:
+    """Run ``tests/<script>`` in a subprocess with ``devices`` forced CPU devices (the
+    XLA flag must be set before JAX starts) and return the JSON of its last output line;
+    the worker's failure fails the caller with its stderr."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def train_command(workdir, *overrides: str) -> list[str]:
+    """The ``experiments.train`` command line of a ``deq_mnist`` run in ``workdir`` with
+    ``--config.*`` overrides (run it with ``cwd=ROOT``)."""
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--config",
+        "experiments/configs/deq_mnist.py",
+        "--workdir",
+        str(workdir),
+        *overrides,
+    ]

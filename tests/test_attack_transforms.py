@@ -3,10 +3,7 @@ models, sharded batches (Explicit and Auto meshes, ``jax.shard_map`` with its de
 ``check_vma=True``), value checks that survive ``jax.jit``, bad keys and empty batches.
 Tiny models and budgets: the point is the plumbing, not attack strength."""
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +12,7 @@ import pytest
 
 from deqjax import attacks as A
 from deqjax.attacks import _common as C
+from tests.helpers import run_forced_device_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = jax.random.PRNGKey(0)
@@ -250,19 +248,7 @@ def test_sharded_attacks_equal_unsharded():
     forced CPU devices: an Explicit-axis mesh under jit (x_adv stays batch-sharded), an
     Auto-axis mesh under jit, and jax.shard_map with check_vma=True and per-example keys
     sharded with the batch: all equal the unsharded run (tests/_attack_shard_worker.py)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "_attack_shard_worker.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_forced_device_worker("_attack_shard_worker.py", 2)
     assert res["explicit_batch_sharded"]
     assert res["broken"] > 0  # the attacks did something
     for mode in ("explicit", "auto", "shard_map"):

@@ -293,23 +293,27 @@ def test_solver_config_where_a_deq_config_is_expected():
 
 
 def _modes():
-    broyden = SolverConfig(method="broyden", max_iter=100, tol=1e-10)
-    out = [
-        DEQConfig(forward=SolverConfig(max_iter=100, tol=1e-10), backward=b)
-        for b in ("implicit", "phantom", "unroll")
-    ]
-    return out + [DEQConfig(forward=broyden, backward="shine")]
+    """Every backward mode of an Anderson- and a Broyden-solved DEQ (SHINE's included)."""
+    out = []
+    for method, backwards in (
+        ("anderson", ("implicit", "phantom", "unroll")),
+        ("broyden", ("shine_refine", "shine", "implicit", "phantom", "unroll")),
+    ):
+        fwd = SolverConfig(method=method, max_iter=100, tol=1e-10)
+        kw = dict(forward=fwd, adjoint_tol=1e-12, adjoint_max_iter=100)
+        out += [DEQConfig(backward=b, **kw) for b in backwards]
+    return out
 
 
-@pytest.mark.parametrize("cfg", _modes(), ids=lambda c: c.backward)
+@pytest.mark.parametrize("cfg", _modes(), ids=lambda c: f"{c.forward.method}-{c.backward}")
 @pytest.mark.parametrize("probe", [False, True])
 def test_non_finite_args_give_nan_for_that_example_only(cfg, probe, x64):
-    """One example's injection holds a NaN (another's z0 an Inf): those states are NaN
-    and not converged in every backward mode; the other example's value and its own
-    gradient are those of a batch without them."""
+    """One example's injection holds a NaN (another's z0 an Inf): those states, losses
+    and gradients are NaN and not converged in every backward mode; the other example's
+    value and its own gradient are those of a batch without them."""
     a, b = problem()
-    bs = jnp.stack([b, b.at[2].set(jnp.nan), b])
-    z0s = jnp.zeros((3, N)).at[2, 1].set(jnp.inf)
+    bs = jnp.stack([b, b.at[2].set(jnp.nan), b])  # example 1: a NaN in its args
+    z0s = jnp.zeros((3, N)).at[2, 1].set(jnp.inf)  # example 2: an Inf in its z0
 
     def one(a, b, z0):
         p = jnp.zeros(2) if probe else None
@@ -319,16 +323,20 @@ def test_non_finite_args_give_nan_for_that_example_only(cfg, probe, x64):
     (vals, (zs, st)), grads = jax.vmap(jax.value_and_grad(one, has_aux=True), (None, 0, 0))(
         a, bs, z0s
     )
-    (v0, (z0, st0)), g0 = jax.value_and_grad(one, has_aux=True)(a, b, jnp.zeros(N))
-    np.testing.assert_allclose(zs[0], z0, rtol=1e-12)
+    (v0, (z_ref, st_ref)), g_ref = jax.value_and_grad(one, has_aux=True)(a, b, jnp.zeros(N))
+    np.testing.assert_allclose(zs[0], z_ref, rtol=1e-12)
+    np.testing.assert_allclose(vals[0], v0, rtol=1e-12)
     # (SHINE's H holds secant pairs Δz ~ tol = 1e-10: its gradient carries their
     # rounding differences between batched and single matmuls, ~1e-16 / 1e-10)
-    rtol = 1e-5 if cfg.backward == "shine" else 1e-10
-    np.testing.assert_allclose(grads[0], g0, rtol=rtol, atol=1e-14)
-    assert bool(st.converged[0])
-    for i in (1, 2):
-        assert bool(jnp.all(jnp.isnan(zs[i]))) and bool(jnp.isnan(vals[i]))
-        assert not bool(st.converged[i])
+    rtol = 1e-5 if cfg.backward.startswith("shine") else 1e-10
+    np.testing.assert_allclose(grads[0], g_ref, rtol=rtol, atol=1e-14)
+    assert bool(st.converged[0]) and bool(st_ref.converged)
+    assert bool(jnp.all(jnp.isfinite(grads[0])))
+    for i in (1, 2):  # the non-finite examples: NaN state, loss and gradient
+        assert bool(jnp.all(jnp.isnan(zs[i]))), (i, zs[i])
+        assert not bool(st.converged[i]), i
+        assert bool(jnp.isnan(vals[i])), i
+        assert bool(jnp.all(jnp.isnan(grads[i]))), (i, grads[i])
 
 
 def test_nan_image_in_a_flax_deq_batch_gives_nan_logits_for_it_only():

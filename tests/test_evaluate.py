@@ -208,3 +208,64 @@ def test_convergence_per_budget(trained_tiny_deq):
     np.testing.assert_allclose(1 - b["8"]["converged_fraction"], final["test_nonconverged"])
     with pytest.raises(ValueError, match="budgets must be >= 1"):
         convergence(trained_tiny_deq, "0")
+
+
+def test_sigterm_stops_the_report_and_the_rerun_resumes_to_the_same_report(
+    trained_tiny_deq, tmp_path
+):
+    """SIGTERM as soon as the first attack run is saved: the report stops after the
+    current run (no report written), the rerun says it resumes and writes the report an
+    uninterrupted evaluation writes (every accuracy and per-example outcome)."""
+    import shutil
+    import signal
+    import threading
+    import time
+
+    cheap = {"attacks": "fgsm,pgd", "gradients": "implicit", "eps": "0.05,0.2"}
+    full, part = tmp_path / "full", tmp_path / "part"
+    for w in (full, part):
+        shutil.copytree(trained_tiny_deq, w)
+        for name in ("report.json", "report.md", "robustness.png"):
+            if (w / name).exists():
+                (w / name).unlink()
+    reference = evaluate_lib.evaluate(str(full), cheap, quiet=True)
+
+    def kill_after_first_run():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if list((part / "report_state").glob("*/*.npz")):
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=kill_after_first_run, daemon=True)
+    watcher.start()
+    assert evaluate_lib.evaluate(str(part), cheap, quiet=True) is None
+    watcher.join()
+    saved = list((part / "report_state").glob("*/*.npz"))
+    assert 1 <= len(saved) < 4 and not (part / "report.json").exists()
+    resumed = evaluate_lib.evaluate(str(part), cheap, quiet=True)
+    for key in ("clean_accuracy", "robust_accuracy", "worst_case", "outcomes", "intervals"):
+        assert resumed[key] == reference[key], key
+    assert json.load(open(part / "report.json"))["worst_case"] == reference["worst_case"]
+    assert not (part / "report_state").exists() or not list((part / "report_state").iterdir())
+
+
+def test_report_carries_intervals_and_outcomes(trained_tiny_deq):
+    from scipy import stats as st
+
+    cheap = {"attacks": "fgsm", "gradients": "implicit", "eps": "0.1,0.3"}
+    returned = evaluate_lib.evaluate(trained_tiny_deq, cheap, quiet=True)
+    report = json.load(open(os.path.join(trained_tiny_deq, "report.json")))
+    assert report["intervals"] == returned["intervals"]
+    n = report["n_examples"]
+    iv = report["intervals"]
+    for e, worst in report["worst_case"].items():
+        k = round(worst * n)
+        assert iv["worst_case"][e]["k"] == k and iv["worst_case"][e]["n"] == n
+        lo, hi = st.binomtest(k, n).proportion_ci(method="exact")
+        np.testing.assert_allclose(iv["worst_case"][e]["ci95"], [lo, hi], rtol=1e-9, atol=1e-12)
+        for label in report["robust_accuracy"][e]:
+            assert label in report["outcomes"]["robust_accuracy"][e]
+    text = open(os.path.join(trained_tiny_deq, "report.md")).read()
+    assert "Clopper" in text and f"n = {n}" in text

@@ -22,7 +22,7 @@ from experiments import evaluate as evaluate_lib
 from experiments import train as train_lib
 from experiments.workdir import load_run
 from tests.helpers import PARALLEL_OVERRIDES as OVERRIDES
-from tests.helpers import ROOT, loss_gradients
+from tests.helpers import ROOT, loss_gradients, train_command
 from tests.helpers import parallel_tiny_config as tiny_config
 
 TIMEOUT = 240
@@ -183,18 +183,9 @@ def test_two_processes_match_one_process(one_device, tmp_path):
 
 
 def _cli(workdir, epochs):
-    args = [
-        sys.executable,
-        "-m",
-        "experiments.train",
-        "--config",
-        "experiments/configs/deq_mnist.py",
-        "--workdir",
-        str(workdir),
-        f"--config.train.epochs={epochs}",
-        "--config.train.loss=ce",
-    ]
-    return args + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    overrides = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    epochs = f"--config.train.epochs={epochs}"
+    return train_command(workdir, epochs, "--config.train.loss=ce", *overrides)
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from experiments import train as train_lib
 from experiments.configs import deq_mnist
 from experiments.workdir import load_run
-from tests.helpers import ROOT, read_metrics, tiny_config
+from tests.helpers import ROOT, read_metrics, tiny_config, train_command
 
 
 def test_training_reduces_loss_and_resumes_exactly(tmp_path):
@@ -51,16 +50,7 @@ def test_explicit_baseline_trains(tmp_path):
 
 def test_cli_rejects_unknown_config_key(tmp_path):
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            "--config",
-            "experiments/configs/deq_mnist.py",
-            "--workdir",
-            str(tmp_path),
-            "--config.train.epoch=3",
-        ],
+        train_command(tmp_path, "--config.train.epoch=3"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -75,17 +65,7 @@ def test_cli_refuses_invalid_values_before_any_work(tmp_path):
     nothing is written."""
     workdir = tmp_path / "run"
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.train",
-            "--config",
-            "experiments/configs/deq_mnist.py",
-            "--workdir",
-            str(workdir),
-            "--config.train.epochs=-1",
-            "--config.train.batch_size=0",
-        ],
+        train_command(workdir, "--config.train.epochs=-1", "--config.train.batch_size=0"),
         cwd=ROOT,
         capture_output=True,
         text=True,

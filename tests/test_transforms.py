@@ -2,10 +2,7 @@
 finite differences and exact Jacobians, forward/reverse consistency in every backward
 mode, and jax.shard_map with its default check_vma=True on 2 forced CPU devices."""
 
-import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +11,7 @@ import pytest
 
 from deqjax.deq import DEQConfig, deq_fixed_point
 from deqjax.solvers import SOLVERS, SolverConfig
+from tests.helpers import run_forced_device_worker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 6
@@ -144,19 +142,7 @@ def test_shard_map_with_default_check_vma_equals_unsharded():
     """Every solver and backward mode inside jax.shard_map (check_vma=True, 2 forced
     CPU devices, the batch sharded): value, gradients, per-example steps and the
     forward-mode Jacobian equal the unsharded computation (tests/_shard_worker.py)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tests", "_shard_worker.py"), *SOLVERS],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_forced_device_worker("_shard_worker.py", 2, *SOLVERS)
     assert set(res) == set(SOLVERS)
     for method, r in res.items():
         assert r["devices"] == 2 and r["steps_equal"], (method, r)

@@ -153,6 +153,33 @@ def test_warm_attacks_take_far_fewer_solver_steps(tiny, attack):
     assert ratio <= (0.6 if attack == "pgd" else 0.7), ratio
 
 
+@pytest.mark.parametrize("attack", ["fab_targeted", "square"])
+def test_warm_fab_and_square_match_cold_at_fewer_solver_steps(tiny, attack):
+    """tol 1e-4, ε = 0.3, same key: FAB-T (solves warm from gradient point to candidate
+    and on) and Square (each query's solve warm from the current point) give the cold
+    attack's robust accuracy at far fewer forward solver steps. Measured: FAB-T 0.41
+    robust both ways, steps 0.61 of cold; Square steps 0.41-0.49 of cold."""
+    model, v, x, y = tiny
+    cfg = config(1e-4)
+    ws, warm_steps = counted(model, v, cfg)
+    cs, cold_steps = counted(model, v, cfg)
+    key = jax.random.PRNGKey(2)
+    if attack == "fab_targeted":
+        kw = dict(steps=10, n_target_classes=2)
+    else:
+        kw = dict(n_queries=60)
+    fn = getattr(A, attack)
+    x_cold = fn(lambda xb: cs(xb), x, y, key, eps=0.3, **kw)
+    x_warm = fn(ws, x, y, key, eps=0.3, **kw)
+    assert float(jnp.max(jnp.abs(x_warm - x))) <= 0.3 + 1e-6
+    r_cold, r_warm = robust(model, v, cfg, x_cold, y), robust(model, v, cfg, x_warm, y)
+    if attack == "fab_targeted":
+        assert r_cold < 0.9, r_cold  # the attack does work here
+    assert r_warm == r_cold
+    ratio = warm_steps.total / cold_steps.total
+    assert ratio <= 0.75, ratio
+
+
 @pytest.mark.parametrize(
     "cfg, view, match",
     [

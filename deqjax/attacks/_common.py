@@ -49,7 +49,13 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from deqjax.solvers import manual_axes, vary_over, varying_axes
+from deqjax.solvers import (
+    batch_axis_spec,
+    batch_sharded_like,
+    manual_axes,
+    vary_over,
+    varying_axes,
+)
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "dlr")
@@ -328,10 +334,10 @@ def validate(logits_fn, x, y, eps, norm, key=_NO_KEY, *, positive_eps=False, non
         conds = conds + check_nonnegative(name, v)
     nc = check_inputs(logits_fn, x, y, traced_checks=False)
     raise_if(conds + _value_conds(x, y, nc))
-    y = like_batch(y, x)
+    y = batch_sharded_like(y, x)
     if key is _NO_KEY:
         return x, y, nc
-    return x, y, nc, (like_batch(key, x) if is_batched_key(key) else key)
+    return x, y, nc, (batch_sharded_like(key, x) if is_batched_key(key) else key)
 
 
 # ------------------------------------------------------------------- mixed precision
@@ -438,21 +444,6 @@ def attack_api(*, needs_key: bool = True, positive_eps: bool = False, nonnegativ
 
 
 # ------------------------------------------------------------------------ sharding
-def _batch_axis_spec(a):
-    """The Explicit mesh axes the leading axis of ``a`` is sharded over (or None)."""
-    spec = getattr(getattr(jax.typeof(a), "sharding", None), "spec", None)
-    return spec[0] if spec else None
-
-
-def like_batch(a, x):
-    """``a`` (B, ...) resharded so its batch axis is sharded like ``x``'s under an
-    Explicit mesh (other axes replicated); unchanged otherwise."""
-    want = _batch_axis_spec(x)
-    if jnp.ndim(a) == 0 or want == _batch_axis_spec(a):
-        return a
-    return jax.sharding.reshard(a, P(want, *([None] * (jnp.ndim(a) - 1))))
-
-
 def replicate(a):
     """``a`` replicated under an Explicit mesh (for a gather / sort along the batch)."""
     if all(p is None for p in (getattr(jax.typeof(a).sharding, "spec", None) or ())):
@@ -463,18 +454,18 @@ def replicate(a):
 def shard_rows_like(a, x):
     """``a`` (n, ...) with its rows sharded as ``x``'s batch under an Explicit mesh when
     the mesh axes divide n (else unchanged)."""
-    want = _batch_axis_spec(x)
+    want = batch_axis_spec(x)
     if want is None:
         return a
     mesh = jax.sharding.get_abstract_mesh()
     size = math.prod(mesh.shape[ax] for ax in (want if isinstance(want, tuple) else (want,)))
-    return like_batch(a, x) if a.shape[0] % size == 0 else a
+    return batch_sharded_like(a, x) if a.shape[0] % size == 0 else a
 
 
 def batch_full(x, value, dtype=None):
     """A per-example (B,) array of ``value``, sharded like ``x``'s batch axis (Explicit
     mesh), so that it can meet per-example results in ``jnp.where`` / loop carries."""
-    want = _batch_axis_spec(x)
+    want = batch_axis_spec(x)
     return jnp.full(x.shape[:1], value, dtype, out_sharding=None if want is None else P(want))
 
 
@@ -745,16 +736,27 @@ class WarmStartLogits:
     Consecutive iterates of an iterative attack differ by one step, so the previous
     iterate's fixed point starts the next solve close to its solution: with a
     tolerance-stopped solver most solves then take a few steps (Bai, Kolter & Koltun
-    2019 reuse fixed points across time steps the same way). :func:`~deqjax.attacks.pgd`,
-    :func:`~deqjax.attacks.apgd` and :func:`~deqjax.attacks.apgd_targeted` thread the
-    state through their iterations (per restart, per target); the value an attack sees
-    at an iterate is the warm-started solve's, within the solver tolerance of the cold
-    one, and its gradient is the model's gradient at that solution. Build one for a
-    DEQ classifier with :func:`deqjax.models.warm_start_logits`.
+    2019 reuse fixed points across time steps the same way). Every iterative attack
+    threads the state: :func:`~deqjax.attacks.pgd`, :func:`~deqjax.attacks.apgd` and
+    :func:`~deqjax.attacks.apgd_targeted` through their iterations (per restart, per
+    target), :func:`~deqjax.attacks.fab` / :func:`~deqjax.attacks.fab_targeted` from
+    each gradient point to its candidate and on, :func:`~deqjax.attacks.square` from the
+    current point to each query (kept per example where a query is accepted). The value
+    an attack sees at an iterate is the warm-started solve's, within the solver
+    tolerance of the cold one, and its gradient is the model's gradient at that
+    solution. FAB's projections are the most sensitive to that tolerance: measured on a
+    tiny MDEQ (tests/test_warm_start.py), warm and cold FAB agree exactly at tol 1e-4
+    and 1e-5 but not at 1e-3 (warm found fewer adversarial points there), so give
+    warm-started FAB a forward tolerance of 1e-4 or tighter (``tol``, when set, is that
+    tolerance: :func:`deqjax.robustness.evaluate_robustness` runs FAB cold through a
+    view whose ``tol`` is unknown or looser). Build one for a DEQ classifier with
+    :func:`deqjax.models.warm_start_logits`.
     """
 
     init: Callable
     apply: Callable
+    # the forward solve's tolerance where known (FAB needs <= 1e-4 to use the warm start)
+    tol: float | None = None
 
     def __call__(self, x):
         return self.apply(x, self.init(x))[0]

@@ -201,7 +201,7 @@ def _compacted(attack, logits_fn, x, y, keys, robust, x_worst, buckets):
         count = (left + size - 1) // size if last else left // size
         carry = lax.fori_loop(0, count, body, carry)
         start = start + count * size
-    return tuple(C.like_batch(a, like) for a in carry)
+    return tuple(C.batch_sharded_like(a, like) for a in carry)
 
 
 def _attack_survivors(fn, logits_fn, x, y, keys, robust, x_worst, *, eps, norm, buckets):

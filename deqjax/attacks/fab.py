@@ -114,37 +114,43 @@ def _dual_norm(g, norm):
 
 
 # --------------------------------------------------------------------------- core
-def _boundary(logits_fn, x1, y, target, nc):
-    """Logit differences f_j = z_j − z_y and gradients ∇f_j at x1 (flat (B, n)).
+def _boundary(logits_fn, x1, y, target, nc, state):
+    """Logit differences f_j = z_j − z_y and gradients ∇f_j at x1 (flat (B, n)), and the
+    solver state to start the next forward from (``state``: see
+    :func:`~deqjax.attacks._common.logits_and_state`; ``()`` for a plain logits function).
 
     Untargeted (``target`` None): all classes, (B, C) and (B, C, n), f_y excluded by a
     huge value (as the reference). Targeted: only j = target, (B, 1) and (B, 1, n)."""
     shape = x1.shape
-    fn = lambda xf: logits_fn(xf.reshape(shape))
+    fn = lambda xf: C.logits_and_state(logits_fn, xf.reshape(shape), state)
     xf = x1.reshape(shape[0], math.prod(shape[1:]))
-    z, vjp = jax.vjp(fn, xf)
+    z, vjp, state = jax.vjp(fn, xf, has_aux=True)
     ey = jax.nn.one_hot(y, nc, dtype=z.dtype)
     if target is None:
         cot = jnp.eye(nc, dtype=z.dtype)[:, None, :] - ey[None]  # (C, B, C)
         (g,) = jax.vmap(vjp)(cot)  # (C, B, n)
         df = z - jnp.sum(z * ey, -1, keepdims=True)
         df = jnp.where(ey > 0, 1e10, df)
-        return df, jnp.swapaxes(g, 0, 1)
+        return df, jnp.swapaxes(g, 0, 1), state
     et = jax.nn.one_hot(target, nc, dtype=z.dtype)
     (g,) = vjp(et - ey)
-    return jnp.sum(z * (et - ey), -1, keepdims=True), g[:, None]
+    return jnp.sum(z * (et - ey), -1, keepdims=True), g[:, None], state
 
 
 def _fab_run(logits_fn, x, y, x_init, target, nc, *, norm, steps, alpha_max, eta, beta):
     """One FAB run from ``x_init``; returns (closest adversarial point, its distance)
-    per example, distance inf where none was found (point then x)."""
+    per example, distance inf where none was found (point then x).
+
+    A :class:`~deqjax.attacks.WarmStartLogits` threads its solver state: each
+    gradient's solve starts from the previous candidate's solution and each candidate's
+    from the gradient point's (consecutive points differ by one FAB step)."""
     b_, shape = x.shape[0], x.shape
     n = math.prod(shape[1:])
     x0 = x.reshape(b_, n)
 
     def body(s, _):
-        x1, best_x, best_d = s
-        df, dg = _boundary(logits_fn, x1.reshape(shape), y, target, nc)
+        x1, best_x, best_d, st = s
+        df, dg, st = _boundary(logits_fn, x1.reshape(shape), y, target, nc, st)
         dist = jnp.abs(df) / (_dual_norm(dg, norm) + 1e-12)
         j = jnp.argmin(dist, axis=-1)
         w = jnp.take_along_axis(dg, j[:, None, None], 1)[:, 0]
@@ -160,16 +166,18 @@ def _fab_run(logits_fn, x, y, x_init, target, nc, *, norm, steps, alpha_max, eta
         # the candidate as stored (low-precision images: rounded towards x0, so never
         # farther than xn); the iterates themselves stay unrounded
         xs = C.to_storage(xn, x0, None, "l2")
-        adv = jnp.argmax(logits_fn(xs.reshape(shape)), -1) != y
+        zs, st = C.logits_and_state(logits_fn, xs.reshape(shape), st)
+        adv = jnp.argmax(zs, -1) != y
         dn = _norm(xs - x0, norm)
         better = adv & (dn < best_d)
         best_x = jnp.where(better[:, None], xs, best_x)
         best_d = jnp.where(better, dn, best_d)
         x1 = jnp.where(adv[:, None], x0 + beta * (xn - x0), xn)
-        return (x1, best_x, best_d), None
+        return (x1, best_x, best_d, st), None
 
-    init = (x_init.reshape(b_, n), x0, C.batch_full(x, jnp.inf, x.dtype))
-    (_, best_x, best_d), _ = C.scan(body, init, None, length=steps)
+    st0 = C.initial_state(logits_fn, x_init)
+    init = (x_init.reshape(b_, n), x0, C.batch_full(x, jnp.inf, x.dtype), st0)
+    (_, best_x, best_d, _), _ = C.scan(body, init, None, length=steps)
     return best_x.reshape(shape), best_d
 
 

@@ -85,7 +85,9 @@ def _square_single(
         raise ValueError(f"p_init must be in (0, 1], got {p_init}.")
     xi, one_d = _as_image(x)
     b, h, w, c = xi.shape
-    fn = lambda xx: logits_fn(jnp.reshape(xx, x.shape))
+    # (logits, next solver state) of a candidate; a WarmStartLogits starts each query's
+    # solve from the current point's solution (one window away), a plain one ignores it
+    fn = lambda xx, st: C.logits_and_state(logits_fn, jnp.reshape(xx, x.shape), st)
     sh, sw = _sizes(n_queries, p_init, h, w, one_d, rescale_schedule)
     rademacher = lambda k, s: jax.random.rademacher(k, s, xi.dtype)
 
@@ -101,10 +103,11 @@ def _square_single(
         g = C.draw(lambda k, s: jax.random.normal(k, s, xi.dtype), k0, xi.shape)
         d0 = eps * g / jnp.maximum(C._bnorm(g), C._TINY)
     xb = C.to_storage(jnp.clip(xi + d0, 0.0, 1.0), xi, eps, norm)
-    mb = C.margin(fn(xb), y)
+    zb, sb = fn(xb, C.initial_state(logits_fn, x))
+    mb = C.margin(zb, y)
 
     def query(carry, inp):
-        xb, mb = carry
+        xb, mb, sb = carry
         kk, s_h, s_w = inp
         kw_, kv = C.split_key(kk, 2)
         mask = _window(kw_, b, h, w, s_h, s_w)
@@ -118,10 +121,12 @@ def _square_single(
             dn = delta + jnp.where(mask, step * signs, 0.0)
             dn = dn * eps / jnp.maximum(C._bnorm(dn), C._TINY)
         xn = C.to_storage(jnp.clip(xi + dn, 0.0, 1.0), xi, eps, norm)
-        mn = C.margin(fn(xn), y)
+        zn, sn = fn(xn, sb)
+        mn = C.margin(zn, y)
         acc = (mn < mb) & (mb >= 0)  # a broken example stays where it broke
         mb = jnp.where(acc, mn, mb)
-        return (C.bwhere(acc, xn, xb), mb), mb
+        sb = jax.tree.map(lambda a, b: C.bwhere(acc, a, b), sn, sb)
+        return (C.bwhere(acc, xn, xb), mb, sb), mb
 
     def body(carry, inp):
         # once every example of the batch is misclassified, skip the remaining queries
@@ -129,7 +134,7 @@ def _square_single(
         return lax.cond(jnp.any(carry[1] >= 0), query, lambda c, _: (c, c[1]), carry, inp)
 
     keys = C.split_key(kloop, n_queries)
-    (xb, mb_end), trace = C.scan(body, (xb, mb), (keys, jnp.asarray(sh), jnp.asarray(sw)))
+    (xb, mb_end, _), trace = C.scan(body, (xb, mb, sb), (keys, jnp.asarray(sh), jnp.asarray(sw)))
     x_adv = C.project(jnp.reshape(xb, x.shape), x, eps, norm)  # guard against round-off
     if return_trace:
         return x_adv, -jnp.concatenate([mb[None], trace], axis=0)

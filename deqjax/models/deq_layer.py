@@ -97,6 +97,22 @@ def check_warm_start(cell: nn.Module, config: DEQConfig, view: AttackView | None
         )
 
 
+def _reset_stale_starts(f, params, z0, u):
+    """``(z0', reset)``: per example, ``z0`` where ``‖f(z0) − z0‖ ≤ ‖f(0) − 0‖``, else
+    zeros (``reset`` True there). Computed without gradient."""
+    params, z0, u = jax.lax.stop_gradient((params, z0, u))
+
+    def one(z0_i, u_i):
+        zero = jnp.zeros_like(z0_i)
+        r_prev = jnp.linalg.norm((f(z0_i, (params, u_i)) - z0_i).astype(jnp.float32).ravel())
+        r_zero = jnp.linalg.norm(f(zero, (params, u_i)).astype(jnp.float32).ravel())
+        # a non-finite residual is stale too; a zero start is zero's (never "reset")
+        stale = ~(r_prev <= r_zero) & jnp.any(z0_i != 0)
+        return jnp.where(stale, zero, z0_i), stale
+
+    return jax.vmap(one)(z0, u)
+
+
 class DEQ(nn.Module):
     """Equilibrium layer ``z* = cell(z*, u)`` with the state shaped like ``u``.
 
@@ -122,8 +138,17 @@ class DEQ(nn.Module):
         jacobian_samples: int = 1,
         view: AttackView | None = None,
         random_steps: RandomSteps | None = None,
+        reset_stale: bool = False,
     ):
         """Solve per example.
+
+        ``z0`` (shaped like ``u``; default zeros) is where each solve starts. With
+        ``reset_stale`` an example whose start is worse than zero —
+        ``‖f(z0) − z0‖ > ‖f(0) − 0‖`` — starts from zero instead (two extra cell
+        evaluations per example; used to reuse last epoch's fixed points in training,
+        where a stale start can be far from the new equilibrium). The solution (no
+        gradient) and the per-example reset mask are sown into the ``"fixed_points"``
+        collection as ``z`` and ``reset`` (kept when the caller makes it mutable).
 
         ``view`` (an :class:`~deqjax.deq_gradients.AttackView`) picks the gradient
         path attacks see — the value is unchanged, see :mod:`deqjax.deq_gradients` —
@@ -155,6 +180,9 @@ class DEQ(nn.Module):
         if backward_probe is None:
             backward_probe = batch_sharded_like(jnp.zeros((u.shape[0], 2), stats_dtype), u)
         z0 = batch_sharded_like(z0, u)
+        reset = None
+        if reset_stale:
+            z0, reset = _reset_stale_starts(f, params, z0, u)
 
         num_steps = None
         if random_steps is not None:
@@ -190,6 +218,10 @@ class DEQ(nn.Module):
             )(z, u, keys)
             est = est.astype(stats_dtype)  # a loss term: at least float32
             self.sow("losses", "jacobian_frobenius_sq", jnp.mean(est) / z[0].size)
+        if self.is_mutable_collection("fixed_points"):
+            self.sow("fixed_points", "z", jax.lax.stop_gradient(z))
+            if reset is not None:
+                self.sow("fixed_points", "reset", reset)
         return z, stats
 
     def _attack_view(self, f, params, u, z0, config, view: AttackView):

@@ -119,13 +119,19 @@ class DEQClassifierMethods:
         jacobian_key=None,
         view: AttackView | None = None,
         random_steps: RandomSteps | None = None,
+        z0=None,
+        reset_stale: bool = False,
     ):
         """Returns ``(logits, stats)``; the keyword arguments are those of
         :class:`~deqjax.models.DEQ` (``view``: the gradient path an attack follows;
-        ``random_steps``: random intermediate states in training)."""
+        ``random_steps``: random intermediate states in training; ``z0``: the solves'
+        start, injection-shaped, default zeros; ``reset_stale``: start from zero where
+        ``z0`` is worse than zero)."""
         check_images(x)
         z, stats = self.equilibrium(
             self.injection(x),
+            z0=z0,
+            reset_stale=reset_stale,
             backward_probe=backward_probe,
             return_trajectory=return_trajectory,
             config=config,
@@ -245,7 +251,8 @@ def warm_start_logits(
             jax.debug.callback(on_steps, stats.steps)
         return logits, z
 
-    return WarmStartLogits(init, apply)
+    tol = float((config if config is not None else module.deq).forward.tol)
+    return WarmStartLogits(init, apply, tol)
 
 
 def _check_warm_start(module, config, view):

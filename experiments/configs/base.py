@@ -79,6 +79,15 @@ def base_config() -> ml_collections.ConfigDict:
             nonconvergence_warning=0.05,  # warn when more than this fraction did not converge
             skip_nonfinite=False,  # False: stop on a non-finite loss/gradient; True: skip it
             progress=True,
+            # K models (seeds config.seed .. config.seed + K - 1: initialisation, run key
+            # and data order) trained as one vmapped program and checkpointed together;
+            # 1 = the plain run (experiments/seeds.py, docs/howto/seeds_and_reuse.md)
+            seeds=1,
+            # DEQs: start each example's training solve from its equilibrium of the last
+            # epoch (a per-example store, experiments/fixed_points.py); reuse_reset:
+            # "residual" starts from zero where ‖f(z_prev) − z_prev‖ > ‖f(0)‖, "none" never
+            reuse_fixed_points=False,
+            reuse_reset="residual",
         )
     )
     # The inner attack of adversarial training (train.loss = pgd_at | trades | mixed).
@@ -140,6 +149,12 @@ def base_config() -> ml_collections.ConfigDict:
             # attack's iterates, the defended model's choice) and by transfer from the
             # undefended model (deqjax.bpda.adaptive_views)
             protocols="autodiff,bpda,guided,bpda_purified,transfer",
+            # DEQ views whose gradient depends only on z* (implicit, phantom) start each
+            # attack iterate's solve from the previous one's fixed point (same model)
+            warm_start=True,
+            # attack, at each ε, only the examples every earlier run left robust (the
+            # worst case is unchanged; per-run rows become cumulative)
+            compact=True,
         )
     )
     return c

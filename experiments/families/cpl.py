@@ -40,6 +40,7 @@ from deqjax.cpl import (
     prepare_sigmas,
     row_normalize,
 )
+from deqjax.stats import pack_bits
 from experiments.spec import ModelSpec
 
 
@@ -166,7 +167,15 @@ def certify_hook(spec: ModelSpec, state, x, y, eps_list, r, prepare_seconds=None
     def table(acc):
         return {str(float(e)): v for e, v in acc.items()}
 
+    def bits(r, ok):  # per-example certified flags, as certified_accuracy counts them
+        r, ok = np.asarray(r), np.asarray(ok, bool)
+        return {str(float(e)): pack_bits(ok if e <= 0 else ok & (r > e)) for e in eps_list}
+
     return {
+        "outcomes": {
+            "certified_accuracy": bits(radii, correct),
+            "certified_accuracy_conventional": bits(radii_conv, correct_conv),
+        },
         "certified_accuracy": table(certified_accuracy(radii, correct, eps_list)),
         "certified_accuracy_conventional": table(
             certified_accuracy(radii_conv, correct_conv, eps_list)

@@ -14,7 +14,8 @@ how far each ICNN parameter moved from its initialisation).
 
 ``python -m experiments.families.lyadeq --out docs/results/lyadeq_vs_deq.png NAME=WORKDIR ...``
 draws the comparison plot of docs/results/lyadeq.md
-(worst case and naive view against ε) from reports.
+(worst case and naive view against ε) from reports; ``python -m experiments.compare``
+gives the same models' exact intervals and paired tests.
 """
 
 from __future__ import annotations
@@ -225,20 +226,22 @@ def comparison_plot(named, path: str) -> None:
 
 
 def main(argv=None) -> None:
+    """Print :func:`comparison_table` and, when the reports hold per-example outcomes, the
+    exact intervals and paired tests of ``python -m experiments.compare``; draw
+    :func:`comparison_plot`."""
     import argparse
-    import json
-    import os
+
+    from experiments import compare
 
     p = argparse.ArgumentParser(description="LyaDEQ vs DEQ table and plot from reports")
     p.add_argument("--out", required=True, help="the plot (.png)")
     p.add_argument("runs", nargs="+", help="LABEL=WORKDIR (with a report.json)")
     args = p.parse_args(argv)
-    named = []
-    for run in args.runs:
-        label, _, workdir = run.partition("=")
-        with open(os.path.join(workdir, "report.json")) as fh:
-            named.append((label, json.load(fh)))
+    runs = compare.parse_runs(args.runs)
+    named = [(label, compare.load_report(w, require_outcomes=False)) for label, w in runs.items()]
     print(comparison_table(named))
+    if all("outcomes" in rep for _, rep in named):
+        print("\n" + compare.markdown(compare.compare_reports(dict(named))), end="")
     comparison_plot(named, args.out)
 
 
