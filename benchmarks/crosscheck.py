@@ -101,24 +101,6 @@ def train_convnet(n_train: int = 4000, epochs: int = 3, seed: int = 0):
     return net, params
 
 
-def _deq_kwargs(cfg) -> dict:
-    """torchdeq settings equal to a deqjax DEQConfig (forward and implicit backward)."""
-    f, m = cfg.forward, cfg.adjoint_solver
-    assert f.method == "anderson" and m == "anderson", "the port matches Anderson only"
-    return dict(
-        core="indexing",
-        ift=True,
-        f_solver="anderson",
-        f_max_iter=f.max_iter,
-        f_tol=f.tol,
-        f_stop_mode=f.stop_mode,
-        b_solver="anderson",
-        b_max_iter=cfg.adjoint_max_iter,
-        b_tol=cfg.adjoint_tol,
-        b_stop_mode="rel",
-    )
-
-
 def load_trades_deq():
     """``(config, spec, variables)`` of the shipped TRADES MDEQ
     (``tests/data/deq_mnist_trades_params.msgpack``, ``experiments/configs/
@@ -140,7 +122,7 @@ def load_model(name: str, quick: bool = False):
     """(jax logits_fn, torch attack model, torch scoring model, description dict)."""
     import jax
 
-    from benchmarks.torch_models import TorchConvNet, TorchMDEQ
+    from benchmarks.torch_models import TorchConvNet, TorchMDEQ, torchdeq_kwargs
 
     if name == "convnet":
         net, params = train_convnet(n_train=1000 if quick else 4000, epochs=1 if quick else 3)
@@ -153,13 +135,13 @@ def load_model(name: str, quick: bool = False):
     config, spec, variables = load_trades_deq()
     params = variables["params"]
     ecfg = spec.eval_kwargs["config"]
-    tm = TorchMDEQ(head_kind=config.model.head, deq_kwargs=_deq_kwargs(ecfg))
+    tm = TorchMDEQ(head_kind=config.model.head, deq_kwargs=torchdeq_kwargs(ecfg))
     tm.load_flax(params)
     desc = dict(
         model="TRADES MDEQ (tests/data/deq_mnist_trades_params.msgpack), implicit gradient",
         solver=f"forward {ecfg.forward}; adjoint {ecfg.adjoint_solver} "
         f"max_iter={ecfg.adjoint_max_iter} tol={ecfg.adjoint_tol}",
-        torchdeq=_deq_kwargs(ecfg),
+        torchdeq=torchdeq_kwargs(ecfg),
     )
     return (lambda xb: spec.module.apply(variables, xb, **spec.eval_kwargs)[0]), tm, tm, desc
 
@@ -243,23 +225,12 @@ def torch_autoattack(model, b: dict, eps: float, norm: str, reference_budgets: b
 
 
 # ------------------------------------------------------------------------ running
-def _robust_torch(model, x_adv, y, correct, batch=250):
-    import numpy as np
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        pred = np.concatenate(
-            [model(x_adv[i : i + batch]).argmax(1).numpy() for i in range(0, len(y), batch)]
-        )
-    return correct & (pred == y)
-
-
 def run_torch(atk, model, x, y, correct, train_mode: bool):
     """Attack with torchattacks; returns (robust flags, seconds)."""
     import torch
 
     from benchmarks import common
+    from benchmarks.torch_models import robust_flags
 
     def set_mode(a):  # MultiAttack / AutoAttack call their sub-attacks with their own mode
         a.set_model_training_mode(model_training=train_mode)
@@ -272,7 +243,7 @@ def run_torch(atk, model, x, y, correct, train_mode: bool):
     t = time.perf_counter()
     adv = atk(xt, yt).detach()
     sec = time.perf_counter() - t
-    return _robust_torch(model, adv, y, correct), sec
+    return robust_flags(model, adv, y, correct), sec
 
 
 def run_jax(fn, logits_fn, x, y, correct, key, compiler_options=None):
@@ -520,7 +491,7 @@ def main(argv=None):
             p.error(f"unknown attack {att!r}; choose from {ATTACKS}")
     out = a.out or ("/tmp/deqjax_crosscheck_quick" if a.quick else "benchmarks/results")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from benchmarks.run import configure_threads
+    from benchmarks.threads import configure_threads
 
     configure_threads(1)
     import torch

@@ -184,7 +184,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     import platform
 
-    results = {"machine": platform.processor() or platform.machine(), "variants": {}}
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+    except OSError:
+        cpu = []
+    machine = f"{cpu[0] if cpu else platform.processor()}, {os.cpu_count()} cores"
+    results = {"machine": machine, "variants": {}}
     path = os.path.join(a.out, "fixed_point_reuse")
     for name in a.variants.split(","):
         results["variants"][name] = run_variant(

@@ -28,6 +28,7 @@ import json
 import os
 import time
 
+from benchmarks.threads import configure_threads
 from benchmarks.workloads import time_to_result as ttr  # numpy only: no jax at import
 
 WORKLOADS = ("deq_train", "pgd", "apgd", "cpl_train", "restarts", "conv", "memory")
@@ -260,21 +261,6 @@ def write(res: dict, out: str) -> None:
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown(res))
     print(f"wrote {out}/results.json and {out}/results.md")
-
-
-def configure_threads(n: int) -> None:
-    """Give XLA:CPU and torch the same number of threads. Must run before jax is
-    imported (XLA reads ``XLA_FLAGS`` at backend start-up); inherited by the memory
-    subprocesses."""
-    if "jax" in __import__("sys").modules:
-        raise RuntimeError("configure_threads must be called before jax is imported")
-    os.environ["BENCH_THREADS"] = str(n)
-    flags = os.environ.get("XLA_FLAGS", "")
-    if n == 1:
-        flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-    else:
-        flags += f" intra_op_parallelism_threads={n}"
-    os.environ["XLA_FLAGS"] = flags.strip()
 
 
 def main(argv=None):

@@ -341,7 +341,7 @@ def main():
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         ap.error(f"unknown parts {unknown}; choose from {PARTS}")
-    from benchmarks.run import configure_threads
+    from benchmarks.threads import configure_threads
 
     configure_threads(1)
     t0 = time.time()

@@ -286,3 +286,31 @@ class TorchCPLNet(nn.Module):
         for layer in self.denses:
             x = layer(x)
         return x[:, : self.num_classes]
+
+
+def torchdeq_kwargs(cfg) -> dict:
+    """torchdeq settings equal to a deqjax DEQConfig (forward and implicit backward)."""
+    f, m = cfg.forward, cfg.adjoint_solver
+    assert f.method == "anderson" and m == "anderson", "the port matches Anderson only"
+    return dict(
+        core="indexing",
+        ift=True,
+        f_solver="anderson",
+        f_max_iter=f.max_iter,
+        f_tol=f.tol,
+        f_stop_mode=f.stop_mode,
+        b_solver="anderson",
+        b_max_iter=cfg.adjoint_max_iter,
+        b_tol=cfg.adjoint_tol,
+        b_stop_mode="rel",
+    )
+
+
+def robust_flags(model, x_adv, y, correct, batch=250):
+    """Per example: correct on the clean input and still right on ``x_adv`` (eval mode)."""
+    model.eval()
+    with torch.no_grad():
+        pred = np.concatenate(
+            [model(x_adv[i : i + batch]).argmax(1).numpy() for i in range(0, len(y), batch)]
+        )
+    return correct & (pred == y)

@@ -89,13 +89,13 @@ def run_deqjax(logits_fn, score_fn, x, y, correct, key, eps, steps, batch, count
 
 def run_torch(x, y, correct, eps, steps, desc_out):
     from benchmarks import crosscheck
-    from benchmarks.torch_models import TorchMDEQ
+    from benchmarks.torch_models import TorchMDEQ, torchdeq_kwargs
 
     config, spec, variables = crosscheck.load_trades_deq()
     ecfg = spec.eval_kwargs["config"]
-    tm = TorchMDEQ(head_kind=config.model.head, deq_kwargs=crosscheck._deq_kwargs(ecfg))
+    tm = TorchMDEQ(head_kind=config.model.head, deq_kwargs=torchdeq_kwargs(ecfg))
     tm.load_flax(variables["params"])
-    desc_out["torchdeq"] = crosscheck._deq_kwargs(ecfg)
+    desc_out["torchdeq"] = torchdeq_kwargs(ecfg)
     atk = crosscheck.torch_attack("pgd", tm, dict(pgd_steps=steps), eps, "linf")
     robust, sec = crosscheck.run_torch(atk, tm, x, y, correct, train_mode=True)
     return dict(robust=float(robust.mean()), s=sec)
@@ -218,7 +218,7 @@ def main(argv=None):
     if a.n % a.batch:
         p.error(f"--n ({a.n}) must be a multiple of --batch ({a.batch}): one compile")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from benchmarks.run import configure_threads
+    from benchmarks.threads import configure_threads
 
     configure_threads(1)
     import torch

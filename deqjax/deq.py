@@ -192,11 +192,16 @@ class DEQConfig:
 
 
 def damped_steps(f: Callable, z: Any, args: Any, steps: int, damping: float) -> Any:
-    """``steps`` damped iterations ``z ← (1 − λ) z + λ f(z, args)``, unrolled
-    (differentiable); ``z`` may be a pytree."""
-    for _ in range(int(steps)):
-        z = jax.tree.map(lambda a, b: (1 - damping) * a + damping * b, z, f(z, args))
-    return z
+    """``steps`` damped iterations ``z ← (1 − λ) z + λ f(z, args)`` (differentiable to
+    any order); ``z`` may be a pytree. A ``lax.scan`` unrolled 8 steps at a time: the
+    compile time no longer grows with ``steps`` (200 Python-unrolled steps took a
+    minute to compile)."""
+
+    def step(z, _):
+        return jax.tree.map(lambda a, b: (1 - damping) * a + damping * b, z, f(z, args)), None
+
+    steps = int(steps)
+    return lax.scan(step, z, None, length=steps, unroll=min(steps, 8))[0]
 
 
 # Below this many unknowns the adjoint (and tangent) systems are solved directly: the

@@ -196,6 +196,13 @@ ATTACKS = {
         f, x, y, k, eps=0.1, steps=3, n_target_classes=3
     ),
     "square": lambda f, x, y, k: A.square(f, x, y, k, eps=0.1, n_queries=5),
+    # an ensemble of a gradient and a gradient-free attack (compile time: the standard
+    # suite's four are covered by tests/test_attacks.py), its worst-case point
+    "evaluate_ensemble": lambda f, x, y, k: (
+        A.evaluate_ensemble(
+            f, x, y, k, eps=0.1, attacks=["apgd-ce", "square"], n_iter=3, n_queries=5
+        ).x_adv
+    ),
 }
 
 
@@ -327,6 +334,154 @@ def _flax_deq_cells():
     }
 
 
+# --- array functions: CPL layers, certificates, OTAD's convex integration -------------
+
+
+def _shard_map_1dev(per_example, x, tol):
+    """``per_example`` over a 1-device mesh by ``jax.shard_map`` (check_vma typing)."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",))
+    spec = jax.sharding.PartitionSpec("x")
+    sharded = jax.shard_map(per_example, mesh=mesh, in_specs=spec, out_specs=spec)
+    _close(jax.jit(sharded)(x), per_example(x), tol)
+
+
+def _array_fn_cells(loss, x, closure_loss, bf16_check, *, tol=1e-6, mesh_where="", notes=None):
+    """Cells of a scalar ``loss(x)`` of one example (float64 ``x``): transforms against
+    the eager value, derivatives against central differences. ``closure_loss`` closes
+    over the parameters that ``loss`` takes as arguments; ``bf16_check`` runs the
+    function in bfloat16."""
+    notes = notes or {}
+    # numpy float64: float64 once the matrix runs (with jax_enable_x64)
+    xs = x + 0.01 * np.arange(6.0).reshape(3, 2, *([1] * x.ndim))  # (3, 2, *x.shape)
+    d = np.asarray(jax.random.normal(jax.random.PRNGKey(8), x.shape), np.float64)
+    h = 1e-6
+    fd = lambda f, x: (f(x + h * d) - f(x - h * d)) / (2 * h)
+    cells = {
+        "jit": Cell("yes", lambda: _close(jax.jit(loss)(x), loss(x), 1e-12)),
+        "vmap": Cell(
+            "yes", lambda: _close(jax.vmap(loss)(xs[0]), jnp.stack([loss(v) for v in xs[0]]), 1e-10)
+        ),
+        "vmap∘vmap": Cell(
+            "yes",
+            lambda: _close(
+                jax.vmap(jax.vmap(loss))(xs),
+                jax.vmap(loss)(xs.reshape(-1, *x.shape)).reshape(3, 2),
+                1e-10,
+            ),
+        ),
+        "grad": Cell("yes", lambda: _close(jnp.sum(jax.grad(loss)(x) * d), fd(loss, x), tol)),
+        "jvp": Cell("yes", lambda: _close(jax.jvp(loss, (x,), (d,))[1], fd(loss, x), tol)),
+        "hessian": Cell(
+            "yes",
+            lambda: _close(jax.jvp(jax.grad(loss), (x,), (d,))[1], fd(jax.grad(loss), x), tol),
+            note="Hessian-vector products (forward over reverse) against differences",
+        ),
+        "closure": Cell("yes", lambda: _close(jax.grad(closure_loss)(x), jax.grad(loss)(x), 1e-10)),
+        "pytree state": Cell("n/a", note="n/a: one array in, one array out"),
+        "float64": Cell("yes", lambda: _close(jax.jit(loss)(x), loss(x), 1e-12)),
+        "bfloat16": Cell("yes", bf16_check),
+        "Explicit mesh": Cell("yes", where=mesh_where)
+        if mesh_where
+        else Cell("n/a", note="n/a: per-example maths, nothing sharded inside"),
+        "shard_map": Cell("yes", lambda: _shard_map_1dev(jax.vmap(jax.grad(loss)), xs[0], 1e-9)),
+    }
+    for k, (status, note, check) in notes.items():
+        cells[k] = Cell(status, check, note=note)
+    return cells
+
+
+_D = 6
+_CPL_W = np.asarray(jax.random.normal(jax.random.PRNGKey(9), (5, _D)), np.float64) / 3
+_CPL_B = np.asarray(jax.random.normal(jax.random.PRNGKey(10), (5,)), np.float64) / 3
+_X6 = np.asarray(jax.random.normal(jax.random.PRNGKey(11), (_D,)), np.float64)
+
+
+def _cpl_cells():
+    from deqjax import cpl
+
+    sigma = np.linalg.norm(_CPL_W, 2)
+    out = lambda x, w, b: cpl.dense_cpl(x, w, b, sigma)
+    loss = lambda x: jnp.sum(jnp.sin(out(x, _CPL_W, _CPL_B)) * jnp.arange(1.0, _D + 1))
+    params = {"w": _CPL_W, "b": _CPL_B}
+    closure = lambda x: jnp.sum(
+        jnp.sin(cpl.dense_cpl(x, params["w"], params["b"], sigma)) * jnp.arange(1.0, _D + 1)
+    )
+
+    def bf16():
+        z = cpl.dense_cpl(*(jnp.asarray(a, jnp.bfloat16) for a in (_X6, _CPL_W, _CPL_B, sigma)))
+        assert z.dtype == jnp.bfloat16
+        _close(z.astype(jnp.float64), out(_X6, _CPL_W, _CPL_B), 0.05)
+
+    return _array_fn_cells(loss, _X6, closure, bf16)
+
+
+def _certified_radius_cells():
+    from deqjax import cpl
+
+    labels = np.asarray([2])
+    # plain logits: the caller vouches that the network is 1-Lipschitz
+    radius = lambda z: cpl.certified_radius(z, labels, assume_lipschitz=True)
+    loss = lambda z: radius(z[None])[0]
+    w = {"scale": np.float64(1.0)}
+    closure = lambda z: radius(w["scale"] * z[None])[0]
+    z = np.asarray([0.1, -0.4, 1.3, 0.2, 0.05])
+
+    def bf16():
+        r = radius(jnp.asarray(z[None], jnp.bfloat16))
+        assert jnp.isfinite(r).all() and r.dtype in (jnp.bfloat16, jnp.float32), r.dtype
+        _close(r.astype(jnp.float64), loss(z)[None], 0.02)
+
+    return _array_fn_cells(
+        loss,
+        z,
+        closure,
+        bf16,
+        notes={
+            "hessian": (
+                "yes",
+                "piecewise linear in the logits: Hessian-vector products are 0 (checked)",
+                lambda: _close(jax.jvp(jax.grad(loss), (z,), (np.ones(5),))[1], np.zeros(5)),
+            )
+        },
+    )
+
+
+def _cip_cells():
+    from deqjax.otad import convex_integration
+
+    key = jax.random.PRNGKey(12)
+    xs = np.asarray(jax.random.normal(key, (5, 3)), np.float64)
+    zs = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (5, 3)), np.float64)
+    x = xs.mean(0) + 0.1
+    g = lambda x, xs, zs: convex_integration(x, xs, zs, 0.0, 2.0, "envelope").g
+    loss = lambda x: jnp.sum(jnp.sin(g(x, xs, zs)) * jnp.arange(1.0, 4.0))
+    data = {"xs": xs, "zs": zs}
+    closure = lambda x: jnp.sum(jnp.sin(g(x, data["xs"], data["zs"])) * jnp.arange(1.0, 4.0))
+
+    def bf16():
+        try:
+            r = convex_integration(*(jnp.asarray(a, jnp.bfloat16) for a in (x, xs, zs)), 0.0, 2.0)
+        except (TypeError, ValueError) as e:
+            assert "bfloat16" in str(e) or "float32" in str(e), e
+        else:
+            assert r.g.dtype in (jnp.bfloat16, jnp.float32), r.g.dtype
+
+    return _array_fn_cells(
+        loss,
+        x,
+        closure,
+        bf16,
+        tol=1e-5,
+        notes={
+            "jvp": (
+                "error",
+                "its QP solution is differentiated by a custom_vjp: JAX refuses jvp (jacrev works)",
+                lambda: _jvp_refused(loss, x, np.ones_like(x)),
+            )
+        },
+    )
+
+
 def rows() -> dict[str, dict[str, Cell]]:
     out = {
         f"deq_fixed_point ({b})": _deq_cells(b)
@@ -334,6 +489,9 @@ def rows() -> dict[str, dict[str, Cell]]:
     }
     out["Flax DEQ layer"] = _flax_deq_cells()
     out.update({name: _attack_cells(name) for name in ATTACKS})
+    out["dense_cpl"] = _cpl_cells()
+    out["certified_radius"] = _certified_radius_cells()
+    out["convex_integration (OTAD CIP)"] = _cip_cells()
     return out
 
 

@@ -11,7 +11,8 @@ Sources, and what each renders:
   ``docs/results/index.md``.
 * ``benchmarks/results/results.json`` -> ``docs/benchmarks/cpu.md`` (through
   ``benchmarks.run.markdown``, the harness's own writer), ``warm_start.json`` ->
-  ``docs/benchmarks/warm_start.md``, ``crosscheck.json`` -> the full table of
+  ``docs/benchmarks/warm_start.md``, ``fixed_point_reuse.json`` ->
+  ``docs/benchmarks/fixed_point_reuse.md``, ``crosscheck.json`` -> the full table of
   ``docs/results/crosscheck.md``, ``optimistix_problems.md`` ->
   ``docs/benchmarks/optimistix.md``.
 
@@ -123,7 +124,7 @@ def _demote(md: str) -> str:
 
 def render_benchmarks() -> dict[str, str]:
     sys.path.insert(0, ROOT)
-    from benchmarks import crosscheck, run, warm_start
+    from benchmarks import crosscheck, fixed_point_reuse, run, warm_start
 
     pages = {}
     res = _bench_json("results.json")
@@ -145,6 +146,19 @@ def render_benchmarks() -> dict[str, str]:
             "solves and against torchattacks over torchdeq. Reading: "
             "[Benchmarks](index.md#warm-started-attacks).\n",
             _demote(warm_start.markdown(ws)).rstrip("\n") + "\n",
+        ]
+    )
+    fpr = _bench_json("fixed_point_reuse.json")
+    pages["docs/benchmarks/fixed_point_reuse.md"] = "\n".join(
+        [
+            _header("benchmarks/results/fixed_point_reuse.json"),
+            "# Fixed-point reuse in training\n",
+            "`python -m benchmarks.fixed_point_reuse --variants "
+            f"{','.join(fpr['variants'])} --seeds {len(next(iter(fpr['variants'].values()))['seeds'])}`"
+            f" on {fpr['machine']}: `deq_mnist` as shipped, each variant trained with the same "
+            "seeds (initial weights and data order) as one vmapped program. What the options "
+            "do: [Seeds and fixed-point reuse](../howto/seeds_and_reuse.md).\n",
+            fixed_point_reuse.markdown(fpr).rstrip("\n") + "\n",
         ]
     )
     with open(os.path.join(BENCH, "optimistix_problems.md"), encoding="utf-8") as fh:

@@ -101,8 +101,7 @@ def _torch_trainer(config, init_params, n_train: int):
     import torch
 
     from benchmarks import common
-    from benchmarks.crosscheck import _robust_torch
-    from benchmarks.torch_models import TorchMDEQ
+    from benchmarks.torch_models import TorchMDEQ, robust_flags
 
     m, t = config.model, config.train
     tm = TorchMDEQ(m.width, m.inner, m.groups, head_kind=m.head, deq_kwargs={})
@@ -123,7 +122,7 @@ def _torch_trainer(config, init_params, n_train: int):
 
     def accuracy(images, labels):
         everyone = np.ones(len(labels), bool)
-        return float(_robust_torch(tm, common.to_nchw(images), labels, everyone).mean())
+        return float(robust_flags(tm, common.to_nchw(images), labels, everyone).mean())
 
     return step, accuracy
 
@@ -258,7 +257,7 @@ def pgd_warm_vs_torch(
     import torch
 
     from benchmarks import common, crosscheck
-    from benchmarks.torch_models import TorchMDEQ
+    from benchmarks.torch_models import TorchMDEQ, robust_flags, torchdeq_kwargs
     from benchmarks.warm_start import StepCounter, run_deqjax
     from deqjax import data as data_lib
     from deqjax.models import warm_start_logits
@@ -266,13 +265,13 @@ def pgd_warm_vs_torch(
     config, spec, variables = crosscheck.load_trades_deq()
     ecfg = spec.eval_kwargs["config"]
     cold = jax.jit(lambda xb: spec.module.apply(variables, xb, config=ecfg)[0])
-    tm = TorchMDEQ(head_kind=config.model.head, deq_kwargs=crosscheck._deq_kwargs(ecfg))
+    tm = TorchMDEQ(head_kind=config.model.head, deq_kwargs=torchdeq_kwargs(ecfg))
     tm.load_flax(variables["params"])
     ds = data_lib.mnist_5k()
     x, y = ds.test_images[:n], ds.test_labels[:n].astype(np.int32)
 
     def t_robust(xa, labels, correct):  # torch's own eval-mode scoring
-        return crosscheck._robust_torch(tm, common.to_nchw(xa), labels, correct)
+        return robust_flags(tm, common.to_nchw(xa), labels, correct)
 
     cj = np.concatenate([np.asarray(cold(x[i : i + batch])).argmax(-1) for i in range(0, n, batch)])
     cj, ct = cj == y, t_robust(x, y, np.ones(n, bool))

@@ -218,7 +218,8 @@ class DEQ(nn.Module):
             )(z, u, keys)
             est = est.astype(stats_dtype)  # a loss term: at least float32
             self.sow("losses", "jacobian_frobenius_sq", jnp.mean(est) / z[0].size)
-        if self.is_mutable_collection("fixed_points"):
+        # (not at init: the solution is a result, not a variable of the model)
+        if self.is_mutable_collection("fixed_points") and not self.is_initializing():
             self.sow("fixed_points", "z", jax.lax.stop_gradient(z))
             if reset is not None:
                 self.sow("fixed_points", "reset", reset)

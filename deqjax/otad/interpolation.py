@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deqjax.solvers import vary_over, varying_axes
+
 
 class Potentials(NamedTuple):
     """Result of :func:`interpolate_potentials` (per neighbour set).
@@ -149,7 +151,8 @@ def least_potentials(a):
     def relax(u):
         return jnp.maximum(0.0, jnp.max(u[None, :] + a, axis=1))
 
-    u = jax.lax.fori_loop(0, K, lambda _, u: relax(u), jnp.zeros(K, a.dtype))
+    u0 = vary_over(jnp.zeros(K, a.dtype), varying_axes(a))  # shard_map: vary like a
+    u = jax.lax.fori_loop(0, K, lambda _, u: relax(u), u0)
     feasible = jnp.all(relax(u) - u <= _feasibility_tol(a))
     return u, feasible
 

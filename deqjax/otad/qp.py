@@ -21,6 +21,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from deqjax.solvers import vary_over, varying_axes
+
 
 def projection_simplex(v):
     """Euclidean projection of v (K,) onto {lam >= 0, sum lam = 1}.
@@ -67,8 +69,11 @@ def _solve(p, Q, maxiter: int, polish_rounds: int):
         restart = jnp.dot(y - new, new - lam) > 0
         return (new, jnp.where(restart, new, y_new), jnp.where(restart, 1.0, t_new))
 
+    # under shard_map, constant-initialised carries vary like the data (check_vma)
+    axes = varying_axes(p) | varying_axes(Q)
     lam0 = jnp.full((K,), 1.0 / K, p.dtype)
-    lam, _, _ = jax.lax.fori_loop(0, maxiter, fista, (lam0, lam0, jnp.ones((), p.dtype)))
+    init = vary_over((lam0, lam0, jnp.ones((), p.dtype)), axes)
+    lam, _, _ = jax.lax.fori_loop(0, maxiter, fista, init)
     tol = _kkt_tol(p, Q)
 
     def polish(_, state):
@@ -85,7 +90,7 @@ def _solve(p, Q, maxiter: int, polish_rounds: int):
         S_new = jnp.where(jnp.any(S_new), S_new, S)
         return lam, jnp.where(ok, S, S_new)
 
-    lam, _ = jax.lax.fori_loop(0, polish_rounds, polish, (lam, lam > 0))
+    lam, _ = jax.lax.fori_loop(0, polish_rounds, polish, vary_over((lam, lam > 0), axes))
     return lam
 
 
@@ -120,7 +125,14 @@ def _bwd(maxiter, polish_rounds, res, lam_bar):
     rhs = jnp.concatenate([lam_bar, jnp.zeros((1,), p.dtype)])
     w = jnp.linalg.lstsq(M.T, rhs)[0][:K] * Sf
     # d lam = -M^{-1} F_theta d theta  =>  theta_bar = -w^T F_theta.
-    return -w, jnp.outer(w, lam)
+    return _like_primal(-w, p), _like_primal(jnp.outer(w, lam), Q)
+
+
+def _like_primal(ct, primal):
+    """Under ``shard_map``: a cotangent that varies over mesh axes its primal input does
+    not vary over is summed over them (the transpose of the implicit cast to varying)."""
+    extra = tuple(sorted(varying_axes(ct) - varying_axes(primal), key=str))
+    return jax.lax.psum(ct, extra) if extra else ct
 
 
 simplex_qp.defvjp(_fwd, _bwd)
