@@ -149,15 +149,18 @@ def render_benchmarks() -> dict[str, str]:
         ]
     )
     fpr = _bench_json("fixed_point_reuse.json")
+    n_seeds = len(next(iter(fpr["variants"].values()))["seeds"])
+    vmapped = " --vmapped" if fpr.get("seeds_as") == "one vmapped program" else ""
     pages["docs/benchmarks/fixed_point_reuse.md"] = "\n".join(
         [
             _header("benchmarks/results/fixed_point_reuse.json"),
             "# Fixed-point reuse in training\n",
             "`python -m benchmarks.fixed_point_reuse --variants "
-            f"{','.join(fpr['variants'])} --seeds {len(next(iter(fpr['variants'].values()))['seeds'])}`"
-            f" on {fpr['machine']}: `deq_mnist` as shipped, each variant trained with the same "
-            "seeds (initial weights and data order) as one vmapped program. What the options "
-            "do: [Seeds and fixed-point reuse](../howto/seeds_and_reuse.md).\n",
+            f"{','.join(fpr['variants'])} --seeds {n_seeds}{vmapped}` on {fpr['machine']}: "
+            "`deq_mnist` as shipped, each variant trained with the same seeds (initial weights "
+            f"and data order), {fpr.get('seeds_as', 'one vmapped program')}. What the options "
+            "do and what the numbers mean: [Seeds and fixed-point "
+            "reuse](../howto/seeds_and_reuse.md#reusing-fixed-points-across-training).\n",
             fixed_point_reuse.markdown(fpr).rstrip("\n") + "\n",
         ]
     )
