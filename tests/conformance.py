@@ -119,22 +119,40 @@ def _jvp_refused(fn, x, tangent):
         raise AssertionError("jvp through a custom_vjp backward did not raise")
 
 
+def _batching_cells(loss, x, xs, tol):
+    """The ``jit``, ``vmap`` and ``vmap∘vmap`` cells of a scalar ``loss`` of one example:
+    ``xs`` (3, 2, *x.shape) examples, each transform against the eager loop."""
+    return {
+        "jit": Cell("yes", lambda: _close(jax.jit(loss)(x), loss(x), 1e-12)),
+        "vmap": Cell(
+            "yes", lambda: _close(jax.vmap(loss)(xs[0]), jnp.stack([loss(v) for v in xs[0]]), tol)
+        ),
+        "vmap∘vmap": Cell(
+            "yes",
+            lambda: _close(
+                jax.vmap(jax.vmap(loss))(xs),
+                jax.vmap(loss)(xs.reshape(-1, *np.shape(x))).reshape(3, 2),
+                tol,
+            ),
+        ),
+    }
+
+
+def _shard_map_1dev(per_example, x, tol):
+    """``per_example`` over a 1-device mesh by ``jax.shard_map`` (check_vma typing)."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",))
+    spec = jax.sharding.PartitionSpec("x")
+    sharded = jax.shard_map(per_example, mesh=mesh, in_specs=spec, out_specs=spec)
+    _close(jax.jit(sharded)(x), per_example(x), tol)
+
+
 def _deq_cells(backward):
     loss = _deq_loss(backward)
     bs = B_VEC + 0.1 * jnp.arange(6.0).reshape(3, 2, 1)  # (3, 2, N)
     forward_ok = not backward.endswith("+probe")
 
     cells = {
-        "jit": Cell("yes", lambda: _close(jax.jit(loss)(B_VEC), loss(B_VEC), 1e-12)),
-        "vmap": Cell(
-            "yes", lambda: _close(jax.vmap(loss)(bs[0]), jnp.stack([loss(b) for b in bs[0]]), 1e-12)
-        ),
-        "vmap∘vmap": Cell(
-            "yes",
-            lambda: _close(
-                jax.vmap(jax.vmap(loss))(bs), jax.vmap(loss)(bs.reshape(-1, N)).reshape(3, 2), 1e-12
-            ),
-        ),
+        **_batching_cells(loss, B_VEC, bs, 1e-12),
         "grad": Cell("yes", lambda: _close(jax.grad(loss)(B_VEC), _fd_grad(loss, B_VEC), 1e-6)),
         "hessian": Cell(
             "yes", lambda: _close(jax.hessian(loss)(B_VEC), _fd_grad(jax.grad(loss), B_VEC), 1e-6)
@@ -294,11 +312,7 @@ def _flax_deq_cells():
         _close(rev, fd, 1e-6)
 
     def in_shard_map():  # a 1-device mesh: shard_map's check_vma typing all the same
-        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",))
-        spec = jax.sharding.PartitionSpec("x")
-        per_example = lambda x: jax.vmap(jax.grad(lambda xi: loss(xi[None])))(x)
-        sharded = jax.shard_map(per_example, mesh=mesh, in_specs=spec, out_specs=spec)
-        _close(jax.jit(sharded)(x), per_example(x), 1e-5)
+        _shard_map_1dev(jax.vmap(jax.grad(lambda xi: loss(xi[None]))), x, 1e-5)
 
     return {
         "jit": Cell("yes", lambda: _close(jax.jit(loss)(x), loss(x), 1e-10)),
@@ -337,12 +351,9 @@ def _flax_deq_cells():
 # --- array functions: CPL layers, certificates, OTAD's convex integration -------------
 
 
-def _shard_map_1dev(per_example, x, tol):
-    """``per_example`` over a 1-device mesh by ``jax.shard_map`` (check_vma typing)."""
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",))
-    spec = jax.sharding.PartitionSpec("x")
-    sharded = jax.shard_map(per_example, mesh=mesh, in_specs=spec, out_specs=spec)
-    _close(jax.jit(sharded)(x), per_example(x), tol)
+def _stays_float64(loss, x):
+    """A float64 input gives a float64 value and gradient (nothing computed in float32)."""
+    assert loss(x).dtype == jnp.float64 and jax.grad(loss)(x).dtype == jnp.float64
 
 
 def _array_fn_cells(loss, x, closure_loss, bf16_check, *, tol=1e-6, mesh_where="", notes=None):
@@ -357,18 +368,7 @@ def _array_fn_cells(loss, x, closure_loss, bf16_check, *, tol=1e-6, mesh_where="
     h = 1e-6
     fd = lambda f, x: (f(x + h * d) - f(x - h * d)) / (2 * h)
     cells = {
-        "jit": Cell("yes", lambda: _close(jax.jit(loss)(x), loss(x), 1e-12)),
-        "vmap": Cell(
-            "yes", lambda: _close(jax.vmap(loss)(xs[0]), jnp.stack([loss(v) for v in xs[0]]), 1e-10)
-        ),
-        "vmap∘vmap": Cell(
-            "yes",
-            lambda: _close(
-                jax.vmap(jax.vmap(loss))(xs),
-                jax.vmap(loss)(xs.reshape(-1, *x.shape)).reshape(3, 2),
-                1e-10,
-            ),
-        ),
+        **_batching_cells(loss, x, xs, 1e-10),
         "grad": Cell("yes", lambda: _close(jnp.sum(jax.grad(loss)(x) * d), fd(loss, x), tol)),
         "jvp": Cell("yes", lambda: _close(jax.jvp(loss, (x,), (d,))[1], fd(loss, x), tol)),
         "hessian": Cell(
@@ -378,7 +378,7 @@ def _array_fn_cells(loss, x, closure_loss, bf16_check, *, tol=1e-6, mesh_where="
         ),
         "closure": Cell("yes", lambda: _close(jax.grad(closure_loss)(x), jax.grad(loss)(x), 1e-10)),
         "pytree state": Cell("n/a", note="n/a: one array in, one array out"),
-        "float64": Cell("yes", lambda: _close(jax.jit(loss)(x), loss(x), 1e-12)),
+        "float64": Cell("yes", lambda: _stays_float64(loss, x)),
         "bfloat16": Cell("yes", bf16_check),
         "Explicit mesh": Cell("yes", where=mesh_where)
         if mesh_where
