@@ -9,8 +9,10 @@ solver settings (Anderson m = 5, ≤ 40 steps, relative tol 1e-3; implicit gradi
 an Anderson adjoint, ≤ 12 steps, tol 1e-3), on the first ``n`` mnist_5k test images:
 
 * ``deqjax cold``: every iterate's solve starts from zero (the plain logits function);
-* ``deqjax warm``: each iterate's solve starts from the previous iterate's ``z*``
-  (:func:`deqjax.models.warm_start_logits`);
+* ``deqjax warm``: each iterate's forward solve starts from the previous iterate's
+  ``z*`` (:func:`deqjax.models.warm_start_logits`, as shipped);
+* ``deqjax warm + adjoint``: the adjoint solve of each gradient too starts from the
+  previous iterate's adjoint where that is the better start (``warm_adjoint=True``);
 * ``torchattacks + torchdeq`` (``--torch``): torchattacks' PGD on the same weights
   ported by :mod:`benchmarks.torch_models` (torchdeq differentiates only in training
   mode, so it attacks in train mode and scores in eval mode, as
@@ -134,19 +136,26 @@ def measure(a) -> dict:
         f"{ecfg.adjoint_solver} max_iter={ecfg.adjoint_max_iter} tol={ecfg.adjoint_tol}",
         rows={},
     )
-    cold_counter, warm_counter = StepCounter(), StepCounter()
+    cold_counter, warm_counter, adj_counter = StepCounter(), StepCounter(), StepCounter()
     counted = warm_start_logits(module, variables, config=ecfg, on_steps=cold_counter)
     warm = warm_start_logits(module, variables, config=ecfg, on_steps=warm_counter)
+    warm_adj = warm_start_logits(
+        module, variables, config=ecfg, on_steps=adj_counter, warm_adjoint=True
+    )
     cold_plain = lambda xb: counted(xb)  # a plain logits function: every solve cold
-    print("deqjax cold ...", flush=True)
-    res["rows"]["deqjax cold"], adv_c = run_deqjax(
-        cold_plain, cold_fn, xj, yj, correct, key, a.eps, a.steps, a.batch, cold_counter
-    )
-    print(res["rows"]["deqjax cold"], "\ndeqjax warm ...", flush=True)
-    res["rows"]["deqjax warm"], adv_w = run_deqjax(
-        warm, cold_fn, xj, yj, correct, key, a.eps, a.steps, a.batch, warm_counter
-    )
-    print(res["rows"]["deqjax warm"], flush=True)
+    runs = [
+        ("deqjax cold", cold_plain, cold_counter),
+        ("deqjax warm", warm, warm_counter),
+        ("deqjax warm + adjoint", warm_adj, adj_counter),
+    ]
+    adv = {}
+    for name, fn, counter in runs:
+        print(f"{name} ...", flush=True)
+        res["rows"][name], adv[name] = run_deqjax(
+            fn, cold_fn, xj, yj, correct, key, a.eps, a.steps, a.batch, counter
+        )
+        print(res["rows"][name], flush=True)
+    adv_c, adv_w = adv["deqjax cold"], adv["deqjax warm"]
     res["adv_max_abs_diff"] = float(np.abs(adv_c - adv_w).max())
     res["adv_frac_pixels_differ"] = float(np.mean(np.abs(adv_c - adv_w) > 1e-4))
     if a.torch:

@@ -206,7 +206,7 @@ def damped_steps(f: Callable, z: Any, args: Any, steps: int, damping: float) -> 
 
 # Below this many unknowns the adjoint (and tangent) systems are solved directly: the
 # Jacobian is built with one batched VJP and factorised (adjoint_solver="auto").
-DENSE_ADJOINT_MAX_SIZE = 128
+DENSE_ADJOINT_MAX_SIZE = 48
 
 
 def _mesh_in_context() -> bool:
@@ -293,12 +293,22 @@ def _shine_start(factors, x, transpose: bool):
     return -apply_inverse_jacobian(factors, x, transpose=transpose)
 
 
-def _linear_solvers(config: DEQConfig, factors, jt: Callable | None = None):
+def _better_start(k: Callable, b, start, candidate):
+    """``candidate`` where it is a better start than ``start`` for ``x = b + K x``
+    (smaller residual ``‖x − b − K x‖``), else ``start``; one batched product."""
+    both = jnp.stack([start, vary_over(candidate.astype(start.dtype), varying_axes(start))])
+    kx = jax.vmap(k)(both)
+    res = jnp.linalg.norm((both - b - kx).reshape(2, -1), axis=-1)
+    return jnp.where(res[1] < res[0], both[1], both[0])
+
+
+def _linear_solvers(config: DEQConfig, factors, jt: Callable | None = None, adjoint_start=None):
     """``(tangent_solve, adjoint_solve)`` for ``lax.custom_linear_solve``: solvers of
     ``(I − J) ż = b`` and of ``(I − J)ᵀ u = v`` given the matvec ``x ↦ x − K x``
     (``K = J`` or ``Jᵀ``); each returns ``(x, (rel_residual, steps))``. With ``jt``
     (``u ↦ Jᵀu``) the adjoint solve iterates it directly rather than
-    ``x − matvec(x)`` (the same map, without its rounding)."""
+    ``x − matvec(x)`` (the same map, without its rounding). ``adjoint_start``: a
+    candidate start for the adjoint solve (used where it beats the default start)."""
 
     def one(transpose: bool):
         def run(matvec, b):  # solve x = b + K x
@@ -307,6 +317,9 @@ def _linear_solvers(config: DEQConfig, factors, jt: Callable | None = None):
             else:
                 k = lambda x: x - matvec(x)
             start = _shine_start(factors, b, transpose=transpose)
+            warm = transpose and adjoint_start is not None and config.backward != "shine"
+            if warm and adjoint_method(config, b.size) != "dense":
+                start = _better_start(k, b, b if start is None else start, adjoint_start)
             if config.backward == "shine":
                 rel = jnp.linalg.norm(start - b - k(start)) / (jnp.linalg.norm(b) + 1e-12)
                 x, steps = start, jnp.asarray(0, jnp.int32)
@@ -376,19 +389,19 @@ def _implicit_jvp_rule(g, config, primals, tangents):
 # --- reverse mode with diagnostics: custom_vjp --------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
-def _implicit_vjp(g, z_star, params, factors, probe, config):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
+def _implicit_vjp(g, z_star, params, factors, probe, adjoint_init, config):
     return z_star
 
 
-def _implicit_vjp_fwd(g, z_star, params, factors, probe, config):
+def _implicit_vjp_fwd(g, z_star, params, factors, probe, adjoint_init, config):
     # the implicit custom_jvp, so an outer transformation sees z*'s true derivative
     z = _implicit_jvp(g, z_star, params, factors, config)
-    return z, (z, params, factors, probe)
+    return z, (z, params, factors, probe, adjoint_init)
 
 
 def _implicit_vjp_bwd(g, config, res, v):
-    z, params, factors, probe = res
+    z, params, factors, probe, adjoint_init = res
     # One linearisation serves the adjoint iterations (their unused params-cotangent
     # is dead code XLA removes from the loop body) and the final params-VJP. The
     # adjoint is a custom_linear_solve, so this backward is itself differentiable
@@ -401,7 +414,7 @@ def _implicit_vjp_bwd(g, config, res, v):
         steps = jnp.asarray(0, jnp.int32)
     else:
         jt = lambda u: vjp_both(u)[0]
-        tangent_solve, adjoint_solve_ = _linear_solvers(config, factors, jt)
+        tangent_solve, adjoint_solve_ = _linear_solvers(config, factors, jt, adjoint_init)
         u, (rel, steps) = lax.custom_linear_solve(
             lambda u: u - jt(u),
             v,
@@ -412,7 +425,9 @@ def _implicit_vjp_bwd(g, config, res, v):
         g_params = vjp_both(u)[1]
     probe_ct = lax.stop_gradient(jnp.stack([rel, steps.astype(rel.dtype)]))
     factors_ct = jax.tree.map(jnp.zeros_like, factors)
-    return jnp.zeros_like(z), g_params, factors_ct, probe_ct.astype(probe.dtype)
+    # the adjoint's "cotangent" is the solved adjoint: the next call's start
+    adjoint_ct = None if adjoint_init is None else lax.stop_gradient(u).astype(adjoint_init.dtype)
+    return jnp.zeros_like(z), g_params, factors_ct, probe_ct.astype(probe.dtype), adjoint_ct
 
 
 _implicit_vjp.defvjp(_implicit_vjp_fwd, _implicit_vjp_bwd)
@@ -481,6 +496,7 @@ def deq_fixed_point(
     backward_probe: jax.Array | None = None,
     return_trajectory: bool = False,
     num_steps=None,
+    adjoint_init: Any = None,
 ):
     """Solve ``z* = f(z*, args)`` for one example and make it differentiable.
 
@@ -503,6 +519,11 @@ def deq_fixed_point(
         ``jax.jvp`` of it is refused by JAX); without one it supports forward mode too.
       return_trajectory: return the iterates ``z_1 … z_n`` in ``stats.trajectory``.
       num_steps: optional traced step budget (≤ ``config.forward.max_iter``).
+      adjoint_init: optional candidate start of the adjoint solve, structured like
+        ``z0`` (implicit backward only; reverse mode: the backward is then a
+        ``custom_vjp``). Its gradient is the solved adjoint ``u`` of
+        ``u = ∂L/∂z* + Jᵀu``: pass it back in at the next, nearby call (module
+        docstring, "Warm-started adjoint").
 
     Returns:
       ``(z, stats)`` — ``((z, aux), stats)`` with ``has_aux`` — : the equilibrium (after
@@ -510,6 +531,11 @@ def deq_fixed_point(
       non-finite value) and the forward :class:`~deqjax.solvers.SolverStats`.
     """
     check_config(config, DEQConfig, "deq_fixed_point's config")
+    if adjoint_init is not None and config.backward != "implicit":
+        raise ValueError(
+            f"adjoint_init starts the implicit backward's adjoint solve; backward="
+            f"{config.backward!r} runs none. Use backward='implicit' or drop adjoint_init"
+        )
     layout = StateLayout.of(z0)
     g, g_aux, params = _as_flat_cell(f, z0, args, layout, has_aux)
     zf0 = layout.ravel(z0)
@@ -551,11 +577,23 @@ def deq_fixed_point(
     if config.backward == "phantom":
         zf = damped_steps(g, z_star, params, config.phantom_steps, config.phantom_damping)
         return finish(zf, stats)
-    if backward_probe is None:
+    if adjoint_init is not None:
+        shapes = lambda t: jax.tree.map(jnp.shape, t)
+        if jax.tree.structure(adjoint_init) != jax.tree.structure(z0) or shapes(
+            adjoint_init
+        ) != shapes(z0):
+            raise ValueError(
+                f"adjoint_init must have z0's structure and shapes {shapes(z0)}, got "
+                f"{shapes(adjoint_init)}"
+            )
+        adjoint_init = vary_over(layout.ravel(adjoint_init), varying_axes(z_star))
+        if backward_probe is None:
+            backward_probe = jnp.zeros(2, zf0.dtype)
+    elif backward_probe is None:
         return finish(_implicit_jvp(g, z_star, params, factors, config), stats)
     # inside shard_map the probe's cotangent varies like z*: so must the probe
     probe = vary_over(jnp.asarray(backward_probe), varying_axes(z_star))
-    zf = _implicit_vjp(g, z_star, params, factors, probe, config)
+    zf = _implicit_vjp(g, z_star, params, factors, probe, adjoint_init, config)
     return finish(zf, stats)
 
 

@@ -146,11 +146,25 @@ def loss_gradients(workdir: str) -> list:
     return [np.asarray(g) for g in jax.tree.leaves(grad)]
 
 
+def forced_device_xla_flags(devices: int | None) -> str:
+    """This process's XLA flags (tests/conftest.py's compile setting included) for a
+    subprocess with ``devices`` forced CPU devices (``None``: the default single device);
+    a device count already in the flags is replaced."""
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return " ".join(flags)
+
+
 def run_forced_device_worker(script: str, devices: int, *args: str, timeout: int = 600) -> dict:
     """Run ``tests/<script>`` in a subprocess with ``devices`` forced CPU devices (the
     XLA flag must be set before JAX starts) and return the JSON of its last output line;
     the worker's failure fails the caller with its stderr."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=forced_device_xla_flags(devices))
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(

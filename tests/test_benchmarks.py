@@ -166,3 +166,22 @@ def test_train_to_accuracy_tiny_run():
     for row in r["rows"].values():
         assert row["steps_to_target"] == 2 and row["time_to_target_s"] > 0
         assert 0.0 <= row["trace"][0]["test_accuracy"] <= 1.0
+
+
+def test_adjoint_solver_benchmark_tiny_run(tmp_path):
+    """Every method runs, the direct solves reach the tolerance (n = 8, batch 2) and the
+    page renders."""
+    import argparse
+    import json
+
+    from benchmarks import adjoint_solvers
+
+    a = argparse.Namespace(sizes="8", batch=2, rho=0.9, reps=1, threads=1, out=str(tmp_path))
+    adjoint_solvers.run(a, ["--sizes", "8"])  # (threads: the test process's)
+    res = json.loads((tmp_path / "adjoint_solvers.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == set(adjoint_solvers.methods())
+    for name in ("dense LU (deqjax, jnp.linalg.solve)", "dense LU (lineax)"):
+        assert rows[name]["max_rel_residual"] < 1e-4, rows[name]
+    assert all(r["ms"] > 0 for r in rows.values())
+    assert "| dense LU (lineax) |" in adjoint_solvers.markdown(res)

@@ -344,7 +344,10 @@ def _pgd_l2(logit_fn, x, y, eps, steps=50):
     return xa
 
 
-@pytest.mark.slow
+# e2e (pytest -m e2e): the same property on the experiment's trained CPLNet runs by default
+# (tests/test_cpl_experiment.py::test_no_attack_beats_the_certificate); this one took
+# 175 s of the default suite
+@pytest.mark.e2e
 def test_trained_mnist_cplnet_no_attack_beats_the_certificate():
     x, y = _mnist_1000()
     net = CPLNet(

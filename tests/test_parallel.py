@@ -22,7 +22,7 @@ from experiments import evaluate as evaluate_lib
 from experiments import train as train_lib
 from experiments.workdir import load_run
 from tests.helpers import PARALLEL_OVERRIDES as OVERRIDES
-from tests.helpers import ROOT, loss_gradients, train_command
+from tests.helpers import ROOT, forced_device_xla_flags, loss_gradients, train_command
 from tests.helpers import parallel_tiny_config as tiny_config
 
 TIMEOUT = 240
@@ -55,7 +55,7 @@ print("done", flush=True)
 
 def _env(n_devices):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = forced_device_xla_flags(n_devices)
     return env
 
 
@@ -197,7 +197,7 @@ def test_sigterm_then_restart_equals_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     train_lib.train(tiny_config(epochs=3, loss="ce"), str(full))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = forced_device_xla_flags(None)
     proc = subprocess.Popen(
         _cli(part, 3),
         cwd=ROOT,

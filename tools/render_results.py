@@ -12,7 +12,8 @@ Sources, and what each renders:
 * ``benchmarks/results/results.json`` -> ``docs/benchmarks/cpu.md`` (through
   ``benchmarks.run.markdown``, the harness's own writer), ``warm_start.json`` ->
   ``docs/benchmarks/warm_start.md``, ``fixed_point_reuse.json`` ->
-  ``docs/benchmarks/fixed_point_reuse.md``, ``crosscheck.json`` -> the full table of
+  ``docs/benchmarks/fixed_point_reuse.md``, ``adjoint_solvers.json`` ->
+  ``docs/benchmarks/adjoint_solvers.md``, ``crosscheck.json`` -> the full table of
   ``docs/results/crosscheck.md``, ``optimistix_problems.md`` ->
   ``docs/benchmarks/optimistix.md``.
 
@@ -124,7 +125,7 @@ def _demote(md: str) -> str:
 
 def render_benchmarks() -> dict[str, str]:
     sys.path.insert(0, ROOT)
-    from benchmarks import crosscheck, fixed_point_reuse, run, warm_start
+    from benchmarks import adjoint_solvers, crosscheck, fixed_point_reuse, run, warm_start
 
     pages = {}
     res = _bench_json("results.json")
@@ -162,6 +163,17 @@ def render_benchmarks() -> dict[str, str]:
             "do and what the numbers mean: [Seeds and fixed-point "
             "reuse](../howto/seeds_and_reuse.md#reusing-fixed-points-across-training).\n",
             fixed_point_reuse.markdown(fpr).rstrip("\n") + "\n",
+        ]
+    )
+    adj = _bench_json("adjoint_solvers.json")
+    pages["docs/benchmarks/adjoint_solvers.md"] = "\n".join(
+        [
+            _header("benchmarks/results/adjoint_solvers.json"),
+            "# Adjoint solvers\n",
+            "The implicit backward's linear solve `u = v + Jᵀu` on a tanh cell: deqjax's "
+            "dense LU, Anderson and jaxopt's Krylov solvers against lineax's. Reading: "
+            "[Benchmarks](index.md#adjoint-solvers).\n",
+            adjoint_solvers.markdown(adj).rstrip("\n") + "\n",
         ]
     )
     with open(os.path.join(BENCH, "optimistix_problems.md"), encoding="utf-8") as fh:

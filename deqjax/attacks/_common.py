@@ -398,7 +398,9 @@ def with_dtypes(logits_fn, in_dtype, out_dtype):
             z, new = ws.apply(x.astype(in_dtype), state)
             return z.astype(out_dtype), new
 
-        return WarmStartLogits(init=lambda x: ws.init(x.astype(in_dtype)), apply=apply)
+        # (replace keeps tol and merge_gradient)
+        init = lambda x: ws.init(x.astype(in_dtype))
+        return dataclasses.replace(ws, init=init, apply=apply)
     return lambda x: logits_fn(x.astype(in_dtype)).astype(out_dtype)
 
 
@@ -751,12 +753,19 @@ class WarmStartLogits:
     tolerance: :func:`deqjax.robustness.evaluate_robustness` runs FAB cold through a
     view whose ``tol`` is unknown or looser). Build one for a DEQ classifier with
     :func:`deqjax.models.warm_start_logits`.
+
+    ``merge_gradient(new_state, state_grad) -> new_state`` (optional): for a state that
+    also carries something the backward computes — a DEQ's adjoint, whose start is a
+    state leaf and whose "gradient" is the solved adjoint —
+    :func:`loss_grad_state` differentiates the loss with respect to the state too and
+    builds the next state with it. Without it the state is not differentiated.
     """
 
     init: Callable
     apply: Callable
     # the forward solve's tolerance where known (FAB needs <= 1e-4 to use the warm start)
     tol: float | None = None
+    merge_gradient: Callable | None = None
 
     def __call__(self, x):
         return self.apply(x, self.init(x))[0]
@@ -786,9 +795,18 @@ def loss_grad_state(logits_fn, loss_fn):
         per = loss_fn(logits, y, *extra)
         return jnp.sum(per), (per, logits, new)
 
+    merge = getattr(logits_fn, "merge_gradient", None)
+
     def f(x, y, state, *extra):
-        (_, (per, logits, new)), g = jax.value_and_grad(total, has_aux=True)(x, y, state, *extra)
-        return per, logits, g, new
+        if merge is None:
+            (_, (per, logits, new)), g = jax.value_and_grad(total, has_aux=True)(
+                x, y, state, *extra
+            )
+            return per, logits, g, new
+        (_, (per, logits, new)), (g, g_state) = jax.value_and_grad(
+            total, argnums=(0, 2), has_aux=True
+        )(x, y, state, *extra)
+        return per, logits, g, merge(new, jax.tree.map(lax.stop_gradient, g_state))
 
     return f
 

@@ -139,6 +139,7 @@ class DEQ(nn.Module):
         view: AttackView | None = None,
         random_steps: RandomSteps | None = None,
         reset_stale: bool = False,
+        adjoint_init=None,
     ):
         """Solve per example.
 
@@ -160,6 +161,10 @@ class DEQ(nn.Module):
         λ = ``config.phantom_damping``) — the "random intermediate states" of Yang
         et al. 2023 (docs/methods/regulation.md).
 
+        ``adjoint_init`` (shaped like ``u``; implicit gradient only): candidate starts
+        of the per-example adjoint solves; its gradient is the solved adjoints, the
+        next call's candidates (:func:`~deqjax.deq.deq_fixed_point`).
+
         With ``jacobian_key``, also sow the Hutchinson estimate of
         ``‖J_f(z*)‖_F² / dim(z)`` (batch mean) into the ``"losses"`` collection
         under ``"jacobian_frobenius_sq"`` (apply with ``mutable=["losses"]``)."""
@@ -180,6 +185,13 @@ class DEQ(nn.Module):
         if backward_probe is None:
             backward_probe = batch_sharded_like(jnp.zeros((u.shape[0], 2), stats_dtype), u)
         z0 = batch_sharded_like(z0, u)
+        if adjoint_init is not None:
+            if adjoint_init.shape != u.shape:
+                raise ValueError(
+                    f"adjoint_init must have the injection's shape {u.shape}, got "
+                    f"{adjoint_init.shape}"
+                )
+            adjoint_init = batch_sharded_like(adjoint_init, u)
         reset = None
         if reset_stale:
             z0, reset = _reset_stale_starts(f, params, z0, u)
@@ -193,11 +205,11 @@ class DEQ(nn.Module):
             )
 
         if view is not None:
-            z, stats = self._attack_view(f, params, u, z0, config, view)
+            z, stats = self._attack_view(f, params, u, z0, config, view, adjoint_init)
         else:
             refuse_implicit(self.cell, config.backward in ("implicit", "shine", "shine_refine"))
 
-            def one(z0_i, u_i, probe_i):
+            def one(z0_i, u_i, probe_i, adj_i):
                 return deq_fixed_point(
                     f,
                     z0_i,
@@ -206,9 +218,10 @@ class DEQ(nn.Module):
                     backward_probe=probe_i,
                     return_trajectory=return_trajectory,
                     num_steps=num_steps,
+                    adjoint_init=adj_i,
                 )
 
-            z, stats = jax.vmap(one)(z0, u, backward_probe)
+            z, stats = jax.vmap(one)(z0, u, backward_probe, adjoint_init)
         if jacobian_key is not None:
             keys = batch_sharded_like(jax.random.split(jacobian_key, u.shape[0]), u)
             est = jax.vmap(
@@ -225,12 +238,17 @@ class DEQ(nn.Module):
                 self.sow("fixed_points", "reset", reset)
         return z, stats
 
-    def _attack_view(self, f, params, u, z0, config, view: AttackView):
+    def _attack_view(self, f, params, u, z0, config, view: AttackView, adjoint_init=None):
         gradient = view.gradient or config.backward
         refuse_implicit(self.cell, gradient == "implicit")
         need_traj = view.needs_trajectory(gradient)
+        if adjoint_init is not None and gradient != "implicit":
+            raise ValueError(
+                f"adjoint_init starts the implicit gradient's adjoint solve; the view's "
+                f"gradient is {gradient!r}, which solves none"
+            )
 
-        def one(z0_i, u_i):
+        def one(z0_i, u_i, adj_i):
             args = (params, u_i)
             if gradient in ("implicit", "unroll"):
                 # the solve itself is differentiated (IFT, or backprop through its steps)
@@ -240,6 +258,7 @@ class DEQ(nn.Module):
                     args,
                     dataclasses.replace(config, backward=gradient),
                     return_trajectory=need_traj,
+                    adjoint_init=adj_i,
                 )
                 z_star = jax.lax.stop_gradient(z_sur)
             else:  # forward only (args stopped); the estimator supplies the gradient
@@ -267,7 +286,7 @@ class DEQ(nn.Module):
             )
             return z, stats
 
-        return jax.vmap(one)(z0, u)
+        return jax.vmap(one)(z0, u, adjoint_init)
 
     def check_warm_start(self, config: DEQConfig | None = None, view: AttackView | None = None):
         """:func:`check_warm_start` for this layer's cell (and config, by default)."""

@@ -155,15 +155,25 @@ class DEQClassifierMethods:
         return self.equilibrium.damped(u, z, steps, damping)
 
     def warm_forward(
-        self, x, z0, *, config: DEQConfig | None = None, view: AttackView | None = None
+        self,
+        x,
+        z0,
+        *,
+        config: DEQConfig | None = None,
+        view: AttackView | None = None,
+        adjoint_init=None,
     ):
         """``(logits, z, stats)`` with the solve started at ``z0`` (injection-shaped)
         instead of zeros; ``z`` (no gradient) is the state to start the next solve from.
-        Raises unless a warm start keeps the output and gradient those of ``z*``
+        ``adjoint_init``: candidate starts of the implicit gradient's adjoint solves
+        (:class:`~deqjax.models.deq_layer.DEQ`). Raises unless a warm start keeps the
+        output and gradient those of ``z*``
         (:func:`~deqjax.models.deq_layer.check_warm_start`)."""
         check_images(x)
         self.equilibrium.check_warm_start(config, view)
-        z, stats = self.equilibrium(self.injection(x), z0=z0, config=config, view=view)
+        z, stats = self.equilibrium(
+            self.injection(x), z0=z0, config=config, view=view, adjoint_init=adjoint_init
+        )
         return self.head(z), jax.lax.stop_gradient(z), stats
 
     def cold_state(self, x):
@@ -224,6 +234,7 @@ def warm_start_logits(
     config: DEQConfig | None = None,
     view: AttackView | None = None,
     on_steps=None,
+    warm_adjoint: bool = False,
 ) -> WarmStartLogits:
     """The warm-startable view of a DEQ classifier (any model with
     :class:`DEQClassifierMethods`): a :class:`~deqjax.attacks.WarmStartLogits` whose
@@ -237,22 +248,52 @@ def warm_start_logits(
     IFT gradient depends only on ``z*``) or phantom (damped steps from ``z*``) — other
     gradients and defences are refused (:func:`~deqjax.models.deq_layer.check_warm_start`).
     ``on_steps(steps)``, if given, receives every solve's per-example forward step
-    counts (``jax.debug.callback``; for measuring)."""
+    counts (``jax.debug.callback``; for measuring).
+
+    ``warm_adjoint`` (implicit gradient only; otherwise ignored): the state is
+    ``(z*, u)`` and each gradient's adjoint solve ``u = ∂L/∂z* + Jᵀu`` also starts
+    from the previous iterate's adjoint ``u`` where that is the better start
+    (:func:`deqjax.deq.deq_fixed_point`'s ``adjoint_init``; attacks that take the
+    gradient of one loss thread it through the state's gradient). Off by default: on
+    the shipped TRADES DEQ (Anderson adjoint, ≤ 12 steps, tol 1e-3) PGD-20 ran slower
+    with it (``python -m benchmarks.warm_start``): consecutive iterates' cotangents
+    differ too much for the previous adjoint to save the test's extra products."""
     module.apply(variables, config, view, method=_check_warm_start)
+    cfg = config if config is not None else module.deq
+    gradient = (view.gradient if view is not None else None) or cfg.backward
+    warm_adjoint = warm_adjoint and gradient == "implicit"
 
-    def init(x):
-        return module.apply(variables, x, method="cold_state")
-
-    def apply(x, z0):
+    def forward(x, z0, adjoint_init=None):
         logits, z, stats = module.apply(
-            variables, x, z0, config=config, view=view, method="warm_forward"
+            variables,
+            x,
+            z0,
+            config=config,
+            view=view,
+            adjoint_init=adjoint_init,
+            method="warm_forward",
         )
         if on_steps is not None:
             jax.debug.callback(on_steps, stats.steps)
         return logits, z
 
-    tol = float((config if config is not None else module.deq).forward.tol)
-    return WarmStartLogits(init, apply, tol)
+    tol = float(cfg.forward.tol)
+    cold_state = lambda x: module.apply(variables, x, method="cold_state")
+    if not warm_adjoint:
+        return WarmStartLogits(cold_state, forward, tol)
+
+    def init(x):
+        z0 = cold_state(x)
+        return z0, jnp.zeros_like(z0)
+
+    def apply(x, state):
+        z0, adjoint = state
+        logits, z = forward(x, z0, adjoint)
+        return logits, (z, adjoint)
+
+    # the adjoint-start's gradient is the solved adjoint: the next state's adjoint
+    merge = lambda new_state, state_grad: (new_state[0], state_grad[1])
+    return WarmStartLogits(init, apply, tol, merge_gradient=merge)
 
 
 def _check_warm_start(module, config, view):

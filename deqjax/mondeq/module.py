@@ -184,10 +184,12 @@ class MonDEQClassifier(DEQClassifierMethods, nn.Module):
         )
         return logits / logit_scale(p)
 
-    def warm_forward(self, x, z0, *, config: DEQConfig | None = None, view=None):
+    def warm_forward(self, x, z0, *, config: DEQConfig | None = None, view=None, adjoint_init=None):
         check_images(x)
         self.equilibrium.check_warm_start(config, view)
-        z, stats = self.equilibrium(self.injection(x), z0=z0, config=config, view=view)
+        z, stats = self.equilibrium(
+            self.injection(x), z0=z0, config=config, view=view, adjoint_init=adjoint_init
+        )
         return self.classify(z), jax.lax.stop_gradient(z), stats
 
 
