@@ -8,6 +8,8 @@ count read from the backward probe; then threaded through an attack on a tiny MD
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,14 +52,19 @@ def _loss(w, x, c, adjoint_init, probe, cfg):
     return jnp.sum(c * z) + jnp.sum(z**2)
 
 
+@functools.partial(jax.jit, static_argnums=(4,))
+def _grads_jit(w, x, c, adjoint_init, cfg):
+    argnums = (0, 1, 3, 4) if adjoint_init is not None else (0, 1, 4)
+    return jax.grad(_loss, argnums=argnums)(w, x, c, adjoint_init, jnp.zeros(2), cfg)
+
+
 def _grads(w, x, c, adjoint_init, cfg=None):
     """(dL/dw, dL/dx, solved adjoint or None, [adjoint residual, adjoint steps])."""
-    cfg = cfg or _cfg()
-    argnums = (0, 1, 3, 4) if adjoint_init is not None else (0, 1, 4)
-    g = jax.grad(_loss, argnums=argnums)(w, x, c, adjoint_init, jnp.zeros(2), cfg)
+    g = _grads_jit(w, x, c, adjoint_init, cfg or _cfg())
     return g if adjoint_init is not None else (g[0], g[1], None, g[2])
 
 
+@jax.jit
 def _dense_adjoint(w, x, c):
     z = deq_fixed_point(_cell, jnp.zeros(N), (w, x), _cfg())[0]
     jac = jax.jacobian(lambda zz: _cell(zz, (w, x)))(z)
