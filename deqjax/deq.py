@@ -317,7 +317,8 @@ def _linear_solvers(config: DEQConfig, factors, jt: Callable | None = None, adjo
             else:
                 k = lambda x: x - matvec(x)
             start = _shine_start(factors, b, transpose=transpose)
-            warm = transpose and adjoint_start is not None and config.backward != "shine"
+            # (only the implicit backward passes an adjoint_start; the dense solve needs none)
+            warm = transpose and adjoint_start is not None
             if warm and adjoint_method(config, b.size) != "dense":
                 start = _better_start(k, b, b if start is None else start, adjoint_start)
             if config.backward == "shine":
@@ -486,6 +487,22 @@ def _as_flat_cell(f, z0, args, layout: StateLayout, has_aux: bool):
     return g, g_aux, params
 
 
+def _check_adjoint_init(adjoint_init, z0, config: DEQConfig) -> None:
+    if config.backward != "implicit":
+        raise ValueError(
+            f"adjoint_init starts the implicit backward's adjoint solve; backward="
+            f"{config.backward!r} runs none. Use backward='implicit' or drop adjoint_init"
+        )
+    shapes = lambda t: jax.tree.map(jnp.shape, t)
+    if jax.tree.structure(adjoint_init) != jax.tree.structure(z0) or shapes(adjoint_init) != shapes(
+        z0
+    ):
+        raise ValueError(
+            f"adjoint_init must have z0's structure and shapes {shapes(z0)}, got "
+            f"{shapes(adjoint_init)}"
+        )
+
+
 def deq_fixed_point(
     f: Callable[[Any, Any], Any],
     z0: Any,
@@ -531,11 +548,8 @@ def deq_fixed_point(
       non-finite value) and the forward :class:`~deqjax.solvers.SolverStats`.
     """
     check_config(config, DEQConfig, "deq_fixed_point's config")
-    if adjoint_init is not None and config.backward != "implicit":
-        raise ValueError(
-            f"adjoint_init starts the implicit backward's adjoint solve; backward="
-            f"{config.backward!r} runs none. Use backward='implicit' or drop adjoint_init"
-        )
+    if adjoint_init is not None:
+        _check_adjoint_init(adjoint_init, z0, config)
     layout = StateLayout.of(z0)
     g, g_aux, params = _as_flat_cell(f, z0, args, layout, has_aux)
     zf0 = layout.ravel(z0)
@@ -578,14 +592,6 @@ def deq_fixed_point(
         zf = damped_steps(g, z_star, params, config.phantom_steps, config.phantom_damping)
         return finish(zf, stats)
     if adjoint_init is not None:
-        shapes = lambda t: jax.tree.map(jnp.shape, t)
-        if jax.tree.structure(adjoint_init) != jax.tree.structure(z0) or shapes(
-            adjoint_init
-        ) != shapes(z0):
-            raise ValueError(
-                f"adjoint_init must have z0's structure and shapes {shapes(z0)}, got "
-                f"{shapes(adjoint_init)}"
-            )
         adjoint_init = vary_over(layout.ravel(adjoint_init), varying_axes(z_star))
         if backward_probe is None:
             backward_probe = jnp.zeros(2, zf0.dtype)

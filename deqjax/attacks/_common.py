@@ -797,15 +797,14 @@ def loss_grad_state(logits_fn, loss_fn):
 
     merge = getattr(logits_fn, "merge_gradient", None)
 
+    # with merge_gradient the state is differentiated too (its gradient feeds the next state)
+    grad_total = jax.value_and_grad(total, argnums=0 if merge is None else (0, 2), has_aux=True)
+
     def f(x, y, state, *extra):
+        (_, (per, logits, new)), g = grad_total(x, y, state, *extra)
         if merge is None:
-            (_, (per, logits, new)), g = jax.value_and_grad(total, has_aux=True)(
-                x, y, state, *extra
-            )
             return per, logits, g, new
-        (_, (per, logits, new)), (g, g_state) = jax.value_and_grad(
-            total, argnums=(0, 2), has_aux=True
-        )(x, y, state, *extra)
+        g, g_state = g
         return per, logits, g, merge(new, jax.tree.map(lax.stop_gradient, g_state))
 
     return f

@@ -58,6 +58,12 @@ def refuse_implicit(cell: nn.Module, implicit_gradient: bool) -> None:
 WARM_START_GRADIENTS = ("implicit", "phantom")
 
 
+def attack_gradient(config: DEQConfig, view: AttackView | None) -> str:
+    """The gradient an attack through ``view`` follows: the view's, else ``config``'s
+    backward mode."""
+    return (view.gradient if view is not None else None) or config.backward
+
+
 def check_warm_start(cell: nn.Module, config: DEQConfig, view: AttackView | None) -> None:
     """Raise unless starting the solve elsewhere leaves the model's output and the
     attack's gradient those of the solution ``z*``: the cell has an equilibrium, the
@@ -70,7 +76,7 @@ def check_warm_start(cell: nn.Module, config: DEQConfig, view: AttackView | None
             "is the state after K steps from z0 = 0, which a warm start changes); attack "
             "it with its plain (cold) logits function"
         )
-    gradient = (view.gradient if view is not None else None) or config.backward
+    gradient = attack_gradient(config, view)
     if gradient not in WARM_START_GRADIENTS:
         how = (
             "it applies the inverse-Jacobian estimate the Broyden solver built along its "
@@ -239,7 +245,7 @@ class DEQ(nn.Module):
         return z, stats
 
     def _attack_view(self, f, params, u, z0, config, view: AttackView, adjoint_init=None):
-        gradient = view.gradient or config.backward
+        gradient = attack_gradient(config, view)
         refuse_implicit(self.cell, gradient == "implicit")
         need_traj = view.needs_trajectory(gradient)
         if adjoint_init is not None and gradient != "implicit":

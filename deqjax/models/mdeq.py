@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from deqjax.attacks._common import WarmStartLogits
 from deqjax.deq import DEQConfig
 from deqjax.deq_gradients import AttackView
-from deqjax.models.deq_layer import DEQ
+from deqjax.models.deq_layer import DEQ, attack_gradient
 from deqjax.models.layers import FastConv
 from deqjax.regulation import RandomSteps
 
@@ -257,11 +257,10 @@ def warm_start_logits(
     gradient of one loss thread it through the state's gradient). Off by default: on
     the shipped TRADES DEQ (Anderson adjoint, ≤ 12 steps, tol 1e-3) PGD-20 ran slower
     with it (``python -m benchmarks.warm_start``): consecutive iterates' cotangents
-    differ too much for the previous adjoint to save the test's extra products."""
+    differ too much for the previous adjoint to repay the two VJPs that pick the start."""
     module.apply(variables, config, view, method=_check_warm_start)
     cfg = config if config is not None else module.deq
-    gradient = (view.gradient if view is not None else None) or cfg.backward
-    warm_adjoint = warm_adjoint and gradient == "implicit"
+    warm_adjoint = warm_adjoint and attack_gradient(cfg, view) == "implicit"
 
     def forward(x, z0, adjoint_init=None):
         logits, z, stats = module.apply(
