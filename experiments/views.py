@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from deqjax.bpda import adaptive_views
 from deqjax.deq_gradients import AttackView
-from deqjax.models import warm_start_logits
+from deqjax.models import warm_start_logits, warm_start_refusal
 from deqjax.regulation import entropy_reduction
 from experiments.spec import Evaluated, ModelSpec, split_list
 from experiments.workdir import Run
@@ -54,13 +54,13 @@ def deq_views(
         kwargs["config"] = config
 
     def logits(view: AttackView):
-        if warm_start and hasattr(spec.module, "warm_forward") and set(kwargs) <= {"config"}:
-            try:
-                return warm_start_logits(
-                    spec.module, variables, config=kwargs.get("config"), view=view
-                )
-            except ValueError:  # a warm start would change this view: cold
-                pass
+        config = kwargs.get("config")
+        if (
+            warm_start
+            and set(kwargs) <= {"config"}
+            and warm_start_refusal(spec.module, variables, config=config, view=view) is None
+        ):
+            return warm_start_logits(spec.module, variables, config=config, view=view)
         return lambda x: spec.module.apply(variables, x, **kwargs, view=view)[0]
 
     out = {}

@@ -4,11 +4,22 @@ asserts the documented clear error) or a reference to the test module that runs 
 a subprocess with forced devices, or "n/a" with the reason. The table of
 docs/concepts/composition.md is rendered from this module: ``python -m tests.conformance``
 prints it, and a test keeps the page in step.
+
+Compile time dominates: an eager call compiles each primitive on its own, and a
+solver's loop anew at every call (fresh closures). So each row's ``jit`` cell compares
+``jax.jit`` against the eager call; the references (differences, loops over examples,
+the unrolled float64 solve) are jitted once and shared by a row's cells; the checked
+transformation is applied to the unjitted function and, for most cells (vmap, jvp, the
+attacks, the Flax layer's and the array functions' derivatives), run under ``jax.jit``
+(the transformation traces the function the same way: under an eager ``grad`` or
+``vmap`` its values are tracers too). The ``deq_fixed_point`` rows' grad, hessian,
+closure, pytree and float64 checks stay eager.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -93,6 +104,9 @@ def _deq_loss(backward, dtype=jnp.float64, closure=False, pytree=False):
 
 
 def _fd_grad(fn, b, h=1e-6):
+    """Central differences of ``fn`` at ``b``, one coordinate at a time. Pass a jitted
+    ``fn``: an eager call of a function with a solver loop traces and compiles the loop
+    anew each time (fresh closures), and this calls ``fn`` 2N times."""
     return jnp.stack([(fn(b + h * e) - fn(b - h * e)) / (2 * h) for e in jnp.eye(N)])
 
 
@@ -100,10 +114,11 @@ def _close(x, y, tol=1e-7):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
-def _near_in_bf16(backward, loss):
-    """bf16 state and parameters: the gradient (bf16) within 25% (in norm) of float64's."""
-    g16 = jax.grad(_deq_loss(backward, jnp.bfloat16))(jnp.asarray(B_VEC, jnp.bfloat16))
-    g = jax.grad(loss)(B_VEC)
+def _near_in_bf16(backward, grad_ref):
+    """bf16 state and parameters: the gradient (bf16) within 25% (in norm) of float64's
+    (``grad_ref``, the float64 loss's gradient, jitted)."""
+    g16 = jax.jit(jax.grad(_deq_loss(backward, jnp.bfloat16)))(jnp.asarray(B_VEC, jnp.bfloat16))
+    g = grad_ref(B_VEC)
     assert g16.dtype == jnp.bfloat16
     assert float(jnp.linalg.norm(g16.astype(jnp.float64) - g)) <= 0.25 * float(jnp.linalg.norm(g))
 
@@ -119,19 +134,25 @@ def _jvp_refused(fn, x, tangent):
         raise AssertionError("jvp through a custom_vjp backward did not raise")
 
 
-def _batching_cells(loss, x, xs, tol):
+def _batching_cells(loss, x, xs, tol, loss_jit=None):
     """The ``jit``, ``vmap`` and ``vmap∘vmap`` cells of a scalar ``loss`` of one example:
-    ``xs`` (3, 2, *x.shape) examples, each transform against the eager loop."""
+    ``xs`` (3, 2, *x.shape) examples. ``jit`` against the eager call; the batched
+    transforms against a loop over the examples of the jitted loss, ``loss_jit`` (the
+    reference compiles once: an eager call of a solver loop recompiles it each time)."""
+    loss_jit = loss_jit or jax.jit(loss)
     return {
-        "jit": Cell("yes", lambda: _close(jax.jit(loss)(x), loss(x), 1e-12)),
+        "jit": Cell("yes", lambda: _close(loss_jit(x), loss(x), 1e-12)),
         "vmap": Cell(
-            "yes", lambda: _close(jax.vmap(loss)(xs[0]), jnp.stack([loss(v) for v in xs[0]]), tol)
+            "yes",
+            lambda: _close(
+                jax.jit(jax.vmap(loss))(xs[0]), jnp.stack([loss_jit(v) for v in xs[0]]), tol
+            ),
         ),
         "vmap∘vmap": Cell(
             "yes",
             lambda: _close(
-                jax.vmap(jax.vmap(loss))(xs),
-                jax.vmap(loss)(xs.reshape(-1, *np.shape(x))).reshape(3, 2),
+                jax.jit(jax.vmap(jax.vmap(loss)))(xs),
+                jnp.stack([loss_jit(v) for v in xs.reshape(-1, *np.shape(x))]).reshape(3, 2),
                 tol,
             ),
         ),
@@ -143,41 +164,56 @@ def _shard_map_1dev(per_example, x, tol):
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("x",))
     spec = jax.sharding.PartitionSpec("x")
     sharded = jax.shard_map(per_example, mesh=mesh, in_specs=spec, out_specs=spec)
-    _close(jax.jit(sharded)(x), per_example(x), tol)
+    _close(jax.jit(sharded)(x), jax.jit(per_example)(x), tol)
+
+
+@functools.cache
+def _unroll_loss_jit():
+    """The float64 cells' reference (the unrolled solve), compiled once for all rows."""
+    return jax.jit(_deq_loss("unroll"))
 
 
 def _deq_cells(backward):
     loss = _deq_loss(backward)
+    # The references, compiled once and shared by the row's cells; each transform under
+    # test is applied to the eager `loss` itself.
+    loss_jit = jax.jit(loss)
+    grad_jit = jax.jit(jax.grad(loss))
     bs = B_VEC + 0.1 * jnp.arange(6.0).reshape(3, 2, 1)  # (3, 2, N)
     forward_ok = not backward.endswith("+probe")
 
     cells = {
-        **_batching_cells(loss, B_VEC, bs, 1e-12),
-        "grad": Cell("yes", lambda: _close(jax.grad(loss)(B_VEC), _fd_grad(loss, B_VEC), 1e-6)),
+        **_batching_cells(loss, B_VEC, bs, 1e-12, loss_jit),
+        "grad": Cell("yes", lambda: _close(jax.grad(loss)(B_VEC), _fd_grad(loss_jit, B_VEC), 1e-6)),
         "hessian": Cell(
-            "yes", lambda: _close(jax.hessian(loss)(B_VEC), _fd_grad(jax.grad(loss), B_VEC), 1e-6)
+            "yes", lambda: _close(jax.hessian(loss)(B_VEC), _fd_grad(grad_jit, B_VEC), 1e-6)
         ),
         "closure": Cell(
             "yes",
             lambda: _close(
-                jax.grad(_deq_loss(backward, closure=True))(B_VEC), jax.grad(loss)(B_VEC), 1e-9
+                jax.grad(_deq_loss(backward, closure=True))(B_VEC), grad_jit(B_VEC), 1e-9
             ),
         ),
         "pytree state": Cell(
             "yes",
             lambda: _close(
-                jax.grad(_deq_loss(backward, pytree=True))(B_VEC), jax.grad(loss)(B_VEC), 1e-9
+                jax.grad(_deq_loss(backward, pytree=True))(B_VEC), grad_jit(B_VEC), 1e-9
             ),
         ),
-        "float64": Cell("yes", lambda: _close(loss(B_VEC), _deq_loss("unroll")(B_VEC), 1e-10)),
-        "bfloat16": Cell("yes", lambda: _near_in_bf16(backward, loss)),
+        "float64": Cell("yes", lambda: _close(loss(B_VEC), _unroll_loss_jit()(B_VEC), 1e-10)),
+        "bfloat16": Cell("yes", lambda: _near_in_bf16(backward, grad_jit)),
         "Explicit mesh": Cell("yes", where="tests/test_meshes.py"),
         "shard_map": Cell("yes", where="tests/test_transforms.py"),
     }
     v = np.ones(N)
     if forward_ok:
         cells["jvp"] = Cell(
-            "yes", lambda: _close(jax.jvp(loss, (B_VEC,), (v,))[1], _fd_grad(loss, B_VEC) @ v, 1e-6)
+            "yes",
+            lambda: _close(
+                jax.jit(lambda b: jax.jvp(loss, (b,), (v,))[1])(B_VEC),
+                _fd_grad(loss_jit, B_VEC) @ v,
+                1e-6,
+            ),
         )
     else:
         cells["jvp"] = Cell(
@@ -240,29 +276,35 @@ def _attack_cells(name):
     key = jax.random.PRNGKey(4)
     keys = jax.random.split(key, 3)
     run = lambda k: attack(_logits, x, y, k)
+    run_jit = jax.jit(run)  # the reference of the loops below: compiled once
+    vmap_jit = jax.jit(jax.vmap(run))
     na_diff = "n/a: an attack returns a searched point, not a differentiable function of x"
 
     def closure():
         params = {"w": _W}
-        out = attack(lambda x: x.reshape(x.shape[0], -1) @ params["w"] * 4.0, x, y, key)
-        _close(out, run(key), 1e-6)
+        f = lambda x: x.reshape(x.shape[0], -1) @ params["w"] * 4.0
+        out = jax.jit(lambda k: attack(f, x, y, k))(key)
+        _close(out, run_jit(key), 1e-6)
 
     def f64():  # (the matrix runs with jax_enable_x64)
         x64 = x.astype(jnp.float64)
-        _in_ball(attack(_logits, x64, y, key), x64)
+        _in_ball(jax.jit(lambda x, k: attack(_logits, x, y, k))(x64, key), x64)
 
     def bf16():
         xb, yb = _images(jnp.bfloat16)
-        _in_ball(attack(_logits, xb, yb, key), xb)
+        _in_ball(jax.jit(lambda x, k: attack(_logits, x, yb, k))(xb, key), xb)
 
     return {
-        "jit": Cell("yes", lambda: _close(jax.jit(run)(key), run(key), 1e-6)),
+        "jit": Cell("yes", lambda: _close(run_jit(key), run(key), 1e-6)),
         "vmap": Cell(
-            "yes", lambda: _close(jax.vmap(run)(keys), jnp.stack([run(k) for k in keys]), 1e-6)
+            "yes",
+            lambda: _close(vmap_jit(keys), jnp.stack([run_jit(k) for k in keys]), 1e-6),
         ),
         "vmap∘vmap": Cell(
             "yes",
-            lambda: _close(jax.vmap(jax.vmap(run))(keys[None]), jax.vmap(run)(keys)[None], 1e-6),
+            lambda: _close(
+                jax.jit(jax.vmap(jax.vmap(run)))(keys[None]), vmap_jit(keys)[None], 1e-6
+            ),
         ),
         "grad": Cell("n/a", note=na_diff),
         "jvp": Cell("n/a", note=na_diff),
@@ -296,39 +338,44 @@ def _flax_deq_cells():
     x = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (2, N)), np.float64)
     params = layer.init(jax.random.PRNGKey(6), jnp.zeros((2, N), jnp.float32))
     loss = lambda x: jnp.sum(jnp.sin(layer.apply(params, x)[0]) * jnp.arange(1.0, N + 1))
+    # the references (differences, loops), compiled once: an eager call recompiles the
+    # solver's loop each time
+    loss_jit = jax.jit(loss)
+    grad_jit = jax.jit(jax.grad(loss))
+    one_jit = jax.jit(lambda xi: loss(xi[None]))
 
     def grad_fd():
-        g = jax.grad(loss)(x)
+        g = grad_jit(x)
         d = jax.random.normal(jax.random.PRNGKey(7), x.shape)
         h = 1e-6
-        fd = (loss(x + h * d) - loss(x - h * d)) / (2 * h)
+        fd = (loss_jit(x + h * d) - loss_jit(x - h * d)) / (2 * h)
         _close(jnp.sum(g * d), fd, 1e-6)
 
     def hvp():
         d = jax.random.normal(jax.random.PRNGKey(7), x.shape)
-        rev = jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) * d))(x)
+        rev = jax.jit(jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) * d)))(x)
         h = 1e-6
-        fd = (jax.grad(loss)(x + h * d) - jax.grad(loss)(x - h * d)) / (2 * h)
+        fd = (grad_jit(x + h * d) - grad_jit(x - h * d)) / (2 * h)
         _close(rev, fd, 1e-6)
 
     def in_shard_map():  # a 1-device mesh: shard_map's check_vma typing all the same
         _shard_map_1dev(jax.vmap(jax.grad(lambda xi: loss(xi[None]))), x, 1e-5)
 
     return {
-        "jit": Cell("yes", lambda: _close(jax.jit(loss)(x), loss(x), 1e-10)),
+        "jit": Cell("yes", lambda: _close(loss_jit(x), loss(x), 1e-10)),
         "vmap": Cell(
             "yes",
             lambda: _close(
-                jax.vmap(lambda xi: loss(xi[None]))(x),
-                jnp.stack([loss(xi[None]) for xi in x]),
+                jax.jit(jax.vmap(lambda xi: loss(xi[None])))(x),
+                jnp.stack([one_jit(xi) for xi in x]),
                 1e-5,
             ),
         ),
         "vmap∘vmap": Cell(
             "yes",
             lambda: _close(
-                jax.vmap(jax.vmap(lambda xi: loss(xi[None])))(x[None]),
-                jnp.stack([loss(xi[None]) for xi in x])[None],
+                jax.jit(jax.vmap(jax.vmap(lambda xi: loss(xi[None]))))(x[None]),
+                jnp.stack([one_jit(xi) for xi in x])[None],
                 1e-5,
             ),
         ),
@@ -351,9 +398,9 @@ def _flax_deq_cells():
 # --- array functions: CPL layers, certificates, OTAD's convex integration -------------
 
 
-def _stays_float64(loss, x):
+def _stays_float64(loss_jit, grad_jit, x):
     """A float64 input gives a float64 value and gradient (nothing computed in float32)."""
-    assert loss(x).dtype == jnp.float64 and jax.grad(loss)(x).dtype == jnp.float64
+    assert loss_jit(x).dtype == jnp.float64 and grad_jit(x).dtype == jnp.float64
 
 
 def _array_fn_cells(loss, x, closure_loss, bf16_check, *, tol=1e-6, mesh_where="", notes=None):
@@ -367,18 +414,30 @@ def _array_fn_cells(loss, x, closure_loss, bf16_check, *, tol=1e-6, mesh_where="
     d = np.asarray(jax.random.normal(jax.random.PRNGKey(8), x.shape), np.float64)
     h = 1e-6
     fd = lambda f, x: (f(x + h * d) - f(x - h * d)) / (2 * h)
+    # the references (differences, loops), compiled once and shared by the cells
+    loss_jit = jax.jit(loss)
+    grad_jit = jax.jit(jax.grad(loss))
     cells = {
-        **_batching_cells(loss, x, xs, 1e-10),
-        "grad": Cell("yes", lambda: _close(jnp.sum(jax.grad(loss)(x) * d), fd(loss, x), tol)),
-        "jvp": Cell("yes", lambda: _close(jax.jvp(loss, (x,), (d,))[1], fd(loss, x), tol)),
+        **_batching_cells(loss, x, xs, 1e-10, loss_jit),
+        "grad": Cell("yes", lambda: _close(jnp.sum(grad_jit(x) * d), fd(loss_jit, x), tol)),
+        "jvp": Cell(
+            "yes",
+            lambda: _close(
+                jax.jit(lambda x: jax.jvp(loss, (x,), (d,))[1])(x), fd(loss_jit, x), tol
+            ),
+        ),
         "hessian": Cell(
             "yes",
-            lambda: _close(jax.jvp(jax.grad(loss), (x,), (d,))[1], fd(jax.grad(loss), x), tol),
+            lambda: _close(
+                jax.jit(lambda x: jax.jvp(jax.grad(loss), (x,), (d,))[1])(x), fd(grad_jit, x), tol
+            ),
             note="Hessian-vector products (forward over reverse) against differences",
         ),
-        "closure": Cell("yes", lambda: _close(jax.grad(closure_loss)(x), jax.grad(loss)(x), 1e-10)),
+        "closure": Cell(
+            "yes", lambda: _close(jax.jit(jax.grad(closure_loss))(x), grad_jit(x), 1e-10)
+        ),
         "pytree state": Cell("n/a", note="n/a: one array in, one array out"),
-        "float64": Cell("yes", lambda: _stays_float64(loss, x)),
+        "float64": Cell("yes", lambda: _stays_float64(loss_jit, grad_jit, x)),
         "bfloat16": Cell("yes", bf16_check),
         "Explicit mesh": Cell("yes", where=mesh_where)
         if mesh_where
@@ -408,7 +467,8 @@ def _cpl_cells():
     )
 
     def bf16():
-        z = cpl.dense_cpl(*(jnp.asarray(a, jnp.bfloat16) for a in (_X6, _CPL_W, _CPL_B, sigma)))
+        args = (jnp.asarray(a, jnp.bfloat16) for a in (_X6, _CPL_W, _CPL_B, sigma))
+        z = jax.jit(cpl.dense_cpl)(*args)
         assert z.dtype == jnp.bfloat16
         _close(z.astype(jnp.float64), out(_X6, _CPL_W, _CPL_B), 0.05)
 
@@ -427,7 +487,7 @@ def _certified_radius_cells():
     z = np.asarray([0.1, -0.4, 1.3, 0.2, 0.05])
 
     def bf16():
-        r = radius(jnp.asarray(z[None], jnp.bfloat16))
+        r = jax.jit(radius)(jnp.asarray(z[None], jnp.bfloat16))
         assert jnp.isfinite(r).all() and r.dtype in (jnp.bfloat16, jnp.float32), r.dtype
         _close(r.astype(jnp.float64), loss(z)[None], 0.02)
 
@@ -440,7 +500,10 @@ def _certified_radius_cells():
             "hessian": (
                 "yes",
                 "piecewise linear in the logits: Hessian-vector products are 0 (checked)",
-                lambda: _close(jax.jvp(jax.grad(loss), (z,), (np.ones(5),))[1], np.zeros(5)),
+                lambda: _close(
+                    jax.jit(lambda z: jax.jvp(jax.grad(loss), (z,), (np.ones(5),))[1])(z),
+                    np.zeros(5),
+                ),
             )
         },
     )
@@ -460,7 +523,8 @@ def _cip_cells():
 
     def bf16():
         try:
-            r = convex_integration(*(jnp.asarray(a, jnp.bfloat16) for a in (x, xs, zs)), 0.0, 2.0)
+            args = (jnp.asarray(a, jnp.bfloat16) for a in (x, xs, zs))
+            r = jax.jit(lambda *a: convex_integration(*a, 0.0, 2.0))(*args)
         except (TypeError, ValueError) as e:
             assert "bfloat16" in str(e) or "float32" in str(e), e
         else:

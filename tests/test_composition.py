@@ -67,7 +67,7 @@ def test_closed_over_parameters_get_the_gradient_of_args(backward, x64):
     closed = lambda W, x: jnp.sum(
         fixed_point(lambda z, _: jnp.tanh(W @ z + x), (), backward)[0] ** 2
     )
-    g_passed = jax.grad(passed, argnums=(0, 1))(a, b)
+    g_passed = jax.jit(jax.grad(passed, argnums=(0, 1)))(a, b)
     g_closed = jax.jit(jax.grad(closed, argnums=(0, 1)))(a, b)
     assert float(jnp.linalg.norm(g_passed[0])) > 0.1
     for x, y in zip(g_closed, g_passed):
@@ -92,8 +92,10 @@ def test_closure_under_vmap_jvp_and_in_a_flax_cell(x64):
     bs = b + jax.random.normal(jax.random.PRNGKey(2), (3, N))
     z_of = lambda x: deq_fixed_point(lambda z, _: jnp.tanh(a @ z + x), jnp.zeros(N), ())[0]
     ref = lambda x: deq_fixed_point(lambda z, p: jnp.tanh(a @ z + p), jnp.zeros(N), x)[0]
+    # (the transforms jitted throughout: compile time; an eager call compiles every
+    # primitive, the solver's loops included, on its own)
     np.testing.assert_allclose(
-        jax.vmap(jax.jacfwd(z_of))(bs), jax.vmap(jax.jacfwd(ref))(bs), atol=1e-11
+        jax.jit(jax.vmap(jax.jacfwd(z_of)))(bs), jax.jit(jax.vmap(jax.jacfwd(ref)))(bs), atol=1e-11
     )
 
     class Cell(nn.Module):
@@ -102,12 +104,14 @@ def test_closure_under_vmap_jvp_and_in_a_flax_cell(x64):
             return jnp.tanh(nn.Dense(N, use_bias=False, param_dtype=jnp.float64)(z) + u)
 
     layer = DEQ(Cell(), config())
-    params = layer.init(jax.random.PRNGKey(0), bs)
-    gx = jax.grad(lambda x: jnp.sum(layer.apply(params, x)[0] ** 2))(bs)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(0), bs)
+    gx = jax.jit(jax.grad(lambda x: jnp.sum(layer.apply(params, x)[0] ** 2)))(bs)
     cell = lambda z, x: jnp.tanh(z @ params["params"]["cell"]["Dense_0"]["kernel"] + x)
-    ref_g = jax.grad(
-        lambda x: jnp.sum(
-            jax.vmap(lambda xi: deq_fixed_point(cell, jnp.zeros(N), xi, config())[0])(x) ** 2
+    ref_g = jax.jit(
+        jax.grad(
+            lambda x: jnp.sum(
+                jax.vmap(lambda xi: deq_fixed_point(cell, jnp.zeros(N), xi, config())[0])(x) ** 2
+            )
         )
     )(bs)
     np.testing.assert_allclose(gx, ref_g, rtol=1e-9)
@@ -129,8 +133,11 @@ def test_hessian_of_an_affine_fixed_point_is_analytic(backward, adjoint, x64):
         fixed_point(lambda z, p: a @ z + p, b, backward, adjoint=adjoint)[0] ** 2
     )
     exact = 2 * m.T @ m
-    np.testing.assert_allclose(jax.hessian(loss)(b), exact, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(jax.jacrev(jax.grad(loss))(b), exact, rtol=1e-8, atol=1e-10)
+    # (one jitted program: an eager Hessian compiles every primitive on its own, ~3x the
+    # compile time of the program)
+    hess, rev_rev = jax.jit(lambda b: (jax.hessian(loss)(b), jax.jacrev(jax.grad(loss))(b)))(b)
+    np.testing.assert_allclose(hess, exact, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(rev_rev, exact, rtol=1e-8, atol=1e-10)
 
 
 def _tanh_loss(backward):
@@ -150,16 +157,27 @@ def test_hessian_hvp_and_double_backprop_on_tanh_match_converged_unrolling(backw
     (converged to 1e-13: their derivatives converge too)."""
     _, b = problem()
     implicit, unrolled = _tanh_loss(backward), _tanh_loss("unroll")
-    h_ref = jax.hessian(unrolled)(b)
-    assert float(jnp.abs(h_ref).max()) > 0.1
-    np.testing.assert_allclose(jax.hessian(implicit)(b), h_ref, rtol=1e-8, atol=1e-10)
     v = jax.random.normal(jax.random.PRNGKey(5), (N,))
-    hvp_fwd = jax.jvp(jax.grad(implicit), (b,), (v,))[1]
-    hvp_rev = jax.grad(lambda x: jnp.dot(jax.grad(implicit)(x), v))(b)
-    np.testing.assert_allclose(hvp_fwd, h_ref @ v, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(hvp_rev, h_ref @ v, rtol=1e-8, atol=1e-10)
-    penalty = lambda fn: jax.grad(lambda x: jnp.sum(jax.grad(fn)(x) ** 2))(b)
-    np.testing.assert_allclose(penalty(implicit), penalty(unrolled), rtol=1e-8, atol=1e-10)
+    penalty = lambda fn, b: jax.grad(lambda x: jnp.sum(jax.grad(fn)(x) ** 2))(b)
+
+    @jax.jit  # every derivative in one program: compile time (eager: ~2x, apart: ~1.5x)
+    def derivatives(b):
+        return {
+            "h_ref": jax.hessian(unrolled)(b),
+            "h": jax.hessian(implicit)(b),
+            "hvp_fwd": jax.jvp(jax.grad(implicit), (b,), (v,))[1],
+            "hvp_rev": jax.grad(lambda x: jnp.dot(jax.grad(implicit)(x), v))(b),
+            "penalty": penalty(implicit, b),
+            "penalty_ref": penalty(unrolled, b),
+        }
+
+    d = derivatives(b)
+    h_ref = d["h_ref"]
+    assert float(jnp.abs(h_ref).max()) > 0.1
+    np.testing.assert_allclose(d["h"], h_ref, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(d["hvp_fwd"], h_ref @ v, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(d["hvp_rev"], h_ref @ v, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(d["penalty"], d["penalty_ref"], rtol=1e-8, atol=1e-10)
 
 
 def test_input_gradient_penalty_through_the_flax_deq(x64):
@@ -173,7 +191,7 @@ def test_input_gradient_penalty_through_the_flax_deq(x64):
 
     x = jax.random.normal(jax.random.PRNGKey(3), (2, N))
     layer = DEQ(Cell(), config())
-    params = layer.init(jax.random.PRNGKey(0), x)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
 
     def penalty_grad(backward):
         # the unrolled reference: 400 plain iterations (tol 0; its derivatives converge
@@ -187,7 +205,7 @@ def test_input_gradient_penalty_through_the_flax_deq(x64):
             g = jax.grad(lambda x: jnp.sum(jnp.sin(layer.apply(params, x, config=cfg)[0])))(x)
             return jnp.sum(g**2)
 
-        return jax.grad(penalty)(params)
+        return jax.jit(jax.grad(penalty))(params)  # (jit: compile time)
 
     got, ref = penalty_grad("implicit"), penalty_grad("unroll")
     leaves = jax.tree.leaves(jax.tree.map(lambda p, q: float(jnp.abs(p - q).max()), got, ref))
@@ -224,10 +242,15 @@ def test_pytree_state_equals_the_flat_solve(method, backward, x64):
         flat_loss = jnp.sum(jnp.sin(zf[:2])) + jnp.sum(zf[2:] ** 2)
         return tree_loss, flat_loss
 
-    (lt, lf) = losses(b)
+    # (one jitted program: compile time)
+    (lt, lf), gt, gf = jax.jit(
+        lambda b: (
+            losses(b),
+            jax.grad(lambda b: losses(b)[0])(b),
+            jax.grad(lambda b: losses(b)[1])(b),
+        )
+    )(b)
     np.testing.assert_allclose(lt, lf, rtol=1e-12)
-    gt = jax.grad(lambda b: losses(b)[0])(b)
-    gf = jax.grad(lambda b: losses(b)[1])(b)
     np.testing.assert_allclose(gt, gf, rtol=1e-9, atol=1e-12)
 
 
@@ -317,8 +340,9 @@ def test_low_precision_state_and_parameters(method, backward, dtype):
 
     p32 = (a, b)
     plow = jax.tree.map(lambda x: x.astype(dtype), p32)
-    (l_low, (z_low, st)), g_low = jax.value_and_grad(loss, has_aux=True)(plow, dtype)
-    (l32, (z32, _)), g32 = jax.value_and_grad(loss, has_aux=True)(p32, jnp.float32)
+    vg = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)  # (compile time)
+    (l_low, (z_low, st)), g_low = vg(plow, dtype)
+    (l32, (z32, _)), g32 = vg(p32, jnp.float32)
     assert z_low.dtype == dtype and g_low[0].dtype == dtype
     assert bool(st.converged) and bool(jnp.all(jnp.isfinite(z_low)))
     np.testing.assert_allclose(z_low.astype(jnp.float32), z32, atol=0.05)

@@ -23,6 +23,13 @@ def test_mnist_5k_split():
     np.testing.assert_array_equal(ds.train_labels, again.train_labels)
     flat_tr = {x.tobytes() for x in ds.train_images}
     assert not any(x.tobytes() in flat_tr for x in ds.test_images)
+    # parsed once per process, but every call gets its own writable arrays
+    ds.train_images[0] += 1.0
+    ds.test_labels[:] = -1
+    fresh = data.mnist_5k()
+    np.testing.assert_array_equal(fresh.train_images[1:], ds.train_images[1:])
+    assert not np.array_equal(fresh.train_images[0], ds.train_images[0])
+    np.testing.assert_array_equal(fresh.test_labels, again.test_labels)
 
 
 @pytest.mark.parametrize(

@@ -48,23 +48,26 @@ def loss(args, backward="implicit", adjoint="anderson", probe=None, max_iter=300
 @pytest.mark.parametrize("adjoint", ADJOINT_SOLVERS)
 def test_implicit_gradient_matches_long_unroll(adjoint, x64):
     args = problem()
-    g_unroll = jax.grad(loss)(args, "unroll")
-    g = jax.grad(loss)(args, "implicit", adjoint)
+    grad = jax.jit(jax.grad(loss), static_argnums=(1, 2))  # (jit: compile time)
+    g_unroll = grad(args, "unroll", "anderson")
+    g = grad(args, "implicit", adjoint)
     for gi, gu in zip(g, g_unroll):
         np.testing.assert_allclose(gi, gu, atol=1e-9)
 
 
 def test_implicit_gradient_finite_differences(x64):
     a, b = problem()
-    check_grads(lambda a, b: loss((a, b)), (a, b), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
+    # jitted: check_grads evaluates the function many times, and an eager call of the
+    # solver's loop recompiles it each time
+    f = jax.jit(lambda a, b: loss((a, b)))
+    check_grads(f, (a, b), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 def test_implicit_gradient_wrt_input_injection_finite_differences(x64):
     a, b = problem()
     x = jax.random.normal(jax.random.PRNGKey(3), (N,))
-    check_grads(
-        lambda x: loss((a, b + jnp.sin(x))), (x,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6
-    )
+    f = jax.jit(lambda x: loss((a, b + jnp.sin(x))))  # (jit: see above)
+    check_grads(f, (x,), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
 
 def test_implicit_gradient_matches_jaxopt_custom_root(x64):
@@ -77,8 +80,8 @@ def test_implicit_gradient_matches_jaxopt_custom_root(x64):
 
     ref = _jaxopt.custom_root_reference(lambda z, a, b: cell(z, (a, b)) - z, solver)
     ref_loss = lambda a, b: jnp.sum(jnp.sin(ref(jnp.zeros(N), a, b)) * jnp.arange(1.0, N + 1))
-    g_ref = jax.grad(ref_loss, argnums=(0, 1))(a, b)
-    g = jax.grad(loss)((a, b))
+    g_ref = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(a, b)  # (jit: compile time)
+    g = jax.jit(jax.grad(loss))((a, b))
     for gi, gr in zip(g, g_ref):
         np.testing.assert_allclose(gi, gr, atol=1e-9)
 
@@ -128,8 +131,9 @@ def test_backward_probe_reports_adjoint_residual(x64):
     f = lambda p, probe, cfg: jnp.sum(
         deq_fixed_point(cell, jnp.zeros(N), p, cfg, backward_probe=probe)[0]
     )
-    short = jax.grad(f, argnums=1)(args, probe, cfg_short)
-    long = jax.grad(f, argnums=1)(args, probe, cfg_long)
+    grad = jax.jit(jax.grad(f, argnums=1), static_argnums=2)  # (jit: compile time)
+    short = grad(args, probe, cfg_short)
+    long = grad(args, probe, cfg_long)
     assert short[1] == 2 and short[0] > 1e-3  # visibly unconverged
     assert long[0] < 1e-10 and 2 < long[1] < 300
 
@@ -146,12 +150,12 @@ def test_jit_vmap_grad_compose(x64):
         return jnp.sum(zs**2), stats
 
     (val, stats), g = jax.jit(jax.value_and_grad(batch_loss, has_aux=True))(a, bs)
-    g_each = sum(
-        jax.grad(lambda a, b: jnp.sum(deq_fixed_point(cell, jnp.zeros(N), (a, b), cfg)[0] ** 2))(
-            a, b
-        )
-        for b in bs
+    # the reference, one example at a time (jitted once: an eager call of the solver's
+    # loop recompiles it for each example)
+    grad_one = jax.jit(
+        jax.grad(lambda a, b: jnp.sum(deq_fixed_point(cell, jnp.zeros(N), (a, b), cfg)[0] ** 2))
     )
+    g_each = sum(grad_one(a, b) for b in bs)
     np.testing.assert_allclose(g, g_each, atol=1e-10)
     assert stats.steps.shape == (4,) and bool(jnp.all(stats.converged))
 
@@ -320,10 +324,13 @@ def test_non_finite_args_give_nan_for_that_example_only(cfg, probe, x64):
         z, st = deq_fixed_point(cell, z0, (a, b), cfg, backward_probe=p)
         return jnp.sum(jnp.sin(z)), (z, st)
 
-    (vals, (zs, st)), grads = jax.vmap(jax.value_and_grad(one, has_aux=True), (None, 0, 0))(
-        a, bs, z0s
+    # (jitted: compile time; the NaN/Inf handling is inside the traced solve either way)
+    (vals, (zs, st)), grads = jax.jit(
+        jax.vmap(jax.value_and_grad(one, has_aux=True), (None, 0, 0))
+    )(a, bs, z0s)
+    (v0, (z_ref, st_ref)), g_ref = jax.jit(jax.value_and_grad(one, has_aux=True))(
+        a, b, jnp.zeros(N)
     )
-    (v0, (z_ref, st_ref)), g_ref = jax.value_and_grad(one, has_aux=True)(a, b, jnp.zeros(N))
     np.testing.assert_allclose(zs[0], z_ref, rtol=1e-12)
     np.testing.assert_allclose(vals[0], v0, rtol=1e-12)
     # (SHINE's H holds secant pairs Δz ~ tol = 1e-10: its gradient carries their
@@ -345,9 +352,10 @@ def test_nan_image_in_a_flax_deq_batch_gives_nan_logits_for_it_only():
     cfg = DEQConfig(forward=SolverConfig(max_iter=8, tol=1e-3))
     model = MDEQClassifier(width=8, inner=8, groups=4, deq=cfg)
     x = jax.random.uniform(jax.random.PRNGKey(0), (3, 28, 28, 1))
-    params = model.init(jax.random.PRNGKey(1), x)
-    clean, st_clean = model.apply(params, x)
-    dirty, st = model.apply(params, x.at[1, 5, 7, 0].set(jnp.nan))
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+    apply = jax.jit(model.apply)  # one compile for both batches
+    clean, st_clean = apply(params, x)
+    dirty, st = apply(params, x.at[1, 5, 7, 0].set(jnp.nan))
     assert bool(jnp.all(jnp.isnan(dirty[1])))
     assert not bool(st.converged[1]) and int(st.steps[1]) == 0
     keep = jnp.array([0, 2])
@@ -409,7 +417,9 @@ def test_shine_gradient_on_an_affine_map(x64):
             w, deq_fixed_point(f, jnp.zeros(12), p, cfg, backward_probe=probe)[0]
         )
         count[0] = 0
-        (_, gb), probe = jax.grad(loss, argnums=(0, 1))((a, b), jnp.zeros(2))
+        # (jitted: compile time; the callback counts the VJPs the compiled program runs)
+        (_, gb), probe = jax.jit(jax.grad(loss, argnums=(0, 1)))((a, b), jnp.zeros(2))
+        jax.effects_barrier()
         return gb, probe, count[0]
 
     exact = jnp.linalg.solve(jnp.eye(12) - a.T, w)
@@ -447,8 +457,11 @@ def test_shine_forward_mode_and_vmap(x64):
         forward=fwd, backward="shine_refine", adjoint_tol=1e-13, adjoint_max_iter=200
     )
     z_of_b = lambda b, cfg: deq_fixed_point(lin, jnp.zeros(6), (a, b), cfg)[0]
-    np.testing.assert_allclose(jax.jacfwd(z_of_b)(b, refine), exact, atol=1e-10)
-    np.testing.assert_allclose(jax.jacrev(z_of_b)(b, refine), exact, atol=1e-10)
+    # (the transforms jitted: compile time; cfg static)
+    jacfwd = jax.jit(jax.jacfwd(z_of_b), static_argnums=1)
+    jacrev = jax.jit(jax.jacrev(z_of_b), static_argnums=1)
+    np.testing.assert_allclose(jacfwd(b, refine), exact, atol=1e-10)
+    np.testing.assert_allclose(jacrev(b, refine), exact, atol=1e-10)
 
     # (a moderate tolerance: the last secant pairs of a 1e-12 solve are rounding-sized,
     # so H — not its action on the iterates — differs at 1e-5 between batched and
@@ -457,12 +470,12 @@ def test_shine_forward_mode_and_vmap(x64):
     pure = DEQConfig(forward=fwd, backward="shine")
     _, st = solve(lambda z: lin(z, (a, b)), jnp.zeros(6), fwd, return_inverse_jacobian=True)
     minus_h = -jax.vmap(lambda e: apply_inverse_jacobian(st.inverse_jacobian, e), 1, 1)(jnp.eye(6))
-    jf = jax.jacfwd(z_of_b)(b, pure)
+    jf = jacfwd(b, pure)
     np.testing.assert_allclose(jf, minus_h, rtol=1e-12)
-    np.testing.assert_allclose(jax.jacrev(z_of_b)(b, pure), minus_h, rtol=1e-12)
+    np.testing.assert_allclose(jacrev(b, pure), minus_h, rtol=1e-12)
     assert float(jnp.abs(jf - exact).max()) > 1e-3  # an estimate, not the exact Jacobian
     bs = jnp.stack([b, 2 * b])
-    jv = jax.vmap(jax.jacfwd(z_of_b), (0, None))(bs, pure)
+    jv = jax.jit(jax.vmap(lambda b: jax.jacfwd(z_of_b)(b, pure)))(bs)
     np.testing.assert_allclose(jv[0], jf, rtol=1e-8)
 
 
@@ -487,8 +500,9 @@ def test_adjoint_solution_scales_with_the_cotangent(mode, x64):
         z, _ = deq_fixed_point(cell, jnp.zeros(N), (a, b), cfg)
         return c * jnp.sum(jnp.sin(z) * weights)
 
-    g1 = jax.grad(scaled_loss)(b, 1.0)
-    g_small = jax.grad(scaled_loss)(b, 1e-4) / 1e-4
+    grad = jax.jit(jax.grad(scaled_loss))  # one compile for both scales
+    g1 = grad(b, 1.0)
+    g_small = grad(b, 1e-4) / 1e-4
     rel = float(jnp.linalg.norm(g_small - g1) / jnp.linalg.norm(g1))
     if mode == "relative":
         assert rel < 1e-9, rel

@@ -322,19 +322,26 @@ def test_lyadeq_is_k_steps_from_zero():
     x, _ = tiny_batch()
     model = tiny_model()
     params = tiny_params(model, x)
-    bound = model.bind({"params": params})
-    u = bound.inject(x)
-    cell = bound.equilibrium.cell
-    z = jnp.zeros_like(u)
-    for _ in range(model.steps):
-        z = z + model.step_size * (cell(z, u) - z)
-    want = bound.classify(z)
+
+    @jax.jit  # the plain loop, written out (jitted: compile time, as the applies below)
+    def plain(params):
+        bound = model.bind({"params": params})
+        u = bound.inject(x)
+        cell = bound.equilibrium.cell
+        z = jnp.zeros_like(u)
+        for _ in range(model.steps):
+            z = z + model.step_size * (cell(z, u) - z)
+        return bound.classify(z)
+
+    want = plain(params)
     for backward in ("unroll", "phantom"):
-        logits, stats = tiny_model(backward=backward).apply({"params": params}, x)
+        m = tiny_model(backward=backward)
+        logits, stats = jax.jit(lambda p, m=m: m.apply({"params": p}, x))(params)
         np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
         assert bool(jnp.all(stats.steps == model.steps)) and bool(jnp.all(stats.converged))
     for view in ("unroll", "intermediate", "simultaneous_adjoint"):
-        logits, _ = model.apply({"params": params}, x, view=AttackView(view, state_index=2))
+        v = AttackView(view, state_index=2)
+        logits, _ = jax.jit(lambda p, v=v: model.apply({"params": p}, x, view=v))(params)
         np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
     # a call-time config may change the backward, not the K steps
     other = finite_time_config(model.steps + 1, model.step_size)
@@ -383,7 +390,7 @@ def test_k_step_gradient_matches_finite_differences(x64, alpha):
     x, y = tiny_batch(jnp.float64)
     model = tiny_model(alpha)
     params = tiny_params(model, x)
-    loss = lambda p: _loss(model, p, x, y)
+    loss = jax.jit(lambda p: _loss(model, p, x, y))  # (jit: six evaluations, one compile)
     grad = jax.jit(jax.grad(loss))(params)
     leaves, treedef = jax.tree.flatten(params)
     for seed in range(3):
@@ -480,16 +487,23 @@ def test_lyadeq_stability_check_on_the_model():
     assert bool(jnp.all(st.corrections >= 0))
     assert float(jnp.max(st.corrections)) > 0  # α = 2: the projection is active somewhere
     # the model's own output is the unperturbed reference
-    bound = model.bind({"params": params})
     np.testing.assert_allclose(
-        bound.classify(st.spread.reference), model.apply({"params": params}, x)[0], rtol=1e-4
+        jax.jit(lambda p, r: model.bind({"params": p}).classify(r))(params, st.spread.reference),
+        jax.jit(lambda p: model.apply({"params": p}, x)[0])(params),
+        rtol=1e-4,
     )
     assert st.spread.distances.shape == (4, 5) and st.changed_prediction.shape == (4, 5)
     assert bool(jnp.all(st.spread.initial_distance > 0))
     # each final state is the K steps of the cell from its start δ_j (written out)
-    cell, u = bound.equilibrium.cell, bound.inject(x)
-    key1 = jax.random.split(jax.random.PRNGKey(3), 4)[1]
-    z = 0.2 * jax.random.normal(key1, (5,) + u.shape[1:])
-    for _ in range(model.steps):
-        z = z + model.step_size * (cell(z, jnp.broadcast_to(u[1], z.shape)) - z)
-    np.testing.assert_allclose(st.spread.finals[1], z, rtol=1e-4, atol=1e-4)
+
+    @jax.jit  # (jitted: compile time)
+    def written_out(params):
+        bound = model.bind({"params": params})
+        cell, u = bound.equilibrium.cell, bound.inject(x)
+        key1 = jax.random.split(jax.random.PRNGKey(3), 4)[1]
+        z = 0.2 * jax.random.normal(key1, (5,) + u.shape[1:])
+        for _ in range(model.steps):
+            z = z + model.step_size * (cell(z, jnp.broadcast_to(u[1], z.shape)) - z)
+        return z
+
+    np.testing.assert_allclose(st.spread.finals[1], written_out(params), rtol=1e-4, atol=1e-4)

@@ -4,6 +4,8 @@ implicit gradients against finite differences, exact Jacobians never above
 ``lipschitz_bound`` (and above a bound made with a lower bound on ‖U‖), no attack
 beats the certificate (and an inflated radius is beaten), clear errors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -223,6 +225,14 @@ def test_bound_is_tight_and_a_lower_norm_of_u_is_exceeded():
 
 def _pgd_l2(logit_fn, x, y, eps, steps=40):
     """ℓ2 PGD on the margin max_{j≠y} f_j − f_y, per-example radius eps."""
+    xa = x
+    for _ in range(steps):
+        xa = _pgd_l2_step(logit_fn, xa, x, y, eps)
+    return xa
+
+
+@functools.partial(jax.jit, static_argnums=0)  # compiled once per logit_fn, for any eps
+def _pgd_l2_step(logit_fn, xa, x, y, eps):
     axes = tuple(range(1, x.ndim))
     shape = (-1,) + (1,) * (x.ndim - 1)
 
@@ -231,19 +241,12 @@ def _pgd_l2(logit_fn, x, y, eps, steps=40):
         fy = jnp.take_along_axis(f, y[:, None], 1)[:, 0]
         return jnp.where(jax.nn.one_hot(y, f.shape[1], dtype=bool), -jnp.inf, f).max(1) - fy
 
-    @jax.jit
-    def step(xa):
-        g = jax.grad(lambda z: margin(z).sum())(xa)
-        g = g / (jnp.sqrt((g**2).sum(axes, keepdims=True)) + 1e-12)
-        xa = xa + (eps / 8).reshape(shape) * g
-        dlt = xa - x
-        dn = jnp.sqrt((dlt**2).sum(axes, keepdims=True)) + 1e-12
-        return jnp.clip(x + dlt * jnp.minimum(1.0, eps.reshape(shape) / dn), 0.0, 1.0)
-
-    xa = x
-    for _ in range(steps):
-        xa = step(xa)
-    return xa
+    g = jax.grad(lambda z: margin(z).sum())(xa)
+    g = g / (jnp.sqrt((g**2).sum(axes, keepdims=True)) + 1e-12)
+    xa = xa + (eps / 8).reshape(shape) * g
+    dlt = xa - x
+    dn = jnp.sqrt((dlt**2).sum(axes, keepdims=True)) + 1e-12
+    return jnp.clip(x + dlt * jnp.minimum(1.0, eps.reshape(shape) / dn), 0.0, 1.0)
 
 
 def _tight_pair_model():
@@ -323,16 +326,17 @@ def test_flax_model_is_the_pure_functions_and_fc_views_run(kind):
     cfg = DEQConfig(forward=SolverConfig(method="fixed_point", max_iter=40, tol=1e-4))
     mod = M.MonDEQClassifier(kind=kind, m=0.5, normalize=True, deq=cfg, **kw)
     x = jax.random.uniform(jax.random.key(1), (3, 8, 8, 1))
-    v = mod.init(jax.random.key(0), x)
-    lg, st = mod.apply(v, x)
+    # (jitted: compile time; an eager call compiles every primitive on its own)
+    v = jax.jit(mod.init)(jax.random.key(0), x)
+    lg, st = jax.jit(mod.apply)(v, x)
     assert bool(jnp.all(st.converged))
     p = mod.mondeq_params(v["params"], x.shape[1:])
-    np.testing.assert_allclose(M.logits(p, x)[0], lg, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(lambda x: M.logits(p, x)[0])(x), lg, atol=1e-5)
     # normalised: the Gram bound over the float32 traced norms, about 1
     assert 0.999 <= M.lipschitz_bound(p) <= 1.01
     for gradient in ("implicit", "unroll", "phantom") if kind == "fc" else ():
         view = AttackView(gradient)
-        g = jax.grad(lambda a, view=view: mod.apply(v, a, view=view)[0].sum())(x)
+        g = jax.jit(jax.grad(lambda a, view=view: mod.apply(v, a, view=view)[0].sum()))(x)
         assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0, gradient
 
 

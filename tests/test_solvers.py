@@ -92,9 +92,10 @@ def test_nested_vmap_matches_single_solves(method, return_state, x64):
     f = lambda s: lambda z: jnp.tanh(s * (a @ z) + b)
     one = lambda s, n: solve(f(s), jnp.zeros(12), cfg, num_steps=n, return_trajectory=True)
     zs, st = jax.jit(jax.vmap(jax.vmap(one)))(scales, budgets)
+    one_jit = jax.jit(one)  # the single solves: one compile (an eager loop recompiles)
     for i in range(2):
         for j in range(3):
-            z1, s1 = one(scales[i, j], budgets[i, j])
+            z1, s1 = one_jit(scales[i, j], budgets[i, j])
             assert int(st.steps[i, j]) == int(s1.steps) <= int(budgets[i, j])
             np.testing.assert_allclose(zs[i, j], z1, rtol=1e-12, atol=1e-14)
             np.testing.assert_allclose(
@@ -128,8 +129,15 @@ def test_unroll_mode_matches_while_loop(x64):
     a, b, _ = affine_problem()
     for method in SOLVERS:
         cfg = SolverConfig(method=method, max_iter=50, tol=1e-8)
-        z1, s1 = solve(lambda z: jnp.tanh(a @ z + b), jnp.zeros(12), cfg)
-        z2, s2 = solve(lambda z: jnp.tanh(a @ z + b), jnp.zeros(12), cfg, differentiable=True)
+        # (jitted: compile time)
+        run = jax.jit(
+            lambda z0, differentiable, cfg=cfg: solve(
+                lambda z: jnp.tanh(a @ z + b), z0, cfg, differentiable=differentiable
+            ),
+            static_argnums=1,
+        )
+        z1, s1 = run(jnp.zeros(12), False)
+        z2, s2 = run(jnp.zeros(12), True)
         np.testing.assert_allclose(z1, z2, atol=1e-12)
         assert int(s1.steps) == int(s2.steps)
 
@@ -145,9 +153,11 @@ def test_unrolled_gradient_under_vmap_with_early_stops(method, x64):
         solve(lambda z: jnp.tanh(s * (a @ z) + b), jnp.zeros(12), cfg, differentiable=True)[0]
     )
     scales = jnp.array([0.05, 1.0])
-    g = jax.grad(lambda s: jnp.sum(jax.vmap(one)(s)))(scales)
+    # (jitted: compile time; the single gradients compile once)
+    g = jax.jit(jax.grad(lambda s: jnp.sum(jax.vmap(one)(s))))(scales)
     assert bool(jnp.all(jnp.isfinite(g)))
-    np.testing.assert_allclose(g, [jax.grad(one)(s) for s in scales], rtol=1e-10)
+    grad_one = jax.jit(jax.grad(one))
+    np.testing.assert_allclose(g, [grad_one(s) for s in scales], rtol=1e-10)
 
 
 def test_config_errors():

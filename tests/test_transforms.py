@@ -49,9 +49,11 @@ def test_jacfwd_and_jvp_equal_the_exact_jacobian_of_an_affine_map(method, x64):
     cfg = config(method)
     inv = jnp.linalg.inv(jnp.eye(N) - a)
     z_of = lambda a, b: deq_fixed_point(affine_cell, jnp.zeros(N), (a, b), cfg)[0]
-    np.testing.assert_allclose(jax.jacfwd(z_of, argnums=1)(a, b), inv, atol=1e-10)
+    # (the transforms jitted throughout this module: an eager call compiles every
+    # primitive, the solver's loops included, on its own, ~3x the compile time)
+    np.testing.assert_allclose(jax.jit(jax.jacfwd(z_of, argnums=1))(a, b), inv, atol=1e-10)
     da = jax.random.normal(jax.random.PRNGKey(7), (N, N))
-    z, dz = jax.jvp(lambda a: z_of(a, b), (a,), (da,))
+    z, dz = jax.jit(lambda a, da: jax.jvp(lambda a: z_of(a, b), (a,), (da,)))(a, da)
     np.testing.assert_allclose(dz, inv @ (da @ z), atol=1e-10)
 
 
@@ -61,11 +63,12 @@ def test_jacfwd_matches_central_differences(method, adjoint, x64):
     a, b = problem()
     cfg = config(method, adjoint)
     z_of_b = lambda b: deq_fixed_point(tanh_cell, jnp.zeros(N), (a, b), cfg)[0]
-    jac = jax.jacfwd(z_of_b)(b)
+    jac = jax.jit(jax.jacfwd(z_of_b))(b)
     h = 1e-6
-    fd = jnp.stack([(z_of_b(b + h * e) - z_of_b(b - h * e)) / (2 * h) for e in jnp.eye(N)], 1)
+    z_jit = jax.jit(z_of_b)  # 2N evaluations, one compile
+    fd = jnp.stack([(z_jit(b + h * e) - z_jit(b - h * e)) / (2 * h) for e in jnp.eye(N)], 1)
     np.testing.assert_allclose(jac, fd, atol=1e-8)
-    np.testing.assert_allclose(jax.jacrev(z_of_b)(b), jac, atol=1e-11)
+    np.testing.assert_allclose(jax.jit(jax.jacrev(z_of_b))(b), jac, atol=1e-11)
 
 
 @pytest.mark.parametrize("method", SOLVERS)
@@ -102,8 +105,8 @@ def test_forward_and_reverse_mode_agree_in_every_mode(backward, x64):
         jax.random.normal(jax.random.PRNGKey(5), (N,)),
     )
     w = jax.random.normal(jax.random.PRNGKey(6), (N,))
-    _, dz = jax.jvp(z_of, (a, b), (da, db))
-    ga, gb = jax.grad(lambda a, b: jnp.dot(w, z_of(a, b)), argnums=(0, 1))(a, b)
+    _, dz = jax.jit(lambda a, b: jax.jvp(z_of, (a, b), (da, db)))(a, b)
+    ga, gb = jax.jit(jax.grad(lambda a, b: jnp.dot(w, z_of(a, b)), argnums=(0, 1)))(a, b)
     np.testing.assert_allclose(jnp.dot(w, dz), jnp.sum(ga * da) + jnp.dot(gb, db), rtol=1e-10)
 
 
@@ -115,8 +118,9 @@ def test_forward_mode_with_integer_leaves_in_args(x64):
         cell, jnp.zeros(N), (a, b, jnp.asarray(2)), config("anderson")
     )[0]
     ref = lambda b: deq_fixed_point(tanh_cell, jnp.zeros(N), (a, 2 * b), config("anderson"))[0]
-    np.testing.assert_allclose(jax.jacfwd(z_of_b)(b), jax.jacfwd(ref)(b), atol=1e-12)
-    np.testing.assert_allclose(jax.jacrev(z_of_b)(b), jax.jacfwd(z_of_b)(b), atol=1e-12)
+    jac = jax.jit(jax.jacfwd(z_of_b))(b)
+    np.testing.assert_allclose(jac, jax.jit(jax.jacfwd(ref))(b), atol=1e-12)
+    np.testing.assert_allclose(jax.jit(jax.jacrev(z_of_b))(b), jac, atol=1e-12)
 
 
 def test_forward_mode_through_a_cell_with_custom_vjp_pieces(x64):
@@ -134,7 +138,9 @@ def test_forward_mode_through_a_cell_with_custom_vjp_pieces(x64):
         jax.jvp(lambda z: cell(z, (a, b)), (b,), (b,))
     z_of_b = lambda b: deq_fixed_point(cell, jnp.zeros(N), (a, b), config("anderson"))[0]
     ref = lambda b: deq_fixed_point(tanh_cell, jnp.zeros(N), (a, b), config("anderson"))[0]
-    np.testing.assert_allclose(jax.jacfwd(z_of_b)(b), jax.jacfwd(ref)(b), atol=1e-12)
+    np.testing.assert_allclose(
+        jax.jit(jax.jacfwd(z_of_b))(b), jax.jit(jax.jacfwd(ref))(b), atol=1e-12
+    )
 
 
 @pytest.mark.slow

@@ -119,7 +119,7 @@ def test_pytree_state_and_vmap(x64):
 
     adj0 = {"p": jnp.zeros((2, N)), "q": jnp.zeros((2, 3))}
     xs = jnp.stack([x, -x])
-    u = jax.vmap(jax.grad(loss, argnums=1))(xs, adj0)
+    u = jax.jit(jax.vmap(jax.grad(loss, argnums=1)))(xs, adj0)  # (jit: compile time)
     np.testing.assert_allclose(u["p"][0], _dense_adjoint(w, x, c), atol=1e-8)
     np.testing.assert_allclose(u["q"], 2.0, atol=1e-8)  # u = 1 + 0.5 u
 
@@ -150,14 +150,15 @@ def test_attacks_thread_the_adjoint_and_keep_their_result(tiny):  # noqa: F811
         u = m.injection(x)
         return m.head(m.equilibrium(u, backward_probe=probe, adjoint_init=adj, config=cfg)[0])
 
+    @jax.jit  # (one compile for both starts)
     def adjoint_steps(adj):
         def f(probe):
             logits = model.apply(v, x, probe, adj, method=head_of_equilibrium)
             return jnp.sum(A.ce_loss(logits, y))
 
-        return np.asarray(jax.grad(f)(jnp.zeros((x.shape[0], 2)))[:, 1])
+        return jax.grad(f)(jnp.zeros((x.shape[0], 2)))[:, 1]
 
-    cold, warm = adjoint_steps(jnp.zeros_like(u1)), adjoint_steps(u1)
+    cold, warm = np.asarray(adjoint_steps(jnp.zeros_like(u1))), np.asarray(adjoint_steps(u1))
     assert cold.mean() > 3 and warm.max() <= 1, (cold, warm)
 
     plain = warm_start_logits(model, v, config=cfg)  # the default: z* only
@@ -165,5 +166,6 @@ def test_attacks_thread_the_adjoint_and_keep_their_result(tiny):  # noqa: F811
     key = jax.random.PRNGKey(2)
     x_warm = A.pgd(ws, x, y, key, eps=0.3, steps=20)
     x_plain = A.pgd(plain, x, y, key, eps=0.3, steps=20)
-    assert robust(model, v, cfg, x_warm, y) == robust(model, v, cfg, x_plain, y)
+    r_warm, r_plain = robust(model, v, cfg, y, x_warm, x_plain)  # (one compiled forward)
+    assert r_warm == r_plain
     assert float(jnp.mean(jnp.abs(x_warm - x_plain) > 1e-4)) < 0.1

@@ -9,6 +9,9 @@ warm start would change the model or the gradient are refused.
 
 from __future__ import annotations
 
+import re
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +21,7 @@ from deqjax import attacks as A
 from deqjax.attacks import WarmStartLogits
 from deqjax.deq import DEQConfig
 from deqjax.deq_gradients import AttackView
-from deqjax.models import LyaDEQClassifier, MDEQClassifier, warm_start_logits
+from deqjax.models import LyaDEQClassifier, MDEQClassifier, warm_start_logits, warm_start_refusal
 from deqjax.solvers import SolverConfig
 
 
@@ -67,8 +70,10 @@ def counted(model, v, cfg):
     return warm_start_logits(model, v, config=cfg, on_steps=steps), steps
 
 
-def robust(model, v, cfg, x_adv, y):
-    return float(np.mean(np.argmax(model.apply(v, x_adv, config=cfg)[0], -1) == y))
+def robust(model, v, cfg, y, *xs_adv):
+    """The accuracy on each of ``xs_adv`` (one jitted forward: one compile)."""
+    logits = jax.jit(lambda xa: model.apply(v, xa, config=cfg)[0])
+    return [float(np.mean(np.argmax(logits(xa), -1) == y)) for xa in xs_adv]
 
 
 def test_calling_it_is_the_cold_forward(tiny):
@@ -92,15 +97,15 @@ def test_warm_solve_gives_the_cold_value_and_gradient_within_tolerance(tiny):
         logits, _ = ws.apply(xb, z0)
         return jnp.sum(A.ce_loss(logits, y)), logits
 
-    (_, cold), g_cold = jax.value_and_grad(loss, has_aux=True)(x2, ws.init(x2))
-    (_, warm), g_warm = jax.value_and_grad(loss, has_aux=True)(x2, z_prev)
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))  # one compile, two calls
+    (_, cold), g_cold = value_and_grad(x2, ws.init(x2))
+    (_, warm), g_warm = value_and_grad(x2, z_prev)
     assert float(jnp.max(jnp.abs(warm - cold))) < 1e-3 * float(jnp.max(jnp.abs(cold)))
     rel = float(jnp.linalg.norm(g_warm - g_cold) / jnp.linalg.norm(g_cold))
     assert rel < 1e-2, rel
     # steps: the warm solve starts near its solution
-    _, _, st_cold = model.apply(v, x2, ws.init(x2), config=cfg, method="warm_forward")
-    _, _, st_warm = model.apply(v, x2, z_prev, config=cfg, method="warm_forward")
-    assert int(st_warm.steps.sum()) < 0.7 * int(st_cold.steps.sum())
+    steps = jax.jit(lambda z0: model.apply(v, x2, z0, config=cfg, method="warm_forward")[2].steps)
+    assert int(steps(z_prev).sum()) < 0.7 * int(steps(ws.init(x2)).sum())
 
 
 def test_warm_pgd_matches_cold_pgd(tiny):
@@ -114,11 +119,13 @@ def test_warm_pgd_matches_cold_pgd(tiny):
     kw = dict(eps=0.3, steps=20)
     x_cold = A.pgd(lambda xb: cs(xb), x, y, key, **kw)  # a plain logits_fn: cold solves
     x_warm = A.pgd(ws, x, y, key, **kw)
-    r_cold, r_warm = robust(model, v, cfg, x_cold, y), robust(model, v, cfg, x_warm, y)
+    logits = jax.jit(lambda xa: model.apply(v, xa, config=cfg)[0])  # one compile, four calls
+    robust_acc = lambda xa: float(np.mean(np.argmax(logits(xa), -1) == y))
+    r_cold, r_warm = robust_acc(x_cold), robust_acc(x_warm)
     assert 0.3 < r_cold < 0.9, r_cold
     assert r_warm == r_cold
     assert float(jnp.mean(jnp.abs(x_warm - x_cold) > 1e-4)) < 0.1
-    ce = lambda xa: float(jnp.mean(A.ce_loss(model.apply(v, xa, config=cfg)[0], y)))
+    ce = lambda xa: float(jnp.mean(A.ce_loss(logits(xa), y)))
     assert abs(ce(x_warm) - ce(x_cold)) < 0.02 * abs(ce(x_cold))
     assert warm_steps.total < cold_steps.total
 
@@ -147,7 +154,8 @@ def test_warm_attacks_take_far_fewer_solver_steps(tiny, attack):
     x_warm = fn(ws, x, y, key, eps=0.05, **kw)
     assert x_warm.shape == x.shape
     assert float(jnp.max(jnp.abs(x_warm - x))) <= 0.05 + 1e-6
-    assert robust(model, v, cfg, x_warm, y) == robust(model, v, cfg, x_cold, y)
+    r_warm, r_cold = robust(model, v, cfg, y, x_warm, x_cold)
+    assert r_warm == r_cold
     ratio = warm_steps.total / cold_steps.total
     # measured: PGD 0.50, APGD-T 0.61
     assert ratio <= (0.6 if attack == "pgd" else 0.7), ratio
@@ -172,7 +180,7 @@ def test_warm_fab_and_square_match_cold_at_fewer_solver_steps(tiny, attack):
     x_cold = fn(lambda xb: cs(xb), x, y, key, eps=0.3, **kw)
     x_warm = fn(ws, x, y, key, eps=0.3, **kw)
     assert float(jnp.max(jnp.abs(x_warm - x))) <= 0.3 + 1e-6
-    r_cold, r_warm = robust(model, v, cfg, x_cold, y), robust(model, v, cfg, x_warm, y)
+    r_cold, r_warm = robust(model, v, cfg, y, x_cold, x_warm)
     if attack == "fab_targeted":
         assert r_cold < 0.9, r_cold  # the attack does work here
     assert r_warm == r_cold
@@ -199,10 +207,15 @@ def test_settings_a_warm_start_would_change_are_refused(tiny, cfg, view, match):
     model, v, _, _ = tiny
     with pytest.raises(ValueError, match=match):
         warm_start_logits(model, v, config=cfg, view=view)
+    # the same reason without raising (the experiments pick warm or cold views with it)
+    assert re.search(match, warm_start_refusal(model, v, config=cfg, view=view))
 
 
 def test_phantom_gradient_is_allowed(tiny):
     model, v, x, _ = tiny
+    assert warm_start_refusal(model, v, config=config(1e-3, "phantom")) is None
+    assert warm_start_refusal(model, v) is None  # the model's own config
+    assert "no warm_forward" in warm_start_refusal(nn.Dense(3), {})
     ws = warm_start_logits(model, v, config=config(1e-3, "phantom"))
     assert ws(x).shape == (32, 10)
 
@@ -215,6 +228,7 @@ def test_lyadeq_is_refused():
     v = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)  # the check reads no values
     with pytest.raises(ValueError, match="has no equilibrium"):
         warm_start_logits(model, v)
+    assert "has no equilibrium" in warm_start_refusal(model, v)
 
 
 @pytest.mark.parametrize("kind", ["trades"])  # PGD-AT's inner attack is pgd (tested above)
@@ -238,7 +252,8 @@ def test_adversarial_training_with_warm_starts_matches_cold(tiny, kind):
     def loss_and_grad(warm):
         c.adv.warm_start = warm
         fn = train.make_loss_fn(spec, c)
-        (loss, _), g = jax.value_and_grad(fn, has_aux=True)(
+        # jitted, as in training (eagerly, every solve of the inner attack recompiles)
+        (loss, _), g = jax.jit(jax.value_and_grad(fn, has_aux=True))(
             v["params"], {}, x, y, jax.random.PRNGKey(4), probe
         )
         return loss, g

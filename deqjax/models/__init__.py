@@ -11,4 +11,5 @@ from deqjax.models.mdeq import (
     MDEQClassifier,
     check_images,
     warm_start_logits,
+    warm_start_refusal,
 )

@@ -64,14 +64,15 @@ def attack_gradient(config: DEQConfig, view: AttackView | None) -> str:
     return (view.gradient if view is not None else None) or config.backward
 
 
-def check_warm_start(cell: nn.Module, config: DEQConfig, view: AttackView | None) -> None:
-    """Raise unless starting the solve elsewhere leaves the model's output and the
-    attack's gradient those of the solution ``z*``: the cell has an equilibrium, the
-    gradient is implicit or phantom, no defence classifies a trajectory state, and the
-    forward solve stops at a tolerance (``tol > 0``; with ``tol = 0`` every solve runs
-    ``max_iter`` steps, so a warm start saves nothing and only changes the result)."""
+def warm_start_refusal(cell: nn.Module, config: DEQConfig, view: AttackView | None) -> str | None:
+    """Why starting the solve elsewhere would change the model's output or the attack's
+    gradient (``None`` when it leaves both those of the solution ``z*``): the cell must
+    have an equilibrium, the gradient be implicit or phantom, no defence classify a
+    trajectory state, and the forward solve stop at a tolerance (``tol > 0``; with
+    ``tol = 0`` every solve runs ``max_iter`` steps, so a warm start saves nothing and
+    only changes the result)."""
     if not getattr(cell, "has_equilibrium", True):
-        raise ValueError(
+        return (
             f"{type(cell).__name__} has no equilibrium (a finite-time system: its output "
             "is the state after K steps from z0 = 0, which a warm start changes); attack "
             "it with its plain (cold) logits function"
@@ -84,23 +85,31 @@ def check_warm_start(cell: nn.Module, config: DEQConfig, view: AttackView | None
             if gradient in SHINE_MODES
             else "it differentiates the steps the solver ran or the states it visited"
         )
-        raise ValueError(
+        return (
             f"a warm start changes the {gradient!r} gradient ({how}); warm starts support "
             f"the gradients {WARM_START_GRADIENTS}, which depend only on the solution z*. "
             "Use one of those, or attack with the plain (cold) logits function"
         )
     if view is not None and view.defence != "none":
-        raise ValueError(
+        return (
             f"the {view.defence!r} defence classifies a state of the solver trajectory, "
             "which a warm start changes; attack it with the plain (cold) logits function"
         )
     if not config.forward.tol > 0:
-        raise ValueError(
+        return (
             "a warm start saves solver steps only when the forward solve stops at a "
             "tolerance; this config has forward.tol = 0 (every solve runs max_iter steps, "
             "and a warm start only changes the result). Use e.g. "
             "config.with_forward(tol=1e-3)"
         )
+    return None
+
+
+def check_warm_start(cell: nn.Module, config: DEQConfig, view: AttackView | None) -> None:
+    """Raise :func:`warm_start_refusal`'s reason as a ``ValueError``, if there is one."""
+    refusal = warm_start_refusal(cell, config, view)
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def _reset_stale_starts(f, params, z0, u):
@@ -297,6 +306,12 @@ class DEQ(nn.Module):
     def check_warm_start(self, config: DEQConfig | None = None, view: AttackView | None = None):
         """:func:`check_warm_start` for this layer's cell (and config, by default)."""
         check_warm_start(self.cell, config or self.config, view)
+
+    def warm_start_refusal(
+        self, config: DEQConfig | None = None, view: AttackView | None = None
+    ) -> str | None:
+        """:func:`warm_start_refusal` for this layer's cell (and config, by default)."""
+        return warm_start_refusal(self.cell, config or self.config, view)
 
     def damped(self, u, z, steps: int, damping: float):
         """``steps`` damped cell steps from ``stop_gradient(z)`` (a differentiable

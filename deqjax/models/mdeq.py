@@ -295,5 +295,20 @@ def warm_start_logits(
     return WarmStartLogits(init, apply, tol, merge_gradient=merge)
 
 
+def warm_start_refusal(
+    module: nn.Module, variables, *, config: DEQConfig | None = None, view: AttackView | None = None
+) -> str | None:
+    """Why :func:`warm_start_logits` would refuse this model, config and view (``None``
+    when it accepts them: :func:`~deqjax.models.deq_layer.warm_start_refusal`). A model
+    without a ``warm_forward`` method is refused too."""
+    if not hasattr(module, "warm_forward"):
+        return f"{type(module).__name__} has no warm_forward method (it is not a DEQ classifier)"
+    return module.apply(variables, config, view, method=_warm_start_refusal)
+
+
 def _check_warm_start(module, config, view):
     module.equilibrium.check_warm_start(config, view)
+
+
+def _warm_start_refusal(module, config, view):
+    return module.equilibrium.warm_start_refusal(config, view)
