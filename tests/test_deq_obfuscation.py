@@ -23,7 +23,12 @@ from experiments.configs import deq_mnist_trades
 PARAMS = os.path.join(os.path.dirname(__file__), "data", "deq_mnist_trades_params.msgpack")
 
 
-@pytest.mark.slow
+# e2e, not in the default run: its margin is one example of 100 (robust accuracy 0.31
+# through the intermediate states vs 0.32 implicit under the tests' XLA opt-level-0
+# flag; the implicit attack leaves 0.33 at XLA's default level), so it reproduces a
+# measured result rather than checks a property, at 77 s. The obfuscation CLI and its report run
+# in the default suite (tests/test_evaluate.py::test_obfuscation_sweep).
+@pytest.mark.e2e
 def test_intermediate_state_attack_beats_naive_implicit_pgd():
     config = deq_mnist_trades.get_config()
     spec = models.build(config, 10)
