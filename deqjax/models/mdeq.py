@@ -258,7 +258,9 @@ def warm_start_logits(
     the shipped TRADES DEQ (Anderson adjoint, ≤ 12 steps, tol 1e-3) PGD-20 ran slower
     with it (``python -m benchmarks.warm_start``): consecutive iterates' cotangents
     differ too much for the previous adjoint to repay the two VJPs that pick the start."""
-    module.apply(variables, config, view, method=_check_warm_start)
+    refusal = warm_start_refusal(module, variables, config=config, view=view)
+    if refusal is not None:
+        raise ValueError(refusal)
     cfg = config if config is not None else module.deq
     warm_adjoint = warm_adjoint and attack_gradient(cfg, view) == "implicit"
 
@@ -304,10 +306,6 @@ def warm_start_refusal(
     if not hasattr(module, "warm_forward"):
         return f"{type(module).__name__} has no warm_forward method (it is not a DEQ classifier)"
     return module.apply(variables, config, view, method=_warm_start_refusal)
-
-
-def _check_warm_start(module, config, view):
-    module.equilibrium.check_warm_start(config, view)
 
 
 def _warm_start_refusal(module, config, view):
