@@ -18,9 +18,9 @@ if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
 # compiles each program once per run; it is new for every run and removed at exit, so a
 # run never reads another's executables. Measured (whole suite, 2 cores, AMD EPYC), with
 # the references of the composition matrix and of the warm-start/train tests jitted once
-# in the same change: 22.0 -> 14.4 min (worker time 42 -> 27.5 min), then 12.6 min with
-# one redundant and one margin-of-one-example test out; one module alone
-# (test_evaluate) 127 -> 93 s.
+# in the same change: 22.0 -> 14.4 min (worker time 42 -> 27.5 min), then 12.6 min (16.4
+# in .ci/run from a fresh clone, same machine) with one redundant and one
+# margin-of-one-example test out; one module alone (test_evaluate) 127 -> 93 s.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import atexit
     import shutil
